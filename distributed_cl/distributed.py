@@ -1,0 +1,102 @@
+"""Rank/world helpers and the differentiable all-gather behind every distributed loss.
+
+The gradient contract (DESIGN.md section 3): each rank computes the loss of its own anchors
+against candidates gathered from every rank. The gather's backward must hand each rank the SUM
+of all ranks' gradients for its slice; then DDP's mean of the ranks' gradients equals the
+single-process gradient on the concatenated batch. Local sizes may differ between ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "all_gather_sizes",
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "all_reduce_sum",
+]
+
+
+def is_distributed() -> bool:
+    """True when a torch.distributed process group is up (Ray Train workers, torchrun, tests)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's local batch size, in rank order. One tiny collective."""
+    if get_world_size() == 1:
+        return [n]
+    local = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(local) for _ in range(get_world_size())]
+    dist.all_gather(sizes, local)
+    return [int(s.item()) for s in sizes]
+
+
+def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's `x` (dim 0) in rank order; pads to the largest size and strips."""
+    max_n = max(sizes)
+    if x.shape[0] < max_n:
+        x = torch.cat([x, x.new_zeros((max_n - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.sizes = sizes
+        return _gather_padded(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        # Every rank's loss touched every slice: sum them all, keep our own slice. An all-reduce
+        # (not reduce-scatter) because gloo has no reduce-scatter and the tensor is only N x d.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: get_rank()])
+        return grad[start : start + ctx.sizes[get_rank()]], None
+
+
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Differentiable all-gather along dim 0; local sizes may differ between ranks.
+
+    `sizes` (from `all_gather_sizes`) saves the size exchange when the caller already has it.
+    With one process this returns `x` itself.
+    """
+    if get_world_size() == 1:
+        return x
+    sizes = sizes if sizes is not None else all_gather_sizes(x.shape[0], x.device)
+    return _AllGatherWithGrad.apply(x, sizes)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """All-gather without autograd, for labels and other integer metadata."""
+    if get_world_size() == 1:
+        return x
+    sizes = sizes if sizes is not None else all_gather_sizes(x.shape[0], x.device)
+    return _gather_padded(x, sizes)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks (a new tensor; no autograd), e.g. anchor counts."""
+    if get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x

@@ -1,0 +1,60 @@
+"""CLIP's symmetric image-text loss, as open_clip's ClipLoss, at three GEMMs per step.
+
+open_clip (local_loss=True) computes image rows and text rows separately: two (n_r x N)
+products forward and four backward. Here rank r computes only its image rows S_r = I_r T^T;
+the text->image softmax over column j needs every rank's rows, so ranks share their per-column
+log-sum-exps (a (W, N) gather). One product forward, two backward, same values and gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distributed_cl.losses.core import (
+    BatchLayout,
+    GatheredLoss,
+    check_embeddings,
+    check_same_length,
+    normalized_fp32,
+)
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class ClipLoss(GatheredLoss):
+    """`loss(image_emb, text_emb)`: image i and text i are the only positive pair.
+
+    `logit_scale` is a learnable nn.Parameter initialised to log(1 / temperature); the logit
+    scale is `logit_scale.exp()`, clamped at 100 as in CLIP. Put the loss's parameters in the
+    optimizer (and in the DDP-wrapped module) to learn it.
+    """
+
+    def __init__(self, temperature: float = 0.07, gather: bool = True, learn_temperature: bool = True) -> None:
+        super().__init__(temperature, gather)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)), requires_grad=learn_temperature)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+    def forward(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        check_embeddings("image_emb", image_emb)
+        check_embeddings("text_emb", text_emb, dim=image_emb.shape[1])
+        check_same_length("image_emb", image_emb, "text_emb", text_emb)
+        image = normalized_fp32(image_emb) * self.scale
+        text = normalized_fp32(text_emb)
+        n = len(image)
+        layout = BatchLayout.exchange(n, image.device, self.gather)
+        logits = image @ layout.gather(text).T  # this rank's rows of the global (N, N) matrix
+        targets = layout.offset + torch.arange(n, device=image.device)
+        image_to_text = F.cross_entropy(logits, targets, reduction="sum")
+
+        column_lse = torch.logsumexp(logits, dim=0, keepdim=True)  # partial, over our rows
+        column_lse = torch.logsumexp(BatchLayout([1] * layout.world, layout.rank).gather(column_lse), dim=0)
+        own_columns = slice(layout.offset, layout.offset + n)
+        text_to_image = (column_lse[own_columns] - logits.diagonal(offset=layout.offset)).sum()
+        return self._finish((image_to_text + text_to_image) / 2, layout, layout.total, layout.total, layout.total)

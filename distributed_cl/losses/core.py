@@ -1,0 +1,194 @@
+"""The shared core of every contrastive loss: local anchor rows x gathered candidate columns.
+
+Each rank scores its own n_r anchors against all N candidates (memory O(n_r * N), never N^2),
+sums its anchors' losses and scales by W / A, where A is the global number of anchors that
+have a positive. DDP's mean over ranks then gives exactly the gradient of the single-process
+mean over the concatenated batch (DESIGN.md section 3). Logits are fp32 whatever the input
+dtype; masked entries hold float32's most negative value, never a 1e9-style constant.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distributed_cl import distributed as dist_utils
+
+MASKED = torch.finfo(torch.float32).min
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Global statistics of one loss call (identical on every rank)."""
+
+    anchors: int
+    anchors_without_positive: int
+    mean_positives: float  # over anchors that have at least one positive
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where this rank's rows sit in the global batch (the concatenation in rank order)."""
+
+    sizes: list[int]
+    rank: int
+
+    @classmethod
+    def exchange(cls, n: int, device: torch.device, gather: bool) -> BatchLayout:
+        if not gather:
+            return cls([n], 0)
+        return cls(dist_utils.all_gather_sizes(n, device), dist_utils.get_rank())
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    def scaled(self, k: int) -> BatchLayout:
+        """Layout of a tensor holding k rows per sample (e.g. two views stacked)."""
+        return BatchLayout([k * s for s in self.sizes], self.rank)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Differentiable gather of a tensor laid out like this batch."""
+        if self.world == 1:
+            return x
+        return dist_utils.all_gather_with_grad(x, self.sizes)
+
+    def gather_labels(self, labels: Tensor) -> Tensor:
+        if self.world == 1:
+            return labels
+        return dist_utils.all_gather_no_grad(labels, self.sizes)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_embeddings(name: str, x: Tensor, dim: int | None = None) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name} has embedding dim {x.shape[1]}, expected {dim}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_same_length(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} has {a.shape[0]} rows but {name_b} has {b.shape[0]}")
+
+
+def as_labels(labels, n: int, device: torch.device, name: str = "labels") -> Tensor:
+    labels = torch.as_tensor(labels, device=device)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer class ids, got dtype {labels.dtype}")
+    return labels.long()
+
+
+def check_temperature(temperature: float) -> float:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def normalized_fp32(x: Tensor) -> Tensor:
+    return F.normalize(x.float(), dim=1)
+
+
+# ----------------------------------------------------------------------------- the maths
+
+
+def masked_logits(anchors: Tensor, candidates: Tensor, self_offset: int | None) -> Tensor:
+    """anchors @ candidates.T in fp32; if `self_offset` is given, anchor i is candidate
+    self_offset + i and that entry is masked out."""
+    logits = anchors @ candidates.T
+    if self_offset is not None:
+        logits.diagonal(offset=self_offset).fill_(MASKED)
+    return logits
+
+
+def multi_positive_row_losses(logits: Tensor, positives: Tensor, denominator: str) -> tuple[Tensor, Tensor]:
+    """Per-anchor losses with any number of positives per row (masked entries already MASKED).
+
+    denominator="all" (SupCon): -mean_p log softmax_p over every non-self candidate.
+    denominator="negatives" (NT-Xent with labels, as pytorch-metric-learning): each positive
+    pair competes only against the anchor's negatives, -mean_p log(e^s_p / (e^s_p + sum_neg e^s_n)).
+    Anchors without positives get 0 (finite, with zero gradient). Returns (losses, num_positives).
+    """
+    num_pos = positives.sum(dim=1)
+    if denominator == "all":
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        pair_losses = -log_prob
+    elif denominator == "negatives":
+        lse_neg = torch.logsumexp(logits.masked_fill(positives, MASKED), dim=1, keepdim=True)
+        pair_losses = F.softplus(lse_neg - logits)
+    else:
+        raise ValueError(f"denominator must be 'all' or 'negatives', got {denominator!r}")
+    pair_sum = torch.where(positives, pair_losses, 0.0).sum(dim=1)
+    return pair_sum / num_pos.clamp(min=1), num_pos
+
+
+# ----------------------------------------------------------------------------- module base
+
+
+class GatheredLoss(nn.Module):
+    """Base for the contrastive losses: temperature check, the W/A scaling and statistics.
+
+    `gather=False` scores local candidates only (a plain per-rank mean), for ablations.
+    """
+
+    def __init__(self, temperature: float, gather: bool = True) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.gather = gather
+        self.last_stats: LossStats | None = None
+        self.empty_batches = 0  # calls whose whole global batch had no positive pair
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather={self.gather}"
+
+    def _finish(
+        self, loss_sum: Tensor, layout: BatchLayout, anchors: int, with_positive: int, positives: int
+    ) -> Tensor:
+        """L_r = W / A * sum of this rank's anchor losses (A = global anchors with a positive)."""
+        self.last_stats = LossStats(
+            anchors=anchors,
+            anchors_without_positive=anchors - with_positive,
+            mean_positives=positives / with_positive if with_positive else 0.0,
+        )
+        if with_positive == 0:
+            self.empty_batches += 1
+            warnings.warn(
+                f"{type(self).__name__}: no anchor in the global batch of {anchors} has a positive; "
+                "the loss is 0 (use DistributedMPerClassSampler to guarantee positives)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return loss_sum * 0.0  # zero, but still on the graph: backward and DDP run everywhere
+        return loss_sum * (layout.world / with_positive)
+
+    def _finish_labelled(self, losses: Tensor, num_pos: Tensor, layout: BatchLayout) -> Tensor:
+        """Counts are summed over ranks in one small all-reduce."""
+        has_pos = num_pos > 0
+        counts = torch.stack([has_pos.sum(), num_pos.sum()]).to(torch.float64)
+        if layout.world > 1:
+            counts = dist_utils.all_reduce_sum(counts)
+        with_positive, positives = (int(c) for c in counts.tolist())
+        return self._finish(losses.sum(), layout, layout.total, with_positive, positives)

@@ -1,0 +1,68 @@
+"""InfoNCE with in-batch, unpaired or paired negatives, as info-nce-pytorch's InfoNCE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distributed_cl.losses.core import (
+    BatchLayout,
+    GatheredLoss,
+    check_embeddings,
+    check_same_length,
+    normalized_fp32,
+)
+
+
+class InfoNCELoss(GatheredLoss):
+    """`loss(query, positive_key, negative_keys=None)`, one direction (query -> keys).
+
+    - negative_keys=None: the other queries' positive keys (gathered from every rank) are the
+      negatives.
+    - negative_mode="unpaired", negative_keys (m, d): one shared pool, gathered from every rank.
+    - negative_mode="paired", negative_keys (n, m, d): each query's own negatives; no gather.
+    """
+
+    def __init__(self, temperature: float = 0.1, negative_mode: str = "unpaired", gather: bool = True) -> None:
+        super().__init__(temperature, gather)
+        if negative_mode not in ("unpaired", "paired"):
+            raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
+        self.negative_mode = negative_mode
+
+    def forward(self, query: Tensor, positive_key: Tensor, negative_keys: Tensor | None = None) -> Tensor:
+        check_embeddings("query", query)
+        check_embeddings("positive_key", positive_key, dim=query.shape[1])
+        check_same_length("query", query, "positive_key", positive_key)
+        q = normalized_fp32(query) / self.temperature
+        k = normalized_fp32(positive_key)
+        layout = BatchLayout.exchange(len(q), q.device, self.gather)
+
+        if negative_keys is None:
+            logits = q @ layout.gather(k).T
+            targets = layout.offset + torch.arange(len(q), device=q.device)
+            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        else:
+            pos_logit = (q * k).sum(dim=1)
+            neg_logits = self._negative_logits(q, negative_keys)
+            # -log(e^pos / (e^pos + sum e^neg)), without materialising [pos, negs]
+            loss_sum = (torch.logaddexp(pos_logit, torch.logsumexp(neg_logits, dim=1)) - pos_logit).sum()
+        return self._finish(loss_sum, layout, layout.total, layout.total, layout.total)
+
+    def _negative_logits(self, q: Tensor, negative_keys: Tensor) -> Tensor:
+        if self.negative_mode == "paired":
+            if negative_keys.dim() != 3 or negative_keys.shape[0] != len(q) or negative_keys.shape[2] != q.shape[1]:
+                raise ValueError(
+                    f"paired negative_keys must have shape ({len(q)}, m, {q.shape[1]}), "
+                    f"got {tuple(negative_keys.shape)}"
+                )
+            check_embeddings("negative_keys", negative_keys.flatten(0, 1))
+            neg = F.normalize(negative_keys.float(), dim=2)
+            return torch.einsum("nd,nmd->nm", q, neg)
+        if negative_keys.dim() != 2:
+            raise ValueError(f"unpaired negative_keys must have shape (m, d), got {tuple(negative_keys.shape)}")
+        check_embeddings("negative_keys", negative_keys, dim=q.shape[1])
+        neg = normalized_fp32(negative_keys)
+        if self.gather:  # one global pool, in rank order
+            neg = BatchLayout.exchange(len(neg), neg.device, True).gather(neg)
+        return q @ neg.T

@@ -1,0 +1,241 @@
+"""Single-process losses against references: closed-form loops and the established libraries."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import clip_loop, contrastive_pairs_loop, ntxent_loop, rel_err, supcon_loop
+
+from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SupConLoss, pair_labels
+
+
+def leaves(*shapes, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def value_and_grads(fn, inputs):
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    loss = fn(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    return loss.detach(), grads
+
+
+def assert_same(fn, ref_fn, inputs, tol=1e-5):
+    loss, grads = value_and_grads(fn, inputs)
+    ref_loss, ref_grads = value_and_grads(ref_fn, inputs)
+    assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item()), (loss, ref_loss)
+    for g, ref in zip(grads, ref_grads):
+        assert rel_err(g, ref) < tol
+
+
+# ------------------------------------------------------------------------------- NT-Xent
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_ntxent_matches_closed_form(temperature):
+    a, b = leaves((12, 8), (12, 8))
+    assert_same(NTXentLoss(temperature), lambda x, y: ntxent_loop(x, y, temperature), [a, b])
+
+
+def test_ntxent_matches_lightly():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    a, b = leaves((16, 32), (16, 32), seed=1)
+    assert_same(NTXentLoss(0.2), lightly_loss.NTXentLoss(temperature=0.2), [a, b])
+
+
+def test_ntxent_with_labels_matches_pytorch_metric_learning():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    (z,) = leaves((24, 16), seed=2)
+    labels = torch.arange(6).repeat(4)  # every anchor has 3 positives: pml's mean over pairs = ours
+    assert_same(lambda x: NTXentLoss(0.1)(x, labels=labels), lambda x: pml.NTXentLoss(0.1)(x, labels), [z])
+
+
+def test_ntxent_two_views_with_labels_equals_single_set_call():
+    a, b = leaves((10, 8), (10, 8), seed=3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 3, 5])
+    two_views = NTXentLoss()(a, b, labels=labels)
+    stacked = NTXentLoss()(torch.cat([a, b]), labels=torch.cat([labels, labels]))
+    torch.testing.assert_close(two_views, stacked)
+    # unique labels reduce to plain SimCLR
+    torch.testing.assert_close(NTXentLoss()(a, b, labels=torch.arange(10)), NTXentLoss()(a, b))
+
+
+def test_self_supervised_pairs_agree_across_losses():
+    """x[i] <-> y[i]: SimCLR NT-Xent is SupCon with each pair as its own class."""
+    x, y = leaves((9, 8), (9, 8), seed=4)
+    labels = torch.arange(9).repeat(2)
+    torch.testing.assert_close(NTXentLoss(0.3)(x, y), SupConLoss(0.3)(torch.cat([x, y]), labels))
+
+
+# ------------------------------------------------------------------------------- SupCon
+
+
+def test_supcon_matches_closed_form_and_pytorch_metric_learning():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    (z,) = leaves((20, 16), seed=5)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 6, 6, 6, 6, 7, 8, 9, 9, 10, 11])  # some without positives
+    assert_same(lambda x: SupConLoss(0.1)(x, labels), lambda x: supcon_loop(x, labels, 0.1), [z])
+    assert_same(lambda x: SupConLoss(0.1)(x, labels), lambda x: pml.SupConLoss(0.1)(x, labels), [z])
+
+
+def test_supcon_statistics():
+    (z,) = leaves((6, 4))
+    loss_fn = SupConLoss()
+    loss_fn(z, torch.tensor([0, 0, 0, 1, 2, 2]))
+    stats = loss_fn.last_stats
+    assert (stats.anchors, stats.anchors_without_positive) == (6, 1)
+    assert stats.mean_positives == pytest.approx((2 + 2 + 2 + 1 + 1) / 5)
+
+
+def test_no_positives_gives_connected_zero_and_warns():
+    (z,) = leaves((5, 4))
+    loss_fn = SupConLoss()
+    with pytest.warns(RuntimeWarning, match="no anchor"):
+        loss = loss_fn(z, torch.arange(5))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))  # finite zeros, not NaN
+    assert loss_fn.empty_batches == 1 and loss_fn.last_stats.anchors_without_positive == 5
+
+
+def test_single_sample_batch_is_finite():
+    (z,) = leaves((1, 4))
+    with pytest.warns(RuntimeWarning):
+        loss = SupConLoss()(z, torch.tensor([3]))
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+# ------------------------------------------------------------------------------- InfoNCE
+
+
+@pytest.mark.parametrize(
+    "mode,neg_shape",
+    [("unpaired", None), ("unpaired", (7, 16)), ("paired", (10, 5, 16))],
+)
+def test_infonce_matches_info_nce_pytorch(mode, neg_shape):
+    info_nce = pytest.importorskip("info_nce")
+    shapes = [(10, 16), (10, 16)] + ([neg_shape] if neg_shape else [])
+    inputs = leaves(*shapes, seed=6)
+    ours = InfoNCELoss(0.1, negative_mode=mode)
+    ref = info_nce.InfoNCE(0.1, negative_mode=mode)
+    assert_same(ours, ref, inputs)
+
+
+# ------------------------------------------------------------------------------- CLIP
+
+
+def test_clip_matches_closed_form_including_logit_scale_grad():
+    img, txt = leaves((8, 16), (8, 16), seed=7)
+    ours = ClipLoss(temperature=0.07)
+    loss = ours(img, txt)
+    loss.backward()
+    scale = torch.tensor(math.log(1 / 0.07)).requires_grad_()
+    img2, txt2 = img.detach().clone().requires_grad_(), txt.detach().clone().requires_grad_()
+    ref = clip_loop(img2, txt2, scale.exp())
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert rel_err(img.grad, img2.grad) < 1e-5 and rel_err(txt.grad, txt2.grad) < 1e-5
+    assert ours.logit_scale.grad.item() == pytest.approx(scale.grad.item(), rel=1e-4)
+
+
+def test_clip_matches_open_clip():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = leaves((12, 32), (12, 32), seed=8)
+    ours = ClipLoss(temperature=0.05)
+
+    def reference(i, t):
+        return open_clip_loss.ClipLoss()(F.normalize(i, dim=1), F.normalize(t, dim=1), torch.tensor(1 / 0.05))
+
+    assert_same(ours, reference, [img, txt])
+
+
+def test_clip_logit_scale_is_clamped_at_100():
+    loss_fn = ClipLoss(temperature=0.001)
+    assert loss_fn.scale.item() == pytest.approx(100.0)
+    img, txt = leaves((4, 8), (4, 8))
+    loss_fn(img, txt).backward()
+    assert loss_fn.logit_scale.grad.item() == 0.0  # clamped: no push beyond the cap
+
+
+# ------------------------------------------------------------------------------- pairs
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_margin_contrastive_loss_matches_closed_form(distance):
+    x1, x2 = leaves((10, 8), (10, 8), seed=9)
+    is_same = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    assert_same(
+        lambda a, b: ContrastiveLoss(0.8, distance)(a, b, is_same),
+        lambda a, b: contrastive_pairs_loop(a, b, is_same, 0.8, distance),
+        [x1, x2],
+    )
+
+
+def test_pair_labels_make_positives_only_where_same():
+    x1, x2 = leaves((6, 8), (6, 8), seed=10)
+    is_same = torch.tensor([True, False, True, False, False, True])
+    l1, l2 = pair_labels(is_same)
+    z, labels = torch.cat([x1, x2]), torch.cat([l1, l2])
+    loss_fn = SupConLoss(0.2)
+    loss = loss_fn(z, labels)
+    assert loss_fn.last_stats.anchors_without_positive == 2 * 3  # both members of 3 mismatched pairs
+    # closed form: anchors are the 3 matching pairs' members, one positive each
+    torch.testing.assert_close(loss, supcon_loop(z, labels, 0.2))
+
+
+# ------------------------------------------------------------------------------- precision and errors
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a, b: NTXentLoss()(a, b),
+        lambda a, b: SupConLoss()(torch.cat([a, b]), torch.arange(len(a)).repeat(2)),
+        lambda a, b: InfoNCELoss()(a, b),
+        lambda a, b: ClipLoss()(a, b),
+    ],
+)
+def test_bf16_inputs_are_finite_and_close_to_fp32(make):
+    a, b = leaves((64, 32), (64, 32), seed=11)
+    loss32 = make(a, b)
+    a16, b16 = (x.detach().bfloat16().requires_grad_() for x in (a, b))
+    loss16 = make(a16, b16)
+    loss16.backward()
+    assert loss16.dtype == torch.float32  # logits and log-sum-exp in fp32
+    assert torch.isfinite(a16.grad.float()).all()
+    assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: NTXentLoss()(torch.randn(4, 8), torch.randn(5, 8)), "4 rows but view_b has 5"),
+        (lambda: NTXentLoss()(torch.randn(4, 8), torch.randn(4, 6)), "dim 6, expected 8"),
+        (lambda: NTXentLoss()(torch.randn(4, 8, 2), torch.randn(4, 8, 2)), r"shape \(batch, dim\)"),
+        (lambda: NTXentLoss()(torch.randn(4, 8)), "needs view_b, labels"),
+        (lambda: SupConLoss()(torch.randn(4, 8), torch.tensor([0.0, 1.0, 0.0, 1.0])), "integer class ids"),
+        (lambda: SupConLoss()(torch.randn(4, 8), torch.tensor([0, 1, 0])), r"labels must have shape \(4,\)"),
+        (lambda: SupConLoss()(torch.full((4, 8), float("nan")), torch.zeros(4, dtype=torch.long)), "NaN or inf"),
+        (lambda: SupConLoss()(torch.ones(4, 8, dtype=torch.long), torch.zeros(4, dtype=torch.long)), "floating-point"),
+        (lambda: SupConLoss(temperature=0), "temperature must be"),
+        (lambda: ClipLoss(temperature=-0.1), "temperature must be"),
+        (lambda: InfoNCELoss(negative_mode="both"), "negative_mode"),
+        (lambda: InfoNCELoss(negative_mode="paired")(torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 2, 8)), "paired"),
+        (lambda: InfoNCELoss()(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 2, 8)), "unpaired"),
+        (lambda: ContrastiveLoss()(torch.randn(3, 8), torch.randn(3, 8), torch.tensor([0, 2, 1])), "is_same"),
+    ],
+)
+def test_bad_input_raises_a_named_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_losses_do_not_warn_in_normal_use():
+    a, b = leaves((8, 4), (8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NTXentLoss()(a, b).backward()
