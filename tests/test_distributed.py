@@ -1,0 +1,192 @@
+"""The gradient contract on 2, 3 and 4 gloo ranks with different data and unequal local sizes.
+
+Each rank feeds its slice of one global batch to a loss; the parent process computes the same
+loss single-process on the whole batch. After DDP's mean the gradients must be equal: rank r's
+input gradient / W equals the reference gradient of its slice, the mean over ranks of the
+`logit_scale` gradient equals the reference one, and the mean of returned values is the loss.
+"""
+
+import warnings
+import zlib
+
+import pytest
+import torch
+from multiprocess import run_on_ranks
+from reference import rel_err
+from torch import nn
+
+from distributed_cl import distributed as dist_utils
+from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SupConLoss, pair_labels
+
+D = 8
+SIZES = {2: [5, 3], 3: [4, 1, 6], 4: [3, 0, 5, 2]}  # world 4 has a rank with an empty batch
+
+
+def _rand(name, *shape):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(*shape, generator=g)
+
+
+def _labels(name, n, classes):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1)
+    return torch.randint(0, classes, (n,), generator=g)
+
+
+# A case: (loss module, global inputs, per-input local sizes, call). Inputs are split by rank.
+def CASES(sizes):
+    n = sum(sizes)
+    neg_sizes = [s + 2 * r for r, s in enumerate(sizes)]  # unpaired pools differ in size too
+    return {
+        "ntxent": (NTXentLoss(0.2), [_rand("a", n, D), _rand("b", n, D)], [sizes, sizes], lambda m, a, b: m(a, b)),
+        "ntxent_two_views_labels": (
+            NTXentLoss(0.2),
+            [_rand("a", n, D), _rand("b", n, D), _labels("y", n, 3)],
+            [sizes] * 3,
+            lambda m, a, b, y: m(a, b, labels=y),
+        ),
+        "ntxent_labels": (NTXentLoss(0.1), [_rand("z", n, D), _labels("y", n, 4)], [sizes] * 2, lambda m, z, y: m(z, labels=y)),
+        "supcon": (SupConLoss(0.1), [_rand("z", n, D), _labels("y", n, 3)], [sizes] * 2, lambda m, z, y: m(z, y)),
+        "supcon_sparse_labels": (
+            SupConLoss(0.3),
+            [_rand("z", n, D), _labels("y2", n, n)],  # many anchors without a positive
+            [sizes] * 2,
+            lambda m, z, y: m(z, y),
+        ),
+        "infonce_in_batch": (InfoNCELoss(0.1), [_rand("q", n, D), _rand("k", n, D)], [sizes] * 2, lambda m, q, k: m(q, k)),
+        "infonce_unpaired": (
+            InfoNCELoss(0.1),
+            [_rand("q", n, D), _rand("k", n, D), _rand("neg", sum(neg_sizes), D)],
+            [sizes, sizes, neg_sizes],
+            lambda m, q, k, neg: m(q, k, neg),
+        ),
+        "infonce_paired": (
+            InfoNCELoss(0.1, negative_mode="paired"),
+            [_rand("q", n, D), _rand("k", n, D), _rand("neg", n, 3, D)],
+            [sizes] * 3,
+            lambda m, q, k, neg: m(q, k, neg),
+        ),
+        "clip": (ClipLoss(0.1), [_rand("i", n, D), _rand("t", n, D)], [sizes] * 2, lambda m, i, t: m(i, t)),
+        "pairs_margin": (
+            ContrastiveLoss(0.7),
+            [_rand("x1", n, D), _rand("x2", n, D), _labels("same", n, 2)],
+            [sizes] * 3,
+            lambda m, a, b, y: m(a, b, y),
+        ),
+        "pairs_supcon": (  # pair ids must not collide across ranks
+            SupConLoss(0.2),
+            [_rand("x1", n, D), _rand("x2", n, D), _labels("same", n, 2)],
+            [sizes] * 3,
+            lambda m, a, b, y: m(torch.cat([a, b]), torch.cat(pair_labels(y))),
+        ),
+    }
+
+
+def _split(x, sizes, rank):
+    start = sum(sizes[:rank])
+    return x[start : start + sizes[rank]]
+
+
+def _run_case(module, inputs, call):
+    inputs = [x.clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    loss = call(module, *inputs)
+    loss.backward()
+    grads = [x.grad for x in inputs if x.is_floating_point()]
+    return loss.detach(), grads, [p.grad.clone() for p in module.parameters()], module.last_stats if hasattr(module, "last_stats") else None
+
+
+class TwoTower(nn.Module):
+    """A tiny model whose DDP-averaged parameter gradients we compare, logit_scale included."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image, self.text, self.loss = nn.Linear(6, D), nn.Linear(5, D), ClipLoss(0.1)
+
+    def forward(self, x_img, x_txt):
+        return self.loss(self.image(x_img), self.text(x_txt))
+
+
+def _worker(rank, world, sizes, out_dir):
+    results = {}
+    for name, (module, inputs, in_sizes, call) in CASES(sizes).items():
+        local = [_split(x, s, rank) for x, s in zip(inputs, in_sizes)]
+        results[name] = _run_case(module, local, call)
+
+    # The gather itself: rank r weights the gathered tensor with its own w_r.
+    x = _split(_rand("gx", sum(sizes), 3), sizes, rank).requires_grad_()
+    gathered = dist_utils.all_gather_with_grad(x)
+    (gathered * _rand(f"w{rank}", sum(sizes), 3)).sum().backward()
+    results["gather"] = (gathered.detach(), x.grad)
+
+    # Real DDP with unequal local batches: parameter grads (logit_scale included) after its mean.
+    ddp = nn.parallel.DistributedDataParallel(TwoTower())
+    x_img, x_txt = _rand("ximg", sum(sizes), 6), _rand("xtxt", sum(sizes), 5)
+    loss = ddp(_split(x_img, sizes, rank), _split(x_txt, sizes, rank))
+    loss.backward()
+    results["ddp"] = (loss.detach(), {k: p.grad.clone() for k, p in ddp.module.named_parameters()})
+
+    # A global batch with no positive pair at all: every rank warns, backward runs, no NaN.
+    z = _split(_rand("np", sum(sizes), D), sizes, rank).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        empty = SupConLoss()(z, torch.arange(len(z)) + sum(sizes[:rank]))
+    empty.backward()
+    results["no_positives"] = (empty.detach(), z.grad, [str(w.message) for w in caught])
+    torch.save(results, f"{out_dir}/{rank}.pt")
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4])
+def ranks(request, tmp_path_factory):
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"world{world}")
+    run_on_ranks(_worker, world, SIZES[world], str(out_dir))
+    return world, SIZES[world], [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("name", list(CASES([1])))
+def test_gradients_equal_single_process(ranks, name):
+    world, sizes, results = ranks
+    module, inputs, in_sizes, call = CASES(sizes)[name]
+    ref_loss, ref_grads, ref_param_grads, ref_stats = _run_case(module, inputs, call)
+
+    mean_loss = sum(r[name][0] for r in results) / world
+    assert rel_err(mean_loss, ref_loss) < 1e-5, (mean_loss, ref_loss)
+    float_sizes = [s for x, s in zip(inputs, in_sizes) if x.is_floating_point()]
+    for i, (ref_grad, s) in enumerate(zip(ref_grads, float_sizes)):
+        for rank in range(world):
+            got = results[rank][name][1][i] / world  # DDP divides by W
+            assert rel_err(got, _split(ref_grad, s, rank)) < 1e-5, f"input {i} rank {rank}"
+    for p, ref in enumerate(ref_param_grads):  # logit_scale: replicated, so DDP's mean
+        mean_grad = sum(r[name][2][p] for r in results) / world
+        assert rel_err(mean_grad, ref) < 1e-5
+    if ref_stats is not None:
+        assert all(r[name][3] == ref_stats for r in results)
+
+
+def test_gather_concatenates_and_sums_gradients(ranks):
+    world, sizes, results = ranks
+    n = sum(sizes)
+    torch.testing.assert_close(results[0]["gather"][0], _rand("gx", n, 3))
+    total_weight = sum(_rand(f"w{r}", n, 3) for r in range(world))  # d/dx of sum_r <gather(x), w_r>
+    for rank in range(world):
+        torch.testing.assert_close(results[rank]["gather"][1], _split(total_weight, sizes, rank))
+
+
+def test_ddp_parameter_gradients_equal_single_process(ranks):
+    world, sizes, results = ranks
+    model = TwoTower()
+    loss = model(_rand("ximg", sum(sizes), 6), _rand("xtxt", sum(sizes), 5))
+    loss.backward()
+    assert rel_err(sum(r["ddp"][0] for r in results) / world, loss.detach()) < 1e-5
+    for name, p in model.named_parameters():
+        for r in results:  # DDP leaves the same averaged gradient on every rank
+            assert rel_err(r["ddp"][1][name], p.grad) < 1e-5, name
+
+
+def test_no_positives_anywhere_is_a_connected_zero_on_every_rank(ranks):
+    world, sizes, results = ranks
+    for rank, r in enumerate(results):
+        loss, grad, messages = r["no_positives"]
+        assert loss.item() == 0.0
+        assert torch.equal(grad, torch.zeros(sizes[rank], D))
+        assert any("no anchor" in m for m in messages)
