@@ -239,3 +239,26 @@ def test_losses_do_not_warn_in_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NTXentLoss()(a, b).backward()
+
+
+def test_huge_losses_stay_exact_when_target_probability_underflows():
+    """Temperature 0.005 and positives pointing away: -log p would read inf; rows are recomputed."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(6, 8, generator=g)
+    b = -a + 0.01 * torch.randn(6, 8, generator=g)  # each positive is the anchor's antipode
+    assert_same(NTXentLoss(0.005), lambda x, y: ntxent_loop(x, y, 0.005), [a, b], tol=1e-4)
+    loss = NTXentLoss(0.005)(a, b)
+    assert torch.isfinite(loss) and loss.item() > -math.log(1e-30)  # the fallback ran
+    clip = ClipLoss(temperature=0.01)  # scale 100
+    img = a.clone().requires_grad_()
+    loss = clip(img, b)
+    ref = clip_loop(a, b, torch.tensor(100.0))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5) and ref.item() > -math.log(1e-30)
+
+
+def test_clip_graph_backward_twice_is_refused():
+    img, txt = leaves((4, 8), (4, 8))
+    loss = ClipLoss()(img, txt)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -2,8 +2,8 @@
 
 open_clip (local_loss=True) computes image rows and text rows separately: two (n_r x N)
 products forward and four backward. Here rank r computes only its image rows S_r = I_r T^T;
-the text->image softmax over column j needs every rank's rows, so ranks share their per-column
-log-sum-exps (a (W, N) gather). One product forward, two backward, same values and gradients.
+the text->image softmax over column j needs every rank's rows, so ranks share per-column
+log-sum-exps (N floats each; see fused.ClipBlock). One product forward, two backward.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distributed_cl.losses.core import (
@@ -21,6 +20,7 @@ from distributed_cl.losses.core import (
     check_same_length,
     normalized_fp32,
 )
+from distributed_cl.losses.fused import ClipBlock
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -47,14 +47,6 @@ class ClipLoss(GatheredLoss):
         check_same_length("image_emb", image_emb, "text_emb", text_emb)
         image = normalized_fp32(image_emb) * self.scale
         text = normalized_fp32(text_emb)
-        n = len(image)
-        layout = BatchLayout.exchange(n, image.device, self.gather)
-        logits = image @ layout.gather(text).T  # this rank's rows of the global (N, N) matrix
-        targets = layout.offset + torch.arange(n, device=image.device)
-        image_to_text = F.cross_entropy(logits, targets, reduction="sum")
-
-        column_lse = torch.logsumexp(logits, dim=0, keepdim=True)  # partial, over our rows
-        column_lse = torch.logsumexp(BatchLayout([1] * layout.world, layout.rank).gather(column_lse), dim=0)
-        own_columns = slice(layout.offset, layout.offset + n)
-        text_to_image = (column_lse[own_columns] - logits.diagonal(offset=layout.offset)).sum()
-        return self._finish((image_to_text + text_to_image) / 2, layout, layout.total, layout.total, layout.total)
+        layout = BatchLayout.exchange(len(image), image.device, self.gather)
+        loss_sum = ClipBlock.apply(image, layout.gather(text), layout)
+        return self._finish(loss_sum / 2, layout, layout.total, layout.total, layout.total)

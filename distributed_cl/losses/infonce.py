@@ -13,6 +13,7 @@ from distributed_cl.losses.core import (
     check_same_length,
     normalized_fp32,
 )
+from distributed_cl.losses.fused import RowCrossEntropy
 
 
 class InfoNCELoss(GatheredLoss):
@@ -39,9 +40,8 @@ class InfoNCELoss(GatheredLoss):
         layout = BatchLayout.exchange(len(q), q.device, self.gather)
 
         if negative_keys is None:
-            logits = q @ layout.gather(k).T
             targets = layout.offset + torch.arange(len(q), device=q.device)
-            loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+            loss_sum = RowCrossEntropy.apply(q, layout.gather(k), targets, None)
         else:
             pos_logit = (q * k).sum(dim=1)
             neg_logits = self._negative_logits(q, negative_keys)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distributed_cl.losses.core import (
@@ -16,6 +15,7 @@ from distributed_cl.losses.core import (
     multi_positive_row_losses,
     normalized_fp32,
 )
+from distributed_cl.losses.fused import RowCrossEntropy
 
 
 class NTXentLoss(GatheredLoss):
@@ -50,10 +50,9 @@ class NTXentLoss(GatheredLoss):
         layout = BatchLayout.exchange(n, view_a.device, self.gather).scaled(2)
         z_all = layout.gather(z)  # rank order: [a_0; b_0; a_1; b_1; ...]
         offset = layout.offset
-        logits = masked_logits(z / self.temperature, z_all, self_offset=offset)
         local = torch.arange(n, device=z.device)
         targets = offset + torch.cat([local + n, local])  # a_i <-> b_i
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        loss_sum = RowCrossEntropy.apply(z / self.temperature, z_all, targets, offset)
         return self._finish(loss_sum, layout, layout.total, layout.total, layout.total)
 
     def _labelled(self, z: Tensor, labels: Tensor, views: int = 1) -> Tensor:
