@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command 2: set up (first run) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+. "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+exec python -m pytest -q "$@"
