@@ -125,6 +125,10 @@ def _worker(rank, world, sizes, out_dir):
     loss.backward()
     results["ddp"] = (loss.detach(), {k: p.grad.clone() for k, p in ddp.module.named_parameters()})
 
+    # gather=False: each rank's loss is the plain loss of its own batch, no collective.
+    a, b = _split(_rand("la", sum(sizes), D), sizes, rank), _split(_rand("lb", sum(sizes), D), sizes, rank)
+    results["local_only"] = [loss(a, b).detach() for loss in (NTXentLoss(gather=False), ClipLoss(gather=False), InfoNCELoss(gather=False))]
+
     # A global batch with no positive pair at all: every rank warns, backward runs, no NaN.
     z = _split(_rand("np", sum(sizes), D), sizes, rank).requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
@@ -181,6 +185,15 @@ def test_ddp_parameter_gradients_equal_single_process(ranks):
     for name, p in model.named_parameters():
         for r in results:  # DDP leaves the same averaged gradient on every rank
             assert rel_err(r["ddp"][1][name], p.grad) < 1e-5, name
+
+
+def test_gather_false_is_the_local_loss(ranks):
+    world, sizes, results = ranks
+    for rank in (r for r in range(world) if sizes[r]):
+        a, b = _split(_rand("la", sum(sizes), D), sizes, rank), _split(_rand("lb", sum(sizes), D), sizes, rank)
+        expected = [NTXentLoss()(a, b), ClipLoss()(a, b), InfoNCELoss()(a, b)]
+        for got, ref in zip(results[rank]["local_only"], expected):
+            assert rel_err(got, ref.detach()) < 1e-6
 
 
 def test_no_positives_anywhere_is_a_connected_zero_on_every_rank(ranks):

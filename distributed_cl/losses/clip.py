@@ -48,5 +48,5 @@ class ClipLoss(GatheredLoss):
         image = normalized_fp32(image_emb) * self.scale
         text = normalized_fp32(text_emb)
         layout = BatchLayout.exchange(len(image), image.device, self.gather)
-        loss_sum = ClipBlock.apply(image, layout.gather(text), layout)
-        return self._finish(loss_sum / 2, layout, layout.total, layout.total, layout.total)
+        loss_sum = ClipBlock.apply(image, layout.gather(text), layout)  # image->text + text->image
+        return self._finish_single_positive(loss_sum / 2, layout)

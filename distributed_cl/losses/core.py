@@ -60,6 +60,10 @@ class BatchLayout:
         """Layout of a tensor holding k rows per sample (e.g. two views stacked)."""
         return BatchLayout([k * s for s in self.sizes], self.rank)
 
+    def per_rank(self) -> BatchLayout:
+        """Layout of a tensor with one row per rank (per-rank statistics)."""
+        return BatchLayout([1] * self.world, self.rank)
+
     def gather(self, x: Tensor) -> Tensor:
         """Differentiable gather of a tensor laid out like this batch."""
         if self.world == 1:
@@ -67,6 +71,7 @@ class BatchLayout:
         return dist_utils.all_gather_with_grad(x, self.sizes)
 
     def gather_labels(self, labels: Tensor) -> Tensor:
+        """Gather without autograd (labels, statistics)."""
         if self.world == 1:
             return labels
         return dist_utils.all_gather_no_grad(labels, self.sizes)
@@ -183,6 +188,10 @@ class GatheredLoss(nn.Module):
             )
             return loss_sum * 0.0  # zero, but still on the graph: backward and DDP run everywhere
         return loss_sum * (layout.world / with_positive)
+
+    def _finish_single_positive(self, loss_sum: Tensor, layout: BatchLayout) -> Tensor:
+        """Every anchor has exactly one positive (SimCLR, InfoNCE, CLIP): no counts to exchange."""
+        return self._finish(loss_sum, layout, layout.total, layout.total, layout.total)
 
     def _finish_labelled(self, losses: Tensor, num_pos: Tensor, layout: BatchLayout) -> Tensor:
         """Counts are summed over ranks in one small all-reduce."""

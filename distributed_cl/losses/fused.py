@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distributed_cl import distributed as dist_utils
 from distributed_cl.losses.core import MASKED, BatchLayout
 
 # Below this a target probability is too small for -log(p) to be exact; such rows are
@@ -91,7 +90,7 @@ class ClipBlock(torch.autograd.Function):
             col_max = logits.amax(dim=0) if n else torch.full((len(text_all),), -torch.inf, device=image.device)
             col_probs = logits.sub_(col_max).exp_()
             partial_lse = col_max + col_probs.sum(dim=0).log()
-            ranks_lse = dist_utils.all_gather_no_grad(partial_lse[None], [1] * layout.world)
+            ranks_lse = layout.per_rank().gather_labels(partial_lse[None])
             col_lse = torch.logsumexp(ranks_lse, dim=0)
             col_probs.mul_((col_max - col_lse).exp())
             loss = row_nll.sum() + (col_lse[o : o + n] - diag).sum()
@@ -105,7 +104,7 @@ class ClipBlock(torch.autograd.Function):
         layout: BatchLayout = ctx.layout
         o, n = layout.offset, len(image)
         with torch.autocast(image.device.type, enabled=False):
-            owner_grads = dist_utils.all_gather_no_grad(grad.reshape(1), [1] * layout.world)
+            owner_grads = layout.per_rank().gather_labels(grad.reshape(1))
             col_grad = torch.repeat_interleave(owner_grads, torch.tensor(layout.sizes, device=grad.device))
             grad_logits = row_probs.mul_(grad).add_(col_probs.mul_(col_grad))
             # both CE terms of pair i pull -1 on the diagonal entry (i, o + i)

@@ -47,7 +47,7 @@ class InfoNCELoss(GatheredLoss):
             neg_logits = self._negative_logits(q, negative_keys)
             # -log(e^pos / (e^pos + sum e^neg)), without materialising [pos, negs]
             loss_sum = (torch.logaddexp(pos_logit, torch.logsumexp(neg_logits, dim=1)) - pos_logit).sum()
-        return self._finish(loss_sum, layout, layout.total, layout.total, layout.total)
+        return self._finish_single_positive(loss_sum, layout)
 
     def _negative_logits(self, q: Tensor, negative_keys: Tensor) -> Tensor:
         if self.negative_mode == "paired":

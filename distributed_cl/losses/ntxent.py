@@ -53,7 +53,7 @@ class NTXentLoss(GatheredLoss):
         local = torch.arange(n, device=z.device)
         targets = offset + torch.cat([local + n, local])  # a_i <-> b_i
         loss_sum = RowCrossEntropy.apply(z / self.temperature, z_all, targets, offset)
-        return self._finish(loss_sum, layout, layout.total, layout.total, layout.total)
+        return self._finish_single_positive(loss_sum, layout)
 
     def _labelled(self, z: Tensor, labels: Tensor, views: int = 1) -> Tensor:
         # Two views share their sample's label, so a_i and b_i are positives of each other.
