@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["DistributedMPerClassSampler", "labels_from_pairs"]
+__all__ = ["DistributedMPerClassSampler", "DistributedRandomBatchSampler", "labels_from_pairs"]
 
 
 def _default_replicas_and_rank() -> tuple[int, int]:
@@ -110,7 +110,7 @@ class DistributedMPerClassSampler:
         self.classes = classes
         self.m, self.global_batch_size = m, global_batch_size
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         small = [str(c) for c, idx in zip(classes, self._class_indices) if len(idx) < m]
         if small:
             warnings.warn(
@@ -122,9 +122,10 @@ class DistributedMPerClassSampler:
         groups = sum(-(-len(idx) // m) for idx in self._class_indices)
         self._num_batches = max(1, groups // self.classes_per_batch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch's plan; call it at the start of every epoch, on every rank."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the epoch's plan; call it at the start of every epoch, on every rank.
+        `start_batch` skips the epoch's first batches (resuming mid-epoch from a checkpoint)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return self._num_batches
@@ -166,7 +167,41 @@ class DistributedMPerClassSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         start = self.rank * self.local_batch_size
-        for batch in self.global_batches():
+        for batch in self.global_batches()[self.start_batch :]:
+            yield batch[start : start + self.local_batch_size].tolist()
+
+
+class DistributedRandomBatchSampler:
+    """Batch sampler for losses that need no labels: each epoch is a seeded permutation of the
+    dataset cut into global batches (the last partial one dropped) and split evenly over ranks.
+    Same interface and determinism rules as DistributedMPerClassSampler."""
+
+    def __init__(self, num_samples: int, global_batch_size: int, num_replicas: int | None = None,
+                 rank: int | None = None, seed: int = 0) -> None:
+        if num_replicas is None or rank is None:
+            default_replicas, default_rank = _default_replicas_and_rank()
+            num_replicas = default_replicas if num_replicas is None else num_replicas
+            rank = default_rank if rank is None else rank
+        if global_batch_size <= 0 or global_batch_size % num_replicas:
+            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by num_replicas={num_replicas}")
+        if num_samples < global_batch_size:
+            raise ValueError(f"{num_samples} samples cannot fill one global batch of {global_batch_size}")
+        self.num_samples, self.global_batch_size = num_samples, global_batch_size
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.local_batch_size = global_batch_size // num_replicas
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        start = self.rank * self.local_batch_size
+        for b in range(self.start_batch, len(self)):
+            batch = order[b * self.global_batch_size : (b + 1) * self.global_batch_size]
             yield batch[start : start + self.local_batch_size].tolist()
 
 

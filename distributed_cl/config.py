@@ -1,0 +1,217 @@
+"""Typed run configuration: YAML files in experiments/, `--set key=value` overrides, and
+validation of every field before Ray starts (errors name the field)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOSSES = ("ntxent", "supcon", "infonce", "clip")
+LABELLED_LOSSES = ("supcon",)
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, of the wrong type, or has an impossible value."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | digits (sklearn, tiny, for tests)
+    root: str = "/usr/share/datasets/fashion-mnist"  # IDX files (.gz or not); Debian dataset-fashion-mnist
+    download: bool = False  # fetch from torchvision's online mirrors into cache_dir instead
+    cache_dir: str = "~/.cache/distributed_cl"
+    crop_scale_min: float = 0.5  # RandomResizedCrop scale=(crop_scale_min, 1)
+    jitter: float = 0.4  # brightness and contrast jitter (blocks the intensity-histogram shortcut)
+    eval_bank_size: int = 10000  # training images in the kNN bank (0: all)
+    eval_test_size: int = 10000  # held-out images scored by kNN (0: all)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "small_cnn"  # small_cnn | resnet18
+    width: int = 32  # small_cnn channels of the first block
+    pool: int = 3  # small_cnn output grid: features are width*4 * pool * pool
+    projection_hidden: int = 256
+    projection_dim: int = 128
+
+
+@dataclass
+class LossConfig:
+    name: str = "ntxent"  # ntxent | supcon | infonce | clip
+    temperature: float = 0.5
+    m: int = 4  # samples per class in each global batch (label-based losses)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    warmup_steps: int = 20
+    grad_clip: float = 5.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    name: str = "simclr-fashion-mnist"  # run name; the same name and storage_path resume
+    storage_path: str = "./runs"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+    global_batch_size: int = 256
+    max_steps: int | None = 360  # stop after this many steps (None: run `epochs`)
+    epochs: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint
+    knn_k: int = 20
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        return _build(cls, raw, "")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+        raw: dict[str, Any] = {}
+        if path is not None:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for item in overrides:
+            _apply_override(raw, item)
+        config = cls.from_dict(raw)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        d, m, lo, o, t = self.data, self.model, self.loss, self.optim, self.train
+        _choice("data.name", d.name, ("fashion_mnist", "digits"))
+        _range("data.crop_scale_min", d.crop_scale_min, 0.0, 1.0, low_open=True)
+        _range("data.jitter", d.jitter, 0.0, 1.0)
+        _at_least("data.eval_bank_size", d.eval_bank_size, 0)
+        _at_least("data.eval_test_size", d.eval_test_size, 0)
+        if d.name == "fashion_mnist" and not d.download and not Path(d.root).is_dir():
+            raise ConfigError(
+                f"data.root: {d.root} does not exist (install Debian's dataset-fashion-mnist, "
+                "point data.root at the IDX files, or set data.download=true)"
+            )
+        _choice("model.encoder", m.encoder, ("small_cnn", "resnet18"))
+        for name in ("width", "pool", "projection_hidden", "projection_dim"):
+            _at_least(f"model.{name}", getattr(m, name), 1)
+        _choice("loss.name", lo.name, LOSSES)
+        if not lo.temperature > 0 or not math.isfinite(lo.temperature):
+            raise ConfigError(f"loss.temperature must be > 0, got {lo.temperature}")
+        _choice("optim.name", o.name, ("adamw", "sgd"))
+        if not o.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        _at_least("optim.weight_decay", o.weight_decay, 0)
+        _at_least("optim.warmup_steps", o.warmup_steps, 0)
+        _at_least("optim.grad_clip", o.grad_clip, 0)
+        for name in ("num_workers", "threads_per_worker", "global_batch_size", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "knn_k"):
+            _at_least(f"train.{name}", getattr(t, name), 1)
+        _at_least("train.max_failures", t.max_failures, 0)
+        if not t.cpus_per_worker > 0:
+            raise ConfigError(f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}")
+        if (t.max_steps is None) == (t.epochs is None):
+            raise ConfigError("set exactly one of train.max_steps and train.epochs")
+        if t.max_steps is not None:
+            _at_least("train.max_steps", t.max_steps, 1)
+        if t.epochs is not None:
+            _at_least("train.epochs", t.epochs, 1)
+        if t.global_batch_size % t.num_workers:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by train.num_workers={t.num_workers}"
+            )
+        if lo.name in LABELLED_LOSSES:
+            if lo.m < 2:
+                raise ConfigError(f"loss.m must be >= 2 for {lo.name}, got {lo.m}")
+            if t.global_batch_size % lo.m:
+                raise ConfigError(f"loss.m={lo.m} does not divide train.global_batch_size={t.global_batch_size}")
+        if not t.name or "/" in t.name:
+            raise ConfigError(f"train.name must be a non-empty name without '/', got {t.name!r}")
+
+
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+def _at_least(name: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{name} must be >= {low}, got {value}")
+
+
+def _range(name: str, value, low, high, low_open: bool = False) -> None:
+    if value > high or value < low or (low_open and value == low):
+        raise ConfigError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set takes section.field=value, got {item!r}")
+    section, name = key.split(".", 1)
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"{section} is not a section")
+    target[name] = yaml.safe_load(text)
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        hint, value, where = hints[f.name], raw[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, value, where + ".")
+        else:
+            values[f.name] = _coerce(where, hint, value)
+    return cls(**values)
+
+
+def _coerce(where: str, hint, value):
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"{where} must be {names}, got {value!r}")

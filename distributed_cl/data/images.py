@@ -1,0 +1,114 @@
+"""Image data: Fashion-MNIST (torchvision's reader over local IDX files or its online mirrors)
+and sklearn's digits (tiny, for tests), as uint8 tensors, plus two-view augmentations."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from distributed_cl.config import DataConfig
+
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass
+class ImageData:
+    """uint8 images (N, H, W) with int64 labels, split into train and held-out test."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+
+def load_images(config: DataConfig) -> ImageData:
+    if config.name == "fashion_mnist":
+        return _fashion_mnist(config)
+    if config.name == "digits":
+        return _digits()
+    raise ValueError(f"data.name: unknown dataset {config.name!r}")
+
+
+def _fashion_mnist(config: DataConfig) -> ImageData:
+    from torchvision.datasets import FashionMNIST
+
+    cache = Path(config.cache_dir).expanduser()
+    if not config.download:
+        _stage_idx_files(Path(config.root), cache / "FashionMNIST" / "raw")
+    train = FashionMNIST(str(cache), train=True, download=config.download)
+    test = FashionMNIST(str(cache), train=False, download=config.download)
+    return ImageData(train.data, train.targets, test.data, test.targets)
+
+
+def _stage_idx_files(source: Path, raw_dir: Path) -> None:
+    """Put uncompressed IDX files where torchvision looks; atomic, since workers race here."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for name in _FASHION_FILES:
+        target = raw_dir / name
+        if target.exists():
+            continue
+        plain, packed = source / name, source / f"{name}.gz"
+        if not plain.exists() and not packed.exists():
+            raise FileNotFoundError(f"data.root: neither {plain} nor {packed} exists")
+        fd, tmp = tempfile.mkstemp(dir=raw_dir)
+        with os.fdopen(fd, "wb") as out, (gzip.open(packed) if not plain.exists() else open(plain, "rb")) as src:
+            shutil.copyfileobj(src, out)
+        os.replace(tmp, target)
+
+
+def _digits() -> ImageData:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # only the tests use it
+        raise ImportError("data.name=digits needs scikit-learn (pip install scikit-learn)") from e
+    digits = load_digits()
+    images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8)
+    labels = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test, train = order[:297], order[297:]
+    return ImageData(images[train], labels[train], images[test], labels[test])
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1]: the encoder's input without augmentation."""
+    return images.unsqueeze(1).float().div_(255)
+
+
+def two_view_transform(size: int, crop_scale_min: float, jitter: float) -> v2.Compose:
+    """SimCLR's views for grayscale: crop + flip, plus brightness/contrast jitter so that two
+    views cannot be matched by their intensity histogram alone."""
+    return v2.Compose(
+        [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(brightness=jitter, contrast=jitter)], p=0.8),
+        ]
+    )
+
+
+class TwoViews(Dataset):
+    """Item i: (view_a, view_b, label) of image i, each view (1, H, W) float."""
+
+    def __init__(self, images: Tensor, labels: Tensor, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        image = self.images[i].unsqueeze(0)
+        return self.transform(image), self.transform(image), self.labels[i]

@@ -1,0 +1,87 @@
+"""Encoders and projection heads, and the exported-encoder file format."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from distributed_cl.config import ModelConfig
+
+
+def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Sequential):
+    """Five 3x3 conv blocks (28x28 -> 7x7), then average pooling to a pool x pool grid: keeping a
+    coarse layout, not only a global average, matters for shape-defined classes."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32, pool: int = 3) -> None:
+        w = width
+        super().__init__(
+            _conv_block(in_channels, w, 2),
+            _conv_block(w, 2 * w, 2),
+            _conv_block(2 * w, 2 * w, 1),
+            _conv_block(2 * w, 4 * w, 1),
+            _conv_block(4 * w, 4 * w, 1),
+            nn.AdaptiveAvgPool2d(pool),
+            nn.Flatten(),
+        )
+        self.out_dim = 4 * w * pool * pool
+
+
+def resnet18_small(in_channels: int = 1) -> nn.Module:
+    """torchvision's ResNet-18 for 28x28 inputs: 3x3 stride-1 stem, no max-pool, no classifier."""
+    model = torchvision.models.resnet18(weights=None)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    model.fc = nn.Identity()
+    model.out_dim = 512
+    return model
+
+
+def build_encoder(config: ModelConfig, in_channels: int = 1) -> nn.Module:
+    if config.encoder == "small_cnn":
+        return SmallCNN(in_channels, config.width, config.pool)
+    if config.encoder == "resnet18":
+        return resnet18_small(in_channels)
+    raise ValueError(f"model.encoder: unknown encoder {config.encoder!r}")
+
+
+def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """SimCLR's MLP head; the loss sees its output, evaluation uses the encoder's."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder + projection head + loss in one module, so that DDP (and the optimizer) cover the
+    loss's own parameters, such as CLIP's logit_scale."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, loss_fn: nn.Module, objective) -> None:
+        super().__init__()
+        self.encoder, self.head, self.loss_fn, self.objective = encoder, head, loss_fn, objective
+
+    def forward(self, view_a: Tensor, view_b: Tensor, labels: Tensor) -> Tensor:
+        z = self.head(self.encoder(torch.cat([view_a, view_b])))  # one pass: BatchNorm sees both views
+        z_a, z_b = z.chunk(2)
+        return self.objective(self.loss_fn, z_a, z_b, labels)
+
+
+def save_encoder(encoder: nn.Module, config: ModelConfig, in_channels: int, path: str | Path) -> None:
+    torch.save({"model_config": asdict(config), "in_channels": in_channels, "state_dict": encoder.state_dict()}, path)
+
+
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load an encoder exported by a training run (no Ray needed), in eval mode:
+
+        encoder = load_encoder("runs/NAME/encoder.pt")
+        features = encoder(images)      # images: (n, 1, 28, 28) floats in [0, 1]
+    """
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    encoder = build_encoder(ModelConfig(**saved["model_config"]), saved["in_channels"])
+    encoder.load_state_dict(saved["state_dict"])
+    return encoder.eval()

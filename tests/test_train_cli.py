@@ -1,0 +1,105 @@
+"""train.py end to end: 2 Ray Train workers in local mode, a killed worker, an interrupted driver."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from distributed_cl.models import load_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "tests" / "configs" / "digits.yaml"
+
+
+def train_cmd(tmp_path, name, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(DIGITS), "--storage-path", str(tmp_path / "runs"),
+            "--name", name, "--output-json", str(tmp_path / f"{name}.json"), *extra]
+
+
+def run_env():
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def start(cmd):
+    # own session: killing the group takes the driver's local Ray with it
+    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_registered_checkpoint(proc, timeout=120):
+    """Until the controller has registered a checkpoint (a file on disk is not enough: Ray
+    commits it only once every worker has reported)."""
+    deadline, seen = time.time() + timeout, []
+    for line in proc.stdout:
+        seen.append(line)
+        if "checkpoint saved" in line:
+            return
+        assert time.time() < deadline, "".join(seen[-50:])
+    raise AssertionError("training ended before a checkpoint:\n" + "".join(seen[-50:]))
+
+
+def train_worker_pids():
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="ignore")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_cli_trains_two_workers_and_exports_the_encoder(tmp_path):
+    out = finish(start(train_cmd(tmp_path, "cli")))
+    summary = json.loads((tmp_path / "cli.json").read_text())
+    m = summary["metrics"]
+    assert m["step"] == 30 and m["start_step"] == 0
+    for key in ("knn_top1_trained", "knn_top1_untrained", "knn_top1_raw_pixels"):
+        assert 0.0 <= m[key] <= 1.0
+    assert "kNN top-1 on the held-out split" in out and "[distributed_cl] step 10/30" in out
+    assert Path(summary["checkpoint"]).is_dir()
+    run_dir = Path(summary["run_dir"])
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("time,step,epoch,loss") and len(rows) >= 1 + 30 // 10
+    assert any((run_dir / "tensorboard").iterdir())
+    encoder = load_encoder(summary["encoder"])  # no Ray needed
+    assert encoder(torch.rand(3, 1, 8, 8)).shape == (3, 8 * 4 * 2 * 2)
+
+
+def test_killed_worker_resumes_from_the_checkpointed_step(tmp_path):
+    proc = start(train_cmd(tmp_path, "kill", "--max-steps", "200"))
+    wait_for_registered_checkpoint(proc)
+    pids = train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    out = finish(proc)
+    m = json.loads((tmp_path / "kill.json").read_text())["metrics"]
+    assert m["step"] == 200, out
+    assert 10 <= m["start_step"] < 200  # restarted from a checkpoint, not from zero
+
+
+def test_interrupted_driver_rerun_with_the_same_name_resumes(tmp_path):
+    cmd = train_cmd(tmp_path, "rerun", "--max-steps", "200")
+    proc = start(cmd)
+    wait_for_registered_checkpoint(proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, at once
+    proc.wait()
+    assert not (tmp_path / "rerun.json").exists()
+    finish(start(cmd))
+    m = json.loads((tmp_path / "rerun.json").read_text())["metrics"]
+    assert m["step"] == 200 and 10 <= m["start_step"] < 200

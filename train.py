@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train a contrastive model with Ray Train, locally or on a cluster.
+
+    python train.py                                            # local: Fashion-MNIST SimCLR, 2 CPU workers
+    python train.py --config experiments/image_supcon.yaml --set loss.temperature=0.07
+    ray submit cluster/aws.yaml train.py -- --config experiments/image_simclr.yaml --use-gpu
+    ray job submit -- python train.py --num-workers 8 --use-gpu
+
+The same --name and --storage-path resume a run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from distributed_cl.config import Config, ConfigError
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "image_simclr.yaml")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: experiments/image_simclr.yaml)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (train.num_workers)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--epochs", type=int, help="train N epochs (instead of --max-steps)")
+    p.add_argument("--storage-path", help="where runs, checkpoints and metrics go (local dir or URI)")
+    p.add_argument("--name", help="run name; an existing name resumes from its latest checkpoint")
+    p.add_argument("--output-json", help="write final metrics and the checkpoint path here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set loss.temperature=0.2 (repeatable)")
+    return p.parse_args(argv)
+
+
+def overrides_from_flags(args: argparse.Namespace) -> list[str]:
+    flags = {"train.num_workers": args.num_workers, "train.use_gpu": args.use_gpu,
+             "train.storage_path": args.storage_path, "train.name": args.name}
+    out = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.epochs is not None:  # one of the two stopping rules
+        out += [f"train.epochs={args.epochs}", "train.max_steps=null"]
+    if args.max_steps is not None:
+        out += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
+    return out + args.set
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # every field is checked here, before Ray or any worker starts
+        config = Config.load(args.config, overrides_from_flags(args))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from distributed_cl import trainer
+
+    trainer.run(config, output_json=args.output_json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
