@@ -1,0 +1,69 @@
+"""Pieces of the training loop that the CLI runs do not reach: every loss, samplers' resume."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_cl.config import LossConfig, ModelConfig
+from distributed_cl.models import ContrastiveModel, build_encoder, projection_head
+from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
+from distributed_cl.train_loop import build_objective, warmup_cosine
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "infonce", "clip", "supcon"])
+@pytest.mark.parametrize("encoder", ["small_cnn", "resnet18"])
+def test_every_configured_loss_trains_through_the_model(loss, encoder):
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(encoder=encoder, width=8, pool=2))
+    loss_fn, objective = build_objective(LossConfig(name=loss, temperature=0.2))
+    model = ContrastiveModel(enc, projection_head(enc.out_dim, 16, 8), loss_fn, objective)
+    a, b = torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss_value = model(a, b, labels)
+    loss_value.backward()
+    assert torch.isfinite(loss_value) and loss_value > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert model.loss_fn.last_stats.anchors_without_positive == 0
+
+
+def test_warmup_then_cosine_to_zero():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda r: DistributedMPerClassSampler(np.repeat(np.arange(8), 12), 4, 16, 2, r, seed=3),
+        lambda r: DistributedRandomBatchSampler(100, 16, 2, r, seed=3),
+    ],
+)
+def test_start_batch_resumes_mid_epoch_where_the_plan_left_off(make):
+    sampler = make(0)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=3)
+    assert list(sampler) == full[3:]
+
+
+def test_random_batch_sampler_splits_each_global_batch_over_ranks():
+    per_rank = []
+    for r in range(4):
+        s = DistributedRandomBatchSampler(103, 20, 4, r, seed=1)
+        s.set_epoch(0)
+        per_rank.append(list(s))
+    assert {len(b) for b in per_rank} == {103 // 20}
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == 5 * 20 and all(len(b) == 5 for bs in per_rank for b in bs)
+    with pytest.raises(ValueError, match="not divisible by num_replicas=3"):
+        DistributedRandomBatchSampler(100, 16, 3, 0)
