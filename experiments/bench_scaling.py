@@ -1,9 +1,12 @@
 """Training throughput of the default image SimCLR run with 1 and 2 Ray Train workers
-(1 thread each), same global batch, side by side in one run.
+(1 thread each), same global batch, side by side in one run; and the same step (data loader,
+augmentations, model, NT-Xent with global negatives) under plain DDP + gloo without Ray, to
+separate Ray's overhead from the distributed step's.
 
     python experiments/bench_scaling.py            # 100 steps each, global batch 256
 
-samples/s is the median over report windows after the first (warm-up) window.
+samples/s: for Ray, the median over report windows after the first (warm-up) window; for plain
+DDP, 30 timed steps after 3 warm-up steps.
 """
 
 from __future__ import annotations
@@ -14,6 +17,12 @@ import os
 import statistics
 import sys
 import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,16 +44,64 @@ def samples_per_second(num_workers: int, steps: int, storage: str) -> float:
     return statistics.median(rates[1:])
 
 
+def _plain_ddp_rank(rank: int, world: int, init_file: str, out) -> None:
+    from distributed_cl.data.images import TwoViews, load_images, two_view_transform
+    from distributed_cl.models import ContrastiveModel, build_encoder, projection_head
+    from distributed_cl.samplers import DistributedRandomBatchSampler
+    from distributed_cl.train_loop import build_objective
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    config = Config.load(CONFIG)
+    data = load_images(config.data)
+    views = TwoViews(data.train_images, data.train_labels, two_view_transform(28, 0.5, 0.4))
+    sampler = DistributedRandomBatchSampler(len(views), config.train.global_batch_size, world, rank)
+    torch.manual_seed(0)
+    encoder = build_encoder(config.model)
+    head = projection_head(encoder.out_dim, config.model.projection_hidden, config.model.projection_dim)
+    model = torch.nn.parallel.DistributedDataParallel(ContrastiveModel(encoder, head, *build_objective(config.loss)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = iter(DataLoader(views, batch_sampler=sampler))
+    for i in range(33):
+        if i == 3:
+            dist.barrier()
+            start = time.perf_counter()
+        view_a, view_b, labels = next(batches)
+        loss = model(view_a, view_b, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()
+    if rank == 0:
+        out.put(30 * config.train.global_batch_size / (time.perf_counter() - start))
+    dist.destroy_process_group()
+
+
+def plain_ddp_samples_per_second(world: int) -> float:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_plain_ddp_rank, args=(r, world, f"{tmp}/init", out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        rate = out.get(timeout=600)
+        for p in procs:
+            p.join()
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as storage:
-        rates = {w: samples_per_second(w, args.steps, storage) for w in (1, 2)}
-    print("\n| workers (1 thread each) | samples/s | speed-up |")
-    print("|---:|---:|---:|")
-    for w, rate in rates.items():
-        print(f"| {w} | {rate:.0f} | {rate / rates[1]:.2f}x |")
+        ray_rates = {w: samples_per_second(w, args.steps, storage) for w in (1, 2)}
+    ddp_rates = {w: plain_ddp_samples_per_second(w) for w in (1, 2)}
+    print("\n| run | workers (1 thread each) | samples/s | speed-up |")
+    print("|---|---:|---:|---:|")
+    for label, rates in (("Ray Train (train.py)", ray_rates), ("plain DDP + gloo, no Ray", ddp_rates)):
+        for w, rate in rates.items():
+            print(f"| {label} | {w} | {rate:.0f} | {rate / rates[1]:.2f}x |")
 
 
 if __name__ == "__main__":
