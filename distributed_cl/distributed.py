@@ -100,3 +100,45 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def _local_rank_entry(fn, rank: int, world: int, init_file: str, args: tuple, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        if rank == 0:
+            results.put((result,))  # a tuple, so that a None result still counts as one
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_local_ranks(fn, world: int, *args, timeout: float = 600.0):
+    """Run `fn(rank, world, *args)` on `world` fresh gloo processes of one thread each, on this
+    machine, and return rank 0's result. Raises (never hangs) if a rank fails or stalls.
+    For tests and benchmarks; `fn` must be importable (a module-level function)."""
+    import os
+    import queue
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=_local_rank_entry, args=(fn, r, world, init_file, args, results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        try:
+            (result,), finished = results.get(timeout=timeout), True
+        except queue.Empty:
+            result, finished = None, False
+        for p in procs:
+            p.join(timeout=60 if finished else 1)
+            if p.is_alive():
+                p.kill()
+    codes = [p.exitcode for p in procs]
+    if codes != [0] * world:
+        raise RuntimeError(f"rank exit codes {codes} (None: stalled, killed after {timeout}s)")
+    return result

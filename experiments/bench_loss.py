@@ -17,15 +17,15 @@ import ctypes
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distributed_cl.distributed import run_on_local_ranks  # noqa: E402
 
 
 def _status_mib(key: str) -> float:
@@ -92,9 +92,7 @@ def make_step(method: str, n: int, d: int, rank: int, world: int):
     raise ValueError(method)
 
 
-def _rank_main(rank, world, init_file, method, n, d, steps, warmup, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank_main(rank, world, method, n, d, steps, warmup):
     step = make_step(method, n, d, rank, world)
     for _ in range(warmup):
         step()
@@ -107,25 +105,11 @@ def _rank_main(rank, world, init_file, method, n, d, steps, warmup, out):
     dist.barrier()
     peak = torch.tensor([step_peak_memory_mib(step)])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        out.put((statistics.median(times), float(peak)))
-    dist.destroy_process_group()
+    return statistics.median(times), float(peak)
 
 
 def run(method, n, d, world, steps, warmup):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [
-            ctx.Process(target=_rank_main, args=(r, world, f"{tmp}/init", method, n, d, steps, warmup, out))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        result = out.get(timeout=600)
-        for p in procs:
-            p.join()
-    return result
+    return run_on_local_ranks(_rank_main, world, method, n, d, steps, warmup)
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distributed_cl import trainer  # noqa: E402
 from distributed_cl.config import Config  # noqa: E402
+from distributed_cl.distributed import run_on_local_ranks  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_simclr.yaml")
 
@@ -44,14 +44,12 @@ def samples_per_second(num_workers: int, steps: int, storage: str) -> float:
     return statistics.median(rates[1:])
 
 
-def _plain_ddp_rank(rank: int, world: int, init_file: str, out) -> None:
+def _plain_ddp_rank(rank: int, world: int) -> float:
     from distributed_cl.data.images import TwoViews, load_images, two_view_transform
     from distributed_cl.models import ContrastiveModel, build_encoder, projection_head
     from distributed_cl.samplers import DistributedRandomBatchSampler
     from distributed_cl.train_loop import build_objective
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     config = Config.load(CONFIG)
     data = load_images(config.data)
     views = TwoViews(data.train_images, data.train_labels, two_view_transform(28, 0.5, 0.4))
@@ -72,22 +70,11 @@ def _plain_ddp_rank(rank: int, world: int, init_file: str, out) -> None:
         loss.backward()
         optimizer.step()
         loss.item()
-    if rank == 0:
-        out.put(30 * config.train.global_batch_size / (time.perf_counter() - start))
-    dist.destroy_process_group()
+    return 30 * config.train.global_batch_size / (time.perf_counter() - start)
 
 
 def plain_ddp_samples_per_second(world: int) -> float:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_plain_ddp_rank, args=(r, world, f"{tmp}/init", out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        rate = out.get(timeout=600)
-        for p in procs:
-            p.join()
-    return rate
+    return run_on_local_ranks(_plain_ddp_rank, world)
 
 
 def main() -> None:

@@ -11,11 +11,11 @@ import zlib
 
 import pytest
 import torch
-from multiprocess import run_on_ranks
 from reference import rel_err
 from torch import nn
 
 from distributed_cl import distributed as dist_utils
+from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SupConLoss, pair_labels
 
 D = 8
@@ -143,7 +143,7 @@ def _worker(rank, world, sizes, out_dir):
 def ranks(request, tmp_path_factory):
     world = request.param
     out_dir = tmp_path_factory.mktemp(f"world{world}")
-    run_on_ranks(_worker, world, SIZES[world], str(out_dir))
+    run_on_local_ranks(_worker, world, SIZES[world], str(out_dir), timeout=180)
     return world, SIZES[world], [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -203,3 +203,14 @@ def test_no_positives_anywhere_is_a_connected_zero_on_every_rank(ranks):
         assert loss.item() == 0.0
         assert torch.equal(grad, torch.zeros(sizes[rank], D))
         assert any("no anchor" in m for m in messages)
+
+
+def _rank_one_fails(rank, world):
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    return "rank 0 done"
+
+
+def test_run_on_local_ranks_reports_a_failed_rank():
+    with pytest.raises(RuntimeError, match=r"rank exit codes \[0, 1\]"):
+        run_on_local_ranks(_rank_one_fails, 2, timeout=60)
