@@ -100,11 +100,12 @@ def _all_ranks(obj, world: int) -> list:
 
 
 @torch.no_grad()
-def _sharded_embed(encoder: nn.Module, images: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Each rank embeds a contiguous shard; the gather returns all features on every rank."""
+def _sharded_embed(encoder: nn.Module, images: torch.Tensor, rank: int, world: int, device) -> torch.Tensor:
+    """Each rank embeds a contiguous shard; the gather (on the device: NCCL needs CUDA tensors)
+    returns all features on every rank."""
     bounds = np.linspace(0, len(images), world + 1).astype(int)
-    local = embed(encoder, to_float(images[bounds[rank] : bounds[rank + 1]]))
-    return dist_utils.all_gather_no_grad(local, sizes=np.diff(bounds).tolist())
+    local = embed(encoder, to_float(images[bounds[rank] : bounds[rank + 1]])).to(device)
+    return dist_utils.all_gather_no_grad(local, sizes=np.diff(bounds).tolist()).cpu()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -135,8 +136,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
     test = torch.arange(len(data.test_images))[: data_cfg.eval_test_size or None]
 
     def knn(encoder: nn.Module) -> float:
-        bank_features = _sharded_embed(encoder, data.train_images[bank], rank, world)
-        test_features = _sharded_embed(encoder, data.test_images[test], rank, world)
+        bank_features = _sharded_embed(encoder, data.train_images[bank], rank, world, device)
+        test_features = _sharded_embed(encoder, data.test_images[test], rank, world, device)
         return knn_top1(bank_features, data.train_labels[bank], test_features, data.test_labels[test], train_cfg.knn_k)
 
     # Model, loss and optimizer. Same seed on every rank: identical initial weights.
@@ -203,7 +204,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
             save = step % train_cfg.checkpoint_every == 0 and step < total_steps
             if save or step % train_cfg.log_every == 0 or step == total_steps:
                 # the mean over ranks of the returned losses is the global loss
-                mean_loss = dist_utils.all_reduce_sum(torch.tensor([window_loss])).item() / world
+                mean_loss = dist_utils.all_reduce_sum(torch.tensor([window_loss], device=device)).item() / world
                 stats = net.loss_fn.last_stats
                 elapsed = time.perf_counter() - window_start
                 metrics = {
