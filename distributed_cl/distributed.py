@@ -8,8 +8,13 @@ single-process gradient on the concatenated batch. Local sizes may differ betwee
 
 from __future__ import annotations
 
+import os
+import queue
+import tempfile
+
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 __all__ = [
     "get_rank",
@@ -117,12 +122,6 @@ def run_on_local_ranks(fn, world: int, *args, timeout: float = 600.0):
     """Run `fn(rank, world, *args)` on `world` fresh gloo processes of one thread each, on this
     machine, and return rank 0's result. Raises (never hangs) if a rank fails or stalls.
     For tests and benchmarks; `fn` must be importable (a module-level function)."""
-    import os
-    import queue
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,5 @@
 """Independent references written as plain loops over anchors: slow, obvious, no shared code."""
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -53,4 +51,4 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm((x - ref).double()) / max(float(torch.linalg.vector_norm(ref.double())), 1e-30))
 
 
-__all__ = ["ntxent_loop", "clip_loop", "supcon_loop", "contrastive_pairs_loop", "rel_err", "math"]
+__all__ = ["ntxent_loop", "clip_loop", "supcon_loop", "contrastive_pairs_loop", "rel_err"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distributed_cl.losses.core import MASKED, BatchLayout
+from distributed_cl.losses.core import MASKED, BatchLayout, masked_logits
 
 # Below this a target probability is too small for -log(p) to be exact; such rows are
 # recomputed with a log-sum-exp (it takes a loss above ~69, e.g. temperature 0.01).
@@ -50,10 +50,7 @@ class RowCrossEntropy(torch.autograd.Function):
                     logits[torch.arange(len(rows), device=q.device), self_offset + rows] = MASKED
                 return logits
 
-            probs = q @ k.T
-            if self_offset is not None:
-                probs.diagonal(offset=self_offset).fill_(MASKED)
-            _softmax_(probs)
+            probs = _softmax_(masked_logits(q, k, self_offset))
             loss = _target_nll(probs, targets, logits_of).sum()
         ctx.save_for_backward(q, k, targets, probs)
         return loss
