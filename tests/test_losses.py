@@ -210,6 +210,39 @@ def test_bf16_inputs_are_finite_and_close_to_fp32(make):
     assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
 
 
+EVERY_LOSS = {
+    "ntxent": lambda a, b: NTXentLoss()(a, b),
+    "ntxent_labels": lambda a, b: NTXentLoss()(a, b, labels=torch.arange(len(a)) % 8),
+    "ntxent_single_set": lambda a, b: NTXentLoss()(torch.cat([a, b]), labels=torch.arange(2 * len(a)) % 8),
+    "supcon": lambda a, b: SupConLoss()(torch.cat([a, b]), torch.arange(len(a)).repeat(2)),
+    "infonce": lambda a, b: InfoNCELoss()(a, b),
+    "infonce_unpaired": lambda a, b: InfoNCELoss()(a, b, b.roll(1, 0)[:16] * 2),
+    "infonce_paired": lambda a, b: InfoNCELoss(negative_mode="paired")(a, b, torch.stack([b.roll(1, 0), b.roll(2, 0)], 1)),
+    "clip": lambda a, b: ClipLoss()(a, b),
+    "contrastive": lambda a, b: ContrastiveLoss()(a, b, torch.arange(len(a)) % 2),
+}
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", EVERY_LOSS)
+def test_every_loss_under_cpu_autocast_is_finite_and_close_to_fp32(name, input_dtype):
+    """--use-gpu trains under bf16 autocast: the loss must keep fp32 logits (a float32-min mask
+    written into autocast's bf16 logits overflowed here before)."""
+    make = EVERY_LOSS[name]
+    a, b = leaves((64, 32), (64, 32), seed=13)
+    ref_loss, ref_grads = value_and_grads(make, [a, b])
+    inputs = [x.detach().to(input_dtype).requires_grad_() for x in (a, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = make(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    tol = 1e-5 if input_dtype == torch.float32 else 2e-2  # fp32 inputs: autocast must not touch the loss at all
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=tol)
+    for g, ref in zip(grads, ref_grads):
+        assert g.dtype == input_dtype and torch.isfinite(g.float()).all()
+        assert rel_err(g.float(), ref) < (1e-4 if input_dtype == torch.float32 else 5e-2)
+
+
 @pytest.mark.parametrize(
     "call,match",
     [

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    autocast_off,
     check_embeddings,
     check_same_length,
     normalized_fp32,
@@ -41,6 +42,7 @@ class ClipLoss(GatheredLoss):
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
 
+    @autocast_off
     def forward(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
         check_embeddings("image_emb", image_emb)
         check_embeddings("text_emb", text_emb, dim=image_emb.shape[1])

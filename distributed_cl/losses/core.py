@@ -9,6 +9,7 @@ dtype; masked entries hold float32's most negative value, never a 1e9-style cons
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -115,6 +116,20 @@ def check_temperature(temperature: float) -> float:
 
 def normalized_fp32(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
+
+
+def autocast_off(forward):
+    """Decorates a loss's forward: the loss keeps its own precision (fp32 logits and log-sum-exp)
+    under torch.autocast, where a plain matmul would come out bf16 and a float32-min mask written
+    into it would overflow. Inputs may still be bf16/fp16; they are cast up where needed."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- the maths

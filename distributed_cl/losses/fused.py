@@ -5,7 +5,8 @@ and a gradient matrix, each (n x N). These Functions keep one softmax matrix per
 (written over the logits in place) and turn the backward into the two unavoidable matrix
 products plus O(n * d) corrections: d(sum CE)/d logits = P - onehot, so
 grad_q = P @ k - k[targets] and grad_k = P.T @ q - scatter(q at targets).
-Logits are computed in fp32 with autocast off.
+Logits are computed in fp32: the calling losses run with autocast off (core.autocast_off), and
+backward turns it off again, since it may run under the caller's autocast.
 """
 
 from __future__ import annotations
@@ -42,16 +43,14 @@ class RowCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, targets: Tensor, self_offset: int | None) -> Tensor:  # type: ignore[override]
-        with torch.autocast(q.device.type, enabled=False):
+        def logits_of(rows: Tensor) -> Tensor:
+            logits = q[rows] @ k.T
+            if self_offset is not None:
+                logits[torch.arange(len(rows), device=q.device), self_offset + rows] = MASKED
+            return logits
 
-            def logits_of(rows: Tensor) -> Tensor:
-                logits = q[rows] @ k.T
-                if self_offset is not None:
-                    logits[torch.arange(len(rows), device=q.device), self_offset + rows] = MASKED
-                return logits
-
-            probs = _softmax_(masked_logits(q, k, self_offset))
-            loss = _target_nll(probs, targets, logits_of).sum()
+        probs = _softmax_(masked_logits(q, k, self_offset))
+        loss = _target_nll(probs, targets, logits_of).sum()
         ctx.save_for_backward(q, k, targets, probs)
         return loss
 
@@ -77,20 +76,19 @@ class ClipBlock(torch.autograd.Function):
     def forward(ctx, image: Tensor, text_all: Tensor, layout: BatchLayout) -> Tensor:  # type: ignore[override]
         n, o = len(image), layout.offset
         own = torch.arange(n, device=image.device)
-        with torch.autocast(image.device.type, enabled=False):
-            logits = image @ text_all.T
-            diag = logits.diagonal(offset=o).clone()
-            row_probs = torch.softmax(logits, dim=1)
-            row_nll = _target_nll(row_probs, o + own, lambda rows: image[rows] @ text_all.T)
+        logits = image @ text_all.T
+        diag = logits.diagonal(offset=o).clone()
+        row_probs = torch.softmax(logits, dim=1)
+        row_nll = _target_nll(row_probs, o + own, lambda rows: image[rows] @ text_all.T)
 
-            # column softmax: exp(S - col_max) over our rows, rescaled by the global column sums
-            col_max = logits.amax(dim=0) if n else torch.full((len(text_all),), -torch.inf, device=image.device)
-            col_probs = logits.sub_(col_max).exp_()
-            partial_lse = col_max + col_probs.sum(dim=0).log()
-            ranks_lse = layout.per_rank().gather_labels(partial_lse[None])
-            col_lse = torch.logsumexp(ranks_lse, dim=0)
-            col_probs.mul_((col_max - col_lse).exp())
-            loss = row_nll.sum() + (col_lse[o : o + n] - diag).sum()
+        # column softmax: exp(S - col_max) over our rows, rescaled by the global column sums
+        col_max = logits.amax(dim=0) if n else torch.full((len(text_all),), -torch.inf, device=image.device)
+        col_probs = logits.sub_(col_max).exp_()
+        partial_lse = col_max + col_probs.sum(dim=0).log()
+        ranks_lse = layout.per_rank().gather_labels(partial_lse[None])
+        col_lse = torch.logsumexp(ranks_lse, dim=0)
+        col_probs.mul_((col_max - col_lse).exp())
+        loss = row_nll.sum() + (col_lse[o : o + n] - diag).sum()
         ctx.layout = layout
         ctx.save_for_backward(image, text_all, row_probs, col_probs)
         return loss

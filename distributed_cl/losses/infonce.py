@@ -9,6 +9,7 @@ from torch import Tensor
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    autocast_off,
     check_embeddings,
     check_same_length,
     normalized_fp32,
@@ -31,6 +32,7 @@ class InfoNCELoss(GatheredLoss):
             raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
         self.negative_mode = negative_mode
 
+    @autocast_off
     def forward(self, query: Tensor, positive_key: Tensor, negative_keys: Tensor | None = None) -> Tensor:
         check_embeddings("query", query)
         check_embeddings("positive_key", positive_key, dim=query.shape[1])

@@ -9,6 +9,7 @@ from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
     as_labels,
+    autocast_off,
     check_embeddings,
     check_same_length,
     masked_logits,
@@ -33,6 +34,7 @@ class NTXentLoss(GatheredLoss):
     def __init__(self, temperature: float = 0.1, gather: bool = True) -> None:
         super().__init__(temperature, gather)
 
+    @autocast_off
     def forward(self, view_a: Tensor, view_b: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         check_embeddings("view_a", view_a)
         if view_b is None:

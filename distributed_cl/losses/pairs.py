@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distributed_cl.losses.core import BatchLayout, check_embeddings, check_same_length, normalized_fp32
+from distributed_cl.losses.core import BatchLayout, autocast_off, check_embeddings, check_same_length, normalized_fp32
 
 
 def _as_is_same(is_same, n: int, device: torch.device) -> Tensor:
@@ -50,6 +50,7 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
         self.margin, self.distance, self.gather = float(margin), distance, gather
 
+    @autocast_off
     def forward(self, x1: Tensor, x2: Tensor, is_same) -> Tensor:
         check_embeddings("x1", x1)
         check_embeddings("x2", x2, dim=x1.shape[1])

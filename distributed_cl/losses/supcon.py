@@ -8,6 +8,7 @@ from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
     as_labels,
+    autocast_off,
     check_embeddings,
     masked_logits,
     multi_positive_row_losses,
@@ -22,6 +23,7 @@ class SupConLoss(GatheredLoss):
     def __init__(self, temperature: float = 0.1, gather: bool = True) -> None:
         super().__init__(temperature, gather)
 
+    @autocast_off
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_embeddings("embeddings", embeddings)
         labels = as_labels(labels, len(embeddings), embeddings.device)
