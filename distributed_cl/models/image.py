@@ -1,4 +1,4 @@
-"""Encoders and projection heads, and the exported-encoder file format."""
+"""Image encoders and projection heads, and the exported-encoder file format."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import Tensor, nn
+from torch import nn
 
 from distributed_cl.config import ModelConfig
 
@@ -55,20 +55,6 @@ def build_encoder(config: ModelConfig, in_channels: int = 1) -> nn.Module:
 def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """SimCLR's MLP head; the loss sees its output, evaluation uses the encoder's."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
-
-
-class ContrastiveModel(nn.Module):
-    """Encoder + projection head + loss in one module, so that DDP (and the optimizer) cover the
-    loss's own parameters, such as CLIP's logit_scale."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module, loss_fn: nn.Module, objective) -> None:
-        super().__init__()
-        self.encoder, self.head, self.loss_fn, self.objective = encoder, head, loss_fn, objective
-
-    def forward(self, view_a: Tensor, view_b: Tensor, labels: Tensor) -> Tensor:
-        z = self.head(self.encoder(torch.cat([view_a, view_b])))  # one pass: BatchNorm sees both views
-        z_a, z_b = z.chunk(2)
-        return self.objective(self.loss_fn, z_a, z_b, labels)
 
 
 def save_encoder(encoder: nn.Module, config: ModelConfig, in_channels: int, path: str | Path) -> None:

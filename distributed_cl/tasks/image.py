@@ -1,0 +1,77 @@
+"""Image task: SimCLR-style two views of one image (Fashion-MNIST, or sklearn's digits for tests),
+evaluated by kNN top-1 of the encoder's features against raw pixels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from distributed_cl.config import Config
+from distributed_cl.data.images import TwoViews, load_images, to_float, two_view_transform
+from distributed_cl.evaluate import knn_top1, sharded_embed
+from distributed_cl.models import build_encoder, projection_head, save_encoder
+from distributed_cl.tasks.base import Task
+
+ENCODER_FILE = "encoder.pt"
+
+
+class ImageTowers(nn.Module):
+    """One encoder (evaluated and exported) and a projection head (seen by the loss only)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, view_a: Tensor, view_b: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.head(self.encoder(torch.cat([view_a, view_b])))  # one pass: BatchNorm sees both views
+        return z.chunk(2)
+
+
+class ImageTask(Task):
+    name = "image"
+    metric_names = ("knn_top1",)
+    baseline_name = "raw_pixels"
+
+    def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu") -> None:
+        super().__init__(config, rank, world, device)
+        d = config.data
+        self.data = load_images(d)
+        g = torch.Generator().manual_seed(config.train.seed)
+        self.bank = torch.randperm(len(self.data.train_images), generator=g)[: d.eval_bank_size or None]
+        self.test = torch.arange(len(self.data.test_images))[: d.eval_test_size or None]
+
+    @property
+    def train_labels(self) -> Tensor:
+        return self.data.train_labels
+
+    def train_batches(self, batch_sampler: Iterable[list[int]]) -> DataLoader:
+        d = self.config.data
+        views = TwoViews(self.data.train_images, self.data.train_labels,
+                         two_view_transform(self.data.image_size, d.crop_scale_min, d.jitter))
+        return DataLoader(views, batch_sampler=batch_sampler)
+
+    @staticmethod
+    def build_towers(config: Config) -> ImageTowers:
+        encoder = build_encoder(config.model)
+        m = config.model
+        return ImageTowers(encoder, projection_head(encoder.out_dim, m.projection_hidden, m.projection_dim))
+
+    def _knn(self, features_of) -> float:
+        d, k = self.data, self.config.train.knn_k
+        bank = sharded_embed(features_of, d.train_images[self.bank], self.rank, self.world, self.device)
+        test = sharded_embed(features_of, d.test_images[self.test], self.rank, self.world, self.device)
+        return knn_top1(bank, d.train_labels[self.bank], test, d.test_labels[self.test], k)
+
+    def evaluate(self, towers: ImageTowers) -> dict[str, float]:
+        return {"knn_top1": self._knn(lambda images: towers.encoder(to_float(images).to(self.device)))}
+
+    def baselines(self) -> dict[str, float]:
+        return {"knn_top1_raw_pixels": self._knn(lambda images: to_float(images).flatten(1))}
+
+    def export(self, towers: ImageTowers, directory: str) -> None:
+        super().export(towers, directory)
+        save_encoder(towers.encoder, self.config.model, 1, os.path.join(directory, ENCODER_FILE))

@@ -1,0 +1,76 @@
+"""Text task: WordNet (definition, example sentence) pairs through a shared transformer tower,
+evaluated by definition -> example retrieval over held-out synsets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from distributed_cl.config import Config
+from distributed_cl.data.wordnet import load_wordnet
+from distributed_cl.evaluate import recall_at_k, sharded_embed
+from distributed_cl.models import TextTokenizer, TextTower
+from distributed_cl.tasks.base import Task, to_device
+
+
+class SiameseText(nn.Module):
+    """One tower embeds both sides (as sentence-transformers fine-tunes MiniLM): no head, so the
+    embeddings the loss trains are the ones evaluated and exported."""
+
+    def __init__(self, tower: TextTower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, tokens_a: dict, tokens_b: dict) -> tuple[Tensor, Tensor]:
+        return self.tower(tokens_a), self.tower(tokens_b)
+
+
+class TextTask(Task):
+    name = "text"
+    metric_names = ("recall@1", "recall@10")
+
+    def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu") -> None:
+        super().__init__(config, rank, world, device)
+        x = config.text
+        self.data = load_wordnet(x.root, x.heldout_synsets, seed=config.train.seed, max_train_pairs=x.max_train_pairs)
+        self.tokenize = TextTokenizer(x.tower)
+
+    @property
+    def train_labels(self) -> Tensor:
+        return self.data.train.labels  # supersenses, for SupCon
+
+    def train_batches(self, batch_sampler: Iterable[list[int]]) -> DataLoader:
+        train = self.data.train
+
+        def collate(indices: list[int]) -> dict:
+            return {"a": self.tokenize([train.anchors[i] for i in indices]),
+                    "b": self.tokenize([train.positives[i] for i in indices]),
+                    "labels": train.labels[indices]}
+
+        # items are the indices themselves: collate tokenises each side of the batch in one call
+        return DataLoader(range(len(train)), batch_sampler=batch_sampler, collate_fn=collate)
+
+    @staticmethod
+    def build_towers(config: Config) -> SiameseText:
+        return SiameseText(TextTower(config.text.tower))
+
+    def _embed(self, tower: TextTower, texts: list[str]) -> Tensor:
+        return sharded_embed(lambda chunk: tower(to_device(self.tokenize(chunk), self.device)), texts,
+                             self.rank, self.world, self.device)
+
+    def evaluate(self, towers: SiameseText) -> dict[str, float]:
+        test = self.data.test
+        recall = recall_at_k(self._embed(towers.tower, test.anchors), self._embed(towers.tower, test.positives), (1, 10))
+        return {"recall@1": recall[1], "recall@10": recall[10]}
+
+    def baselines(self) -> dict[str, float]:
+        n = len(self.data.test)
+        return {"recall@1_baseline": 1 / n, "recall@10_baseline": min(1.0, 10 / n)}  # chance
+
+    def export(self, towers: SiameseText, directory: str) -> None:
+        super().export(towers, directory)
+        # a standard transformers directory: AutoModel.from_pretrained(...) + mean pooling
+        towers.tower.transformer.save_pretrained(f"{directory}/text_encoder")
+        self.tokenize.tokenizer.save_pretrained(f"{directory}/text_encoder")
