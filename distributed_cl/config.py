@@ -66,6 +66,7 @@ class TextConfig:
     root: str = "/usr/share/wordnet"  # Debian wordnet-base
     heldout_synsets: int = 2000  # evaluation pool: definition -> example retrieval among these
     max_train_pairs: int | None = None  # keep only the first N training pairs (tiny runs)
+    eval_bank_size: int = 2000  # training definitions that vote in the supersense kNN evaluation
     tower: TextTowerConfig = field(default_factory=TextTowerConfig)
 
 
@@ -209,6 +210,7 @@ class Config:
                 "or point text.root at a WordNet 3.0 dict directory)"
             )
         _at_least("text.heldout_synsets", x.heldout_synsets, 2)
+        _at_least("text.eval_bank_size", x.eval_bank_size, 1)
         if x.max_train_pairs is not None:
             _at_least("text.max_train_pairs", x.max_train_pairs, 1)
         _validate_text_tower("text.tower", x.tower)

