@@ -131,3 +131,16 @@ def test_missing_emoji_package_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "emoji", None)  # makes `import emoji` raise ImportError
     with pytest.raises(ImportError, match="pip install emoji"):
         emoji_captions()
+
+
+def test_without_libraqm_zwj_sequences_are_dropped_with_a_warning(monkeypatch):
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f466"  # man ZWJ woman ZWJ boy: one glyph only with raqm layout
+    if not emoji_data.features.check("raqm"):
+        pytest.skip("this Pillow has no libraqm: the sequence cannot be drawn here at all")
+    images, drawn = render_emoji([family, "\U0001f34e"], image_size=8)
+    assert drawn == [family, "\U0001f34e"]
+    monkeypatch.setattr(emoji_data.ImageFont.core, "HAVE_RAQM", False)  # basic layout, as without libraqm
+    monkeypatch.setattr(emoji_data.features, "check", lambda name: False if name == "raqm" else True)
+    with pytest.warns(RuntimeWarning, match="no libraqm"):
+        images, drawn = render_emoji([family, "\U0001f34e"], image_size=8)
+    assert drawn == ["\U0001f34e"]

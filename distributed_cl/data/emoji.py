@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
@@ -129,6 +130,10 @@ def render_emoji(
     drops 25 of 1,923: 23 blank (Emoji 16-18 singletons such as harp and orca), 1 in pieces (ballet dancer,
     Emoji 17) and 1 placeholder flag (Sark, Emoji 16).
     """
+    if not features.check("raqm"):
+        warnings.warn("Pillow has no libraqm text layout: ZWJ sequences (families, people with professions, "
+                      "some flags) fall apart into several glyphs and are dropped, so fewer emoji are drawn; "
+                      "PyPI's Pillow wheels include it", RuntimeWarning, stacklevel=2)
     face = ImageFont.truetype(str(_check_font(font)), _BITMAP_SIZE)
     unknown_flag = _draw(_UNKNOWN_FLAG, face).tobytes()
     images, drawn = [], []
@@ -180,9 +185,10 @@ def _rendered(font: Path, image_size: int, cache_dir: Path) -> tuple[torch.Tenso
     captions = emoji_captions()
     stat = font.stat()
     # The caption map stands for the emoji package's version and emoji-test.txt; the font's size and
-    # mtime for the font.
+    # mtime for the font; Pillow's layout engine decides which sequences can be drawn.
     key = hashlib.sha256(
-        repr((_CACHE_FORMAT, stat.st_size, stat.st_mtime_ns, image_size, sorted(captions.items()))).encode()
+        repr((_CACHE_FORMAT, stat.st_size, stat.st_mtime_ns, image_size, features.check("raqm"),
+              sorted(captions.items()))).encode()
     ).hexdigest()[:16]
     cache = cache_dir / f"emoji_{image_size}_{key}.pt"
     if cache.exists():
