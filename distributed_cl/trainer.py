@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from distributed_cl.config import Config
 from distributed_cl.tasks import TASKS, Task
+from distributed_cl.tasks.image import ENCODER_FILE
 from distributed_cl.train_loop import EXPORT_DIR, train_loop_per_worker
 
 CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "samples_per_s",
@@ -97,10 +98,10 @@ def _resolve_paths(config: Config) -> Config:
     def absolute(path: str) -> str:
         return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
-    data = replace(config.data, root=absolute(config.data.root), cache_dir=absolute(config.data.cache_dir))
     def local_model(tower):  # a model directory, not a hub name
         return replace(tower, model=absolute(tower.model)) if Path(tower.model).expanduser().is_dir() else tower
 
+    data = replace(config.data, root=absolute(config.data.root), cache_dir=absolute(config.data.cache_dir))
     text = replace(config.text, root=absolute(config.text.root), tower=local_model(config.text.tower))
     image_text = replace(config.image_text, font=absolute(config.image_text.font),
                          cache_dir=absolute(config.image_text.cache_dir),
@@ -141,8 +142,8 @@ def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
             if export.is_dir():
                 shutil.copytree(export, run_dir, dirs_exist_ok=True)
                 summary["exported"] = sorted(os.path.join(run_dir, p.name) for p in export.iterdir())
-                if Path(export, "encoder.pt").exists():
-                    summary["encoder"] = os.path.join(run_dir, "encoder.pt")
+                if Path(export, ENCODER_FILE).exists():
+                    summary["encoder"] = os.path.join(run_dir, ENCODER_FILE)
     print(final_table(metrics, TASKS[config.task]))
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
@@ -151,8 +152,9 @@ def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
 
 def final_table(metrics: dict[str, Any], task: type[Task]) -> str:
     """The held-out figures: trained, untrained and baseline side by side, one metric a line."""
-    lines = [f"{'held-out ' + task.name:<20}{'trained':>11}{'untrained':>11}{task.baseline_name:>13}"]
+    columns = ("trained", "untrained", task.baseline_name)
+    lines = [f"{'held-out ' + task.name:<20}" + "".join(f"{c:>12}" for c in columns)]
     for name in task.metric_names:
-        cells = [metrics.get(f"{name}_{which}") for which in ("trained", "untrained", task.baseline_name)]
-        lines.append(f"{name:<20}" + "".join(f"{v:>11.4f}" if v is not None else f"{'-':>11}" for v in cells))
+        cells = [metrics.get(f"{name}_{which}") for which in columns]
+        lines.append(f"{name:<20}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
     return "\n".join(lines)
