@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-TASKS = ("image", "text", "image_text")
+TASK_NAMES = ("image", "text", "image_text")  # distributed_cl.tasks.TASKS holds their classes
 LOSSES = ("ntxent", "supcon", "infonce", "clip")
 LABELLED_LOSSES = ("supcon",)
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -153,8 +153,8 @@ class Config:
 
     def validate(self) -> None:
         lo, o, t = self.loss, self.optim, self.train
-        _choice("task", self.task, TASKS)
-        {"image": self._validate_image, "text": self._validate_text, "image_text": self._validate_image_text}[self.task]()
+        _choice("task", self.task, TASK_NAMES)
+        getattr(self, f"_validate_{self.task}")()  # the task's own section
         _choice("loss.name", lo.name, LOSSES)
         if not lo.temperature > 0 or not math.isfinite(lo.temperature):
             raise ConfigError(f"loss.temperature must be > 0, got {lo.temperature}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_train_cli import ROOT, run_env
 
-from distributed_cl.config import Config, ConfigError, TextTowerConfig
+from distributed_cl.config import TASK_NAMES, Config, ConfigError, TextTowerConfig
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.evaluate import recall_at_k, sharded_embed
 from distributed_cl.models import TextTokenizer, TextTower
@@ -44,6 +44,10 @@ def tiny_bert(tmp_path_factory) -> str:
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+def test_every_task_the_config_accepts_has_a_class():
+    assert set(TASK_NAMES) == set(TASKS) and all(TASKS[name].name == name for name in TASKS)
 
 
 def test_recall_at_k_matches_a_sorting_reference():
@@ -99,6 +103,7 @@ def test_missing_default_model_package_says_what_to_install(monkeypatch):
         Config.load(None, ["task=text"])
 
 
+@pytest.mark.filterwarnings("ignore:.*fewer than m=4 samples")  # a few hundred pairs leave rare supersenses short
 def test_text_supcon_batches_hold_m_definitions_of_each_supersense(tiny_bert):
     config = Config.load(CONFIGS / "text_tiny.yaml", [f"text.tower.model={tiny_bert}", "loss.name=supcon"])
     task = TASKS["text"](config)
