@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-path", help="where runs, checkpoints and metrics go (local dir or URI)")
     p.add_argument("--name", help="run name; an existing name resumes from its latest checkpoint")
     p.add_argument("--output-json", help="write final metrics and the checkpoint path here")
+    p.add_argument("--verbose", action="store_true", default=None, help="also Ray Train's per-report log lines")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.temperature=0.2 (repeatable)")
     return p.parse_args(argv)
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def overrides_from_flags(args: argparse.Namespace) -> list[str]:
     flags = {"train.num_workers": args.num_workers, "train.use_gpu": args.use_gpu,
-             "train.storage_path": args.storage_path, "train.name": args.name}
+             "train.storage_path": args.storage_path, "train.name": args.name, "train.verbose": args.verbose}
     out = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.epochs is not None:  # one of the two stopping rules
         out += [f"train.epochs={args.epochs}", "train.max_steps=null"]

@@ -32,6 +32,7 @@ class DataConfig:
     root: str = "/usr/share/datasets/fashion-mnist"  # IDX files (.gz or not); Debian dataset-fashion-mnist
     download: bool = False  # fetch from torchvision's online mirrors into cache_dir instead
     cache_dir: str = "~/.cache/distributed_cl"
+    pipeline: str = "batched"  # batched: data on the device, views made per batch there | per_sample: DataLoader + v2
     crop_scale_min: float = 0.5  # RandomResizedCrop scale=(crop_scale_min, 1)
     jitter: float = 0.4  # brightness and contrast jitter (blocks the intensity-histogram shortcut)
     eval_bank_size: int = 10000  # training images in the kNN bank (0: all)
@@ -118,6 +119,7 @@ class TrainConfig:
     max_failures: int = 1  # worker-group restarts from the latest checkpoint
     knn_k: int = 20
     seed: int = 0
+    verbose: bool = False  # also Ray Train's own per-report and per-checkpoint log lines
 
 
 @dataclass
@@ -191,6 +193,7 @@ class Config:
     def _validate_image(self) -> None:
         d = self.data
         _choice("data.name", d.name, ("fashion_mnist", "digits"))
+        _choice("data.pipeline", d.pipeline, ("batched", "per_sample"))
         _range("data.crop_scale_min", d.crop_scale_min, 0.0, 1.0, low_open=True)
         _range("data.jitter", d.jitter, 0.0, 1.0)
         _at_least("data.eval_bank_size", d.eval_bank_size, 0)

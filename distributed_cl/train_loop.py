@@ -9,6 +9,7 @@ untrained and with the task's baselines, and export them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -80,10 +81,23 @@ def _all_ranks(obj, world: int) -> list:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report (the whole metrics dict, from every worker), every checkpoint
+    and its model wrapping at INFO: that would bury the trainer's progress lines. Warnings still show."""
+    from ray.train.v2._internal.execution import context, storage
+    from ray.train.v2.torch import train_loop_utils
+
+    # context.py names its logger by file, the others by module
+    for name in (context.__file__, storage.__name__, train_loop_utils.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(raw_config: dict) -> None:
     config = Config.from_dict(raw_config)
     train_cfg = config.train
     torch.set_num_threads(train_cfg.threads_per_worker)
+    if not train_cfg.verbose:
+        _quiet_ray_train_logs()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,28 +43,24 @@ def samples_per_second(num_workers: int, steps: int, storage: str) -> float:
     return statistics.median(rates[1:])
 
 
-def _plain_ddp_rank(rank: int, world: int) -> float:
-    from distributed_cl.data.images import TwoViews, load_images, two_view_transform
-    from distributed_cl.models import ContrastiveModel, build_encoder, projection_head
+def _plain_ddp_rank(rank: int, world: int, pipeline: str) -> float:
     from distributed_cl.samplers import DistributedRandomBatchSampler
-    from distributed_cl.train_loop import build_objective
+    from distributed_cl.tasks import ContrastiveModel, build_objective
+    from distributed_cl.tasks.image import ImageTask
 
-    config = Config.load(CONFIG)
-    data = load_images(config.data)
-    views = TwoViews(data.train_images, data.train_labels, two_view_transform(28, 0.5, 0.4))
-    sampler = DistributedRandomBatchSampler(len(views), config.train.global_batch_size, world, rank)
+    config = Config.load(CONFIG, [f"data.pipeline={pipeline}"])
+    task = ImageTask(config, rank, world)
+    sampler = DistributedRandomBatchSampler(len(task.train_labels), config.train.global_batch_size, world, rank)
     torch.manual_seed(0)
-    encoder = build_encoder(config.model)
-    head = projection_head(encoder.out_dim, config.model.projection_hidden, config.model.projection_dim)
-    model = torch.nn.parallel.DistributedDataParallel(ContrastiveModel(encoder, head, *build_objective(config.loss)))
+    model = torch.nn.parallel.DistributedDataParallel(
+        ContrastiveModel(ImageTask.build_towers(config), *build_objective(config.loss)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batches = iter(DataLoader(views, batch_sampler=sampler))
+    batches = iter(task.train_batches(sampler))
     for i in range(33):
         if i == 3:
             dist.barrier()
             start = time.perf_counter()
-        view_a, view_b, labels = next(batches)
-        loss = model(view_a, view_b, labels)
+        loss = model(next(batches))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -73,8 +68,8 @@ def _plain_ddp_rank(rank: int, world: int) -> float:
     return 30 * config.train.global_batch_size / (time.perf_counter() - start)
 
 
-def plain_ddp_samples_per_second(world: int) -> float:
-    return run_on_local_ranks(_plain_ddp_rank, world)
+def plain_ddp_samples_per_second(world: int, pipeline: str = "batched") -> float:
+    return run_on_local_ranks(_plain_ddp_rank, world, pipeline)
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ def test_cli_trains_two_workers_and_exports_the_encoder(tmp_path):
     for key in ("knn_top1_trained", "knn_top1_untrained", "knn_top1_raw_pixels"):
         assert 0.0 <= m[key] <= 1.0
     assert "[distributed_cl] step 10/30" in out
+    assert "Reporting training result" not in out and "Checkpoint successfully created" not in out  # quiet by default
     table = out[out.index("held-out image") :].splitlines()
     assert table[1].split() == ["knn_top1"] + [f"{m[f'knn_top1_{w}']:.4f}" for w in ("trained", "untrained", "raw_pixels")]
     assert Path(summary["checkpoint"]).is_dir()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from distributed_cl.config import Config
+from distributed_cl.data.augment import BatchTwoViews
 from distributed_cl.data.images import TwoViews, load_images, to_float, two_view_transform
 from distributed_cl.evaluate import knn_top1, sharded_embed
 from distributed_cl.models import build_encoder, projection_head, save_encoder
@@ -31,6 +32,20 @@ class ImageTowers(nn.Module):
         return z.chunk(2)
 
 
+class DeviceBatches:
+    """The whole training set on the device (Fashion-MNIST is 47 MB as uint8): each step gathers
+    the sampler's indices and makes both views for the batch at once, with no per-sample Python."""
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_sampler: Iterable[list[int]], views: BatchTwoViews):
+        self.images, self.labels, self.batch_sampler, self.views = images, labels, batch_sampler, views
+
+    def __iter__(self):
+        for indices in self.batch_sampler:
+            index = torch.as_tensor(indices, device=self.images.device)
+            view_a, view_b = self.views(self.images[index])
+            yield {"a": view_a, "b": view_b, "labels": self.labels[index]}
+
+
 class ImageTask(Task):
     name = "image"
     metric_names = ("knn_top1",)
@@ -48,11 +63,14 @@ class ImageTask(Task):
     def train_labels(self) -> Tensor:
         return self.data.train_labels
 
-    def train_batches(self, batch_sampler: Iterable[list[int]]) -> DataLoader:
-        d = self.config.data
-        views = TwoViews(self.data.train_images, self.data.train_labels,
-                         two_view_transform(self.data.image_size, d.crop_scale_min, d.jitter))
-        return DataLoader(views, batch_sampler=batch_sampler)
+    def train_batches(self, batch_sampler: Iterable[list[int]]) -> Iterable[dict]:
+        d, size = self.config.data, self.data.image_size
+        if d.pipeline == "per_sample":  # torchvision v2 per image in a DataLoader: the slow reference path
+            views = TwoViews(self.data.train_images, self.data.train_labels,
+                             two_view_transform(size, d.crop_scale_min, d.jitter))
+            return DataLoader(views, batch_sampler=batch_sampler)
+        return DeviceBatches(self.data.train_images.to(self.device), self.data.train_labels.to(self.device),
+                             batch_sampler, BatchTwoViews(size, d.crop_scale_min, d.jitter))
 
     @staticmethod
     def build_towers(config: Config) -> ImageTowers:
