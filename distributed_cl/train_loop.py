@@ -164,7 +164,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     use_bf16 = device.type == "cuda"
-    window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+    # the loss is summed on the device and read once per log window: no host sync per step
+    window_loss, window_steps, window_samples, window_start = torch.zeros(1, device=device), 0, 0, time.perf_counter()
     while step < total_steps:
         sampler.set_epoch(epoch, start_batch=batch_in_epoch)
         for batch in batches:
@@ -178,14 +179,14 @@ def train_loop_per_worker(raw_config: dict) -> None:
             optimizer.step()
             scheduler.step()
             step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            window_loss += loss.item()
+            window_loss += loss.detach()
             window_steps += 1
             window_samples += len(batch["labels"])
 
             save = step % train_cfg.checkpoint_every == 0 and step < total_steps
             if save or step % train_cfg.log_every == 0 or step == total_steps:
                 # the mean over ranks of the returned losses is the global loss
-                mean_loss = dist_utils.all_reduce_sum(torch.tensor([window_loss], device=device)).item() / world
+                mean_loss = dist_utils.all_reduce_sum(window_loss).item() / world
                 stats = net.loss_fn.last_stats
                 elapsed = time.perf_counter() - window_start
                 metrics = {
@@ -197,7 +198,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
                     "mean_positives": stats.mean_positives,
                     "empty_batches": net.loss_fn.empty_batches,
                 }
-                window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss, window_steps, window_samples = torch.zeros(1, device=device), 0, 0
+                window_start = time.perf_counter()
                 report(metrics, save=save)
             if step >= total_steps:
                 break
