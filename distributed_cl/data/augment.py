@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distributed_cl.data.images import to_float
+
 
 class BatchTwoViews:
     """`views(images)` -> (view_a, view_b), float in [0, 1], from uint8 images (n, C, H, W) or (n, H, W).
@@ -34,8 +36,7 @@ class BatchTwoViews:
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = images.unsqueeze(1) if images.dim() == 3 else images
-        x = x.float().div_(255)
+        x = to_float(images)
         return self.view(x), self.view(x)
 
     def view(self, x: Tensor) -> Tensor:

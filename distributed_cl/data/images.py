@@ -83,8 +83,9 @@ def _digits() -> ImageData:
 
 
 def to_float(images: Tensor) -> Tensor:
-    """uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1]: the encoder's input without augmentation."""
-    return images.unsqueeze(1).float().div_(255)
+    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [0, 1]: the encoder's input
+    without augmentation (grayscale gains its channel dimension)."""
+    return (images.unsqueeze(1) if images.dim() == 3 else images).float().div_(255)
 
 
 def two_view_transform(size: int, crop_scale_min: float, jitter: float) -> v2.Compose:

@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from distributed_cl.config import Config
 from distributed_cl.data.emoji import load_emoji
+from distributed_cl.data.images import to_float
 from distributed_cl.evaluate import recall_at_k, sharded_embed
 from distributed_cl.models import TextTokenizer, TextTower, build_encoder, projection_head
 from distributed_cl.tasks.base import Task, to_device
@@ -40,10 +41,6 @@ class DualEncoder(nn.Module):
         return self.embed_images(images), self.embed_texts(tokens)
 
 
-def _to_float(images: Tensor) -> Tensor:
-    return images.float().div_(255)
-
-
 class ImageTextTask(Task):
     name = "image_text"
     metric_names = ("i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5")
@@ -65,7 +62,7 @@ class ImageTextTask(Task):
         crop = v2.RandomResizedCrop(x.image_size, scale=(x.crop_scale_min, 1.0), ratio=(0.9, 1.1), antialias=True)
 
         def collate(indices: list[int]) -> dict:
-            images = torch.stack([crop(_to_float(train.images[i])) for i in indices])
+            images = torch.stack([crop(image) for image in to_float(train.images[indices])])  # a crop each
             return {"a": images, "b": self.tokenize([train.captions[i] for i in indices]),
                     "labels": torch.as_tensor(indices)}
 
@@ -77,7 +74,7 @@ class ImageTextTask(Task):
 
     def evaluate(self, towers: DualEncoder) -> dict[str, float]:
         test = self.data.test
-        images = sharded_embed(lambda x: towers.embed_images(_to_float(x).to(self.device)), test.images,
+        images = sharded_embed(lambda x: towers.embed_images(to_float(x).to(self.device)), test.images,
                                self.rank, self.world, self.device)
         texts = sharded_embed(lambda x: towers.embed_texts(to_device(self.tokenize(x), self.device)), test.captions,
                               self.rank, self.world, self.device)
