@@ -5,8 +5,9 @@
     python train.py --config experiments/image_supcon.yaml --set loss.temperature=0.07
     ray submit cluster/aws.yaml train.py -- --config experiments/image_simclr.yaml --use-gpu
     ray job submit -- python train.py --num-workers 8 --use-gpu
+    python train.py sweep --config experiments/image_simclr.yaml --sweep experiments/sweeps/image.yaml
 
-The same --name and --storage-path resume a run from its latest checkpoint.
+The same --name and --storage-path resume a run (or a sweep) from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -47,7 +48,41 @@ def overrides_from_flags(args: argparse.Namespace) -> list[str]:
     return out + args.set
 
 
+def parse_sweep_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="train.py sweep",
+        description="A Ray Tune sweep: every trial trains CONFIG with the trial's values (see distributed_cl/tune.py "
+                    "for the sweep YAML). Re-running with the same --name and --storage-path resumes it.")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="the training config every trial starts from")
+    p.add_argument("--sweep", required=True, help="sweep YAML: metric, mode, epochs, scheduler, space, ...")
+    p.add_argument("--storage-path", help="where the sweep directory goes (default: the config's train.storage_path)")
+    p.add_argument("--name", help="sweep name (default: the sweep file's name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    return p.parse_args(argv)
+
+
+def sweep_main(argv: list[str]) -> int:
+    from distributed_cl.tune import SweepError, load_sweep, with_fixed
+
+    args = parse_sweep_args(argv)
+    try:  # the config and the sweep are checked before Ray starts
+        config = Config.load(args.config, args.set)
+        spec = load_sweep(args.sweep, config)
+        config = with_fixed(config, spec)
+    except (ConfigError, SweepError, FileNotFoundError) as e:
+        print(f"{'config' if isinstance(e, ConfigError) else 'sweep'} error: {e}", file=sys.stderr)
+        return 2
+    from distributed_cl.tune import run_sweep
+
+    name = args.name or os.path.splitext(os.path.basename(args.sweep))[0]
+    run_sweep(config, spec, args.storage_path or config.train.storage_path, name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     args = parse_args(argv)
     try:  # every field is checked here, before Ray or any worker starts
         config = Config.load(args.config, overrides_from_flags(args))

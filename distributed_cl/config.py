@@ -35,6 +35,8 @@ class DataConfig:
     pipeline: str = "batched"  # batched: data on the device, views made per batch there | per_sample: DataLoader + v2
     crop_scale_min: float = 0.5  # RandomResizedCrop scale=(crop_scale_min, 1)
     jitter: float = 0.4  # brightness and contrast jitter (blocks the intensity-histogram shortcut)
+    blur: float = 0.0  # Gaussian blur, sigma up to this many pixels, on half of the views; 0: none
+    train_subset: int = 0  # train on the first N training images only (0: all), e.g. for quick sweeps
     eval_bank_size: int = 10000  # training images in the kNN bank (0: all)
     eval_test_size: int = 10000  # held-out images scored by kNN (0: all)
 
@@ -45,7 +47,7 @@ class ModelConfig:
 
     encoder: str = "small_cnn"  # small_cnn | resnet18
     width: int = 32  # small_cnn channels of the first block
-    pool: int = 3  # small_cnn output grid: features are width*4 * pool * pool
+    pool: int = 3  # small_cnn: its feature map is pooled to pool x pool for the projection head
     projection_hidden: int = 256
     projection_dim: int = 128
 
@@ -110,6 +112,9 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 1
+    # processes per worker that prepare CPU-side batches (tokenising) ahead of the step; null:
+    # 2 with a GPU, 0 on CPU, where the worker's cores are busy with the model
+    loader_workers: int | None = None
     global_batch_size: int = 256
     max_steps: int | None = 360  # stop after this many steps (None: run `epochs`)
     epochs: int | None = None
@@ -170,6 +175,8 @@ class Config:
                      "keep_checkpoints", "knn_k"):
             _at_least(f"train.{name}", getattr(t, name), 1)
         _at_least("train.max_failures", t.max_failures, 0)
+        if t.loader_workers is not None:
+            _at_least("train.loader_workers", t.loader_workers, 0)
         if not t.cpus_per_worker > 0:
             raise ConfigError(f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}")
         if (t.max_steps is None) == (t.epochs is None):
@@ -196,6 +203,8 @@ class Config:
         _choice("data.pipeline", d.pipeline, ("batched", "per_sample"))
         _range("data.crop_scale_min", d.crop_scale_min, 0.0, 1.0, low_open=True)
         _range("data.jitter", d.jitter, 0.0, 1.0)
+        _range("data.blur", d.blur, 0.0, 5.0)
+        _at_least("data.train_subset", d.train_subset, 0)
         _at_least("data.eval_bank_size", d.eval_bank_size, 0)
         _at_least("data.eval_test_size", d.eval_test_size, 0)
         if d.name == "fashion_mnist" and not d.download and not Path(d.root).is_dir():

@@ -19,6 +19,13 @@ def knn_top1(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: T
     exp(similarity / temperature) (Wu et al. 2018, the usual SSL monitor)."""
     if len(bank) == 0 or len(queries) == 0:
         raise ValueError("knn_top1 needs a non-empty bank and query set")
+    return knn_correct(bank, bank_labels, queries, query_labels, k, temperature, chunk) / len(queries)
+
+
+@torch.no_grad()
+def knn_correct(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int = 20,
+                temperature: float = 0.07, chunk: int = 1024) -> int:
+    """How many queries `knn_top1`'s classifier gets right, on the device the inputs are on."""
     bank = F.normalize(bank.float(), dim=1)
     num_classes = int(bank_labels.max()) + 1
     k = min(k, len(bank))
@@ -26,9 +33,32 @@ def knn_top1(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: T
     for start in range(0, len(queries), chunk):
         q = F.normalize(queries[start : start + chunk].float(), dim=1)
         sims, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+        votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
         correct += (votes.argmax(1) == query_labels[start : start + chunk]).sum().item()
-    return correct / len(queries)
+    return correct
+
+
+@torch.no_grad()
+def sharded_knn_top1(embed_fn: Callable[[Tensor], Tensor], bank: Tensor, bank_labels: Tensor, queries: Tensor,
+                     query_labels: Tensor, rank: int, world: int, device: torch.device, k: int = 20) -> float:
+    """`knn_top1` of embed_fn's features, the work split over ranks: the bank is embedded sharded
+    and gathered to every rank; each rank embeds and classifies its own shard of the queries on
+    the device; the correct counts are summed."""
+    if len(bank) == 0 or len(queries) == 0:
+        raise ValueError("knn_top1 needs a non-empty bank and query set")
+    bank_features = sharded_embed(embed_fn, bank, rank, world, device).to(device)
+    lo, hi = _shard(len(queries), rank, world)
+    correct = 0
+    if hi > lo:
+        local = torch.cat([embed_fn(queries[i : min(i + 256, hi)]) for i in range(lo, hi, 256)])
+        correct = knn_correct(bank_features, bank_labels.to(device), local, query_labels[lo:hi].to(device), k)
+    return dist_utils.all_reduce_sum(torch.tensor([correct], device=device)).item() / len(queries)
+
+
+def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank's contiguous slice [lo, hi) of n items split as evenly as possible."""
+    bounds = np.linspace(0, n, world + 1).astype(int)
+    return int(bounds[rank]), int(bounds[rank + 1])
 
 
 @torch.no_grad()
@@ -54,7 +84,7 @@ def sharded_embed(embed_fn: Callable[[Sequence], Tensor], items: Sequence, rank:
     batches; the gather (on the device: NCCL takes CUDA tensors only) returns all embeddings, in
     order, on every rank, as float32 on the CPU."""
     bounds = np.linspace(0, len(items), world + 1).astype(int)
-    shard = items[bounds[rank] : bounds[rank + 1]]
+    shard = items[slice(*_shard(len(items), rank, world))]
     parts = [embed_fn(shard[i : i + batch_size]).float() for i in range(0, len(shard), batch_size)]
     local = torch.cat(parts).to(device) if parts else None
     if local is None:  # an empty shard still joins the gather, with the right width

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 import random
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -76,6 +78,45 @@ def _all_ranks(obj, world: int) -> list:
     gathered = [None] * world
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class Reporter:
+    """`ray.train.report` off the training thread. Ray Train keeps one report in flight per worker:
+    the next blocks until the controller polls (every 0.25 s here), a stall a fast GPU step would
+    pay at every progress line. Metrics-only reports go to a background thread, in order;
+    a report with a checkpoint (whose directory is deleted after) waits for them, then blocks."""
+
+    def __init__(self) -> None:
+        self._pending: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="distributed_cl-report", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            metrics = self._pending.get()
+            try:
+                if self._error is None:
+                    ray.train.report(metrics)
+            except BaseException as e:  # raised on the training thread at its next report
+                self._error = e
+            finally:
+                self._pending.task_done()
+
+    def __call__(self, metrics: dict, checkpoint: ray.train.Checkpoint | None = None) -> None:
+        if checkpoint is None:
+            self._pending.put(metrics)
+        else:
+            self.flush()
+            ray.train.report(metrics, checkpoint=checkpoint)
+        self._raise()
+
+    def flush(self) -> None:
+        self._pending.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -143,16 +184,17 @@ def train_loop_per_worker(raw_config: dict) -> None:
         _set_rng_state(state["rng"][rank])
     start_step = step
     last_eval = dict.fromkeys(task.metric_names, float("nan"))
+    send = Reporter()
 
     def report(metrics: dict, save: bool = False, final: bool = False) -> None:
         """Every rank reports; with `save`, rank 0 attaches a checkpoint (every rank's RNG inside)."""
         metrics = {"step": step, "epoch": epoch, "start_step": start_step, **last_eval, **metrics}
         if not save:
-            ray.train.report(metrics)
+            send(metrics)
             return
         rng_states = _all_ranks(_rng_state(), world)
         if rank != 0:
-            ray.train.report(metrics)
+            send(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
@@ -161,7 +203,7 @@ def train_loop_per_worker(raw_config: dict) -> None:
             if final:
                 os.makedirs(os.path.join(d, EXPORT_DIR))
                 task.export(net.towers, os.path.join(d, EXPORT_DIR))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     use_bf16 = device.type == "cuda"
     # the loss is summed on the device and read once per log window: no host sync per step
@@ -216,3 +258,4 @@ def train_loop_per_worker(raw_config: dict) -> None:
     final = {f"{name}_trained": value for name, value in last_eval.items()}
     final |= {f"{name}_untrained": value for name, value in untrained.items()}
     report(final | task.baselines(), save=True, final=True)
+    send.flush()  # every rank's last report is in before the worker returns

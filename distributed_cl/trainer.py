@@ -31,13 +31,15 @@ class ProgressLogger(UserCallback):
     """Runs in Ray Train's controller: a console line per report, metrics.csv and TensorBoard
     event files in the run directory (when the storage path is local)."""
 
-    def __init__(self, run_dir: str | None, total_steps: int | None, eval_metrics: tuple[str, ...]) -> None:
-        self.run_dir, self.total_steps, self.eval_metrics = run_dir, total_steps, eval_metrics
+    def __init__(self, run_dir: str | None, total_steps: int | None, eval_metrics: tuple[str, ...],
+                 console: bool = True) -> None:
+        self.run_dir, self.total_steps, self.eval_metrics, self.console = run_dir, total_steps, eval_metrics, console
         self._writer = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]  # rank 0's view; the loss is already the mean over ranks
-        print(self._line(m, checkpoint is not None), flush=True)
+        if self.console:
+            print(self._line(m, checkpoint is not None), flush=True)
         if self.run_dir is None:
             return
         csv_path = Path(self.run_dir, "metrics.csv")
@@ -74,7 +76,8 @@ class ProgressLogger(UserCallback):
 # ray.train.report blocks until then (measured: 1.9 s per report). Poll every 0.25 s instead.
 # Hugging Face's loading and saving bars would bury the progress lines.
 JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # workers tokenise on their own threads or in loader processes
 
 
 def connect_ray() -> None:
@@ -92,11 +95,13 @@ def connect_ray() -> None:
         ray.init(runtime_env=runtime_env)
 
 
-def _resolve_paths(config: Config) -> Config:
-    """Workers chdir into their trial directory: make every path absolute first."""
+def absolute(path: str) -> str:
+    """A local path made absolute (workers chdir into their trial directory); URIs unchanged."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
-    def absolute(path: str) -> str:
-        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+def resolve_paths(config: Config) -> Config:
+    """Every local path in the config made absolute, before any worker starts."""
 
     def local_model(tower):  # a model directory, not a hub name
         return replace(tower, model=absolute(tower.model)) if Path(tower.model).expanduser().is_dir() else tower
@@ -110,9 +115,11 @@ def _resolve_paths(config: Config) -> Config:
     return replace(config, data=data, text=text, image_text=image_text, train=train)
 
 
-def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
-    """Train (or resume the run with the same name and storage path) and return its summary."""
-    config = _resolve_paths(config)
+def run(config: Config, output_json: str | None = None, callbacks: list = (), console: bool = True) -> dict[str, Any]:
+    """Train (or resume the run with the same name and storage path) and return its summary.
+    `callbacks`: more Ray Train callbacks (a sweep's TuneReportCallback); `console=False` keeps
+    progress lines and the final table out of the console (metrics.csv is still written)."""
+    config = resolve_paths(config)
     t = config.train
     local_storage = "://" not in t.storage_path
     run_dir = os.path.join(t.storage_path, t.name) if local_storage else None
@@ -129,7 +136,7 @@ def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[ProgressLogger(run_dir, t.max_steps, TASKS[config.task].metric_names)],
+            callbacks=[ProgressLogger(run_dir, t.max_steps, TASKS[config.task].metric_names, console), *callbacks],
         ),
     )
     result = trainer.fit()
@@ -144,7 +151,8 @@ def run(config: Config, output_json: str | None = None) -> dict[str, Any]:
                 summary["exported"] = sorted(os.path.join(run_dir, p.name) for p in export.iterdir())
                 if Path(export, ENCODER_FILE).exists():
                     summary["encoder"] = os.path.join(run_dir, ENCODER_FILE)
-    print(final_table(metrics, TASKS[config.task]))
+    if console:
+        print(final_table(metrics, TASKS[config.task]))
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
     return summary

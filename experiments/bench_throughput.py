@@ -10,14 +10,16 @@ Rows (samples/s; a sample is one image, i.e. two views):
   BatchTwoViews on the whole batch; kornia = kornia.augmentation's equivalent (if installed).
 - step: the image model + NT-Xent forward, backward and AdamW step on views already on the
   device (no augmentation), 1 process.
-- train.py: the default image run (small_cnn, global batch 256 on CPU, 1,024 on CUDA) through Ray
-  Train, median samples/s over its report windows after the first, for each pipeline.
+- train.py: the default image run (global batch 256 on CPU, 1,024 on CUDA) through Ray Train,
+  median samples/s over its report windows after the first, for each pipeline; and on CPU the
+  main job as it was before the batched pipeline (per-sample views, the wider small_cnn).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import statistics
 import sys
@@ -37,6 +39,8 @@ from distributed_cl.tasks import ContrastiveModel, build_objective  # noqa: E402
 from distributed_cl.tasks.image import ImageTask  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_simclr.yaml")
+# The main job's input pipeline and model before issue 8 (its samples/s is the 2x target's base).
+BEFORE = ["data.pipeline=per_sample", "model.width=32", "data.blur=0"]
 
 
 def rate(fn, batch: int, steps: int, device: torch.device, warmup: int = 2) -> float:
@@ -57,12 +61,12 @@ def pipeline_rates(config: Config, batch: int, steps: int, device: torch.device)
     data = load_images(d)
     sampler = DistributedRandomBatchSampler(len(data.train_images), batch, 1, 0)
     loader = torch.utils.data.DataLoader(
-        TwoViews(data.train_images, data.train_labels, two_view_transform(28, d.crop_scale_min, d.jitter)),
+        TwoViews(data.train_images, data.train_labels, two_view_transform(28, d.crop_scale_min, d.jitter, d.blur)),
         batch_sampler=sampler)
     batches = iter(loader)
     rates = {"per_sample": rate(lambda: next(batches), batch, steps, torch.device("cpu"))}
     images = data.train_images.to(device)
-    views = BatchTwoViews(28, d.crop_scale_min, d.jitter)
+    views = BatchTwoViews(28, d.crop_scale_min, d.jitter, blur=d.blur)
     index = torch.randperm(len(images))[:batch].to(device)
     rates["batched"] = rate(lambda: views(images[index]), batch, steps, device)
     try:
@@ -71,6 +75,7 @@ def pipeline_rates(config: Config, batch: int, steps: int, device: torch.device)
         return rates
     augment = K.AugmentationSequential(
         K.RandomResizedCrop((28, 28), scale=(d.crop_scale_min, 1.0)), K.RandomHorizontalFlip(),
+        *([K.RandomGaussianBlur(2 * math.ceil(2 * d.blur) + 1, (0.1, d.blur), p=0.5)] if d.blur else []),
         K.ColorJitter(brightness=d.jitter, contrast=d.jitter, p=0.8)).to(device)
 
     def kornia_views():
@@ -98,11 +103,12 @@ def step_rate(config: Config, batch: int, steps: int, device: torch.device) -> f
     return rate(step, batch, steps, device)
 
 
-def train_py_rate(pipeline: str, workers: int, use_gpu: bool, batch: int, steps: int, storage: str) -> float:
-    config = Config.load(CONFIG, [
-        f"data.pipeline={pipeline}", f"train.num_workers={workers}", f"train.use_gpu={str(use_gpu).lower()}",
+def train_py_rate(name: str, overrides: list[str], workers: int, use_gpu: bool, batch: int, steps: int,
+                  storage: str) -> float:
+    config = Config.load(CONFIG, overrides + [
+        f"train.num_workers={workers}", f"train.use_gpu={str(use_gpu).lower()}",
         f"train.global_batch_size={batch}", f"train.max_steps={steps}", "train.log_every=10",
-        f"train.checkpoint_every={steps}", f"train.name=throughput-{pipeline}-{workers}-{use_gpu}",
+        f"train.checkpoint_every={steps}", f"train.name=throughput-{name}-{workers}-{use_gpu}",
         f"train.storage_path={storage}", "data.eval_bank_size=1000", "data.eval_test_size=1000",
     ])
     summary = trainer.run(config)
@@ -118,26 +124,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = Config.load(CONFIG)
+    m = config.model
+    model = f"{m.encoder} width {m.width} pool {m.pool}"
     rows = []  # (device, what, variant, samples/s)
     cpu = torch.device("cpu")
     if not args.cuda_only:
         for name, value in pipeline_rates(config, 256, 20, cpu).items():
             rows.append(("CPU, 1 thread", "pipeline", name, value))
-        rows.append(("CPU, 1 thread", "step (synthetic batches)", "small_cnn, batch 256",
+        rows.append(("CPU, 1 thread", "step (synthetic batches)", f"{model}, batch 256",
                      step_rate(config, 256, 10, cpu)))
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         name = torch.cuda.get_device_name()
         for variant, value in pipeline_rates(config, 1024, 50, gpu).items():
             rows.append((name, "pipeline", f"{variant}, batch 1024", value))
-        rows.append((name, "step (synthetic batches)", "small_cnn, batch 1024", step_rate(config, 1024, 50, gpu)))
+        rows.append((name, "step (synthetic batches)", f"{model}, batch 1024", step_rate(config, 1024, 50, gpu)))
     with tempfile.TemporaryDirectory() as storage:
+        if not args.cuda_only:  # the main job as it was before the batched pipeline and its recipe
+            value = train_py_rate("before", BEFORE, 2, False, 256, args.steps, storage)
+            rows.append(("CPU, 2 workers x 1 thread", "train.py", "main job before: " + ", ".join(BEFORE), value))
         for pipeline in ("per_sample", "batched"):
             for workers in () if args.cuda_only else (1, 2):
-                value = train_py_rate(pipeline, workers, False, 256, args.steps, storage)
+                value = train_py_rate(pipeline, [f"data.pipeline={pipeline}"], workers, False, 256, args.steps, storage)
                 rows.append((f"CPU, {workers} worker(s) x 1 thread", "train.py", pipeline, value))
             if torch.cuda.is_available():
-                value = train_py_rate(pipeline, 1, True, 1024, args.steps, storage)
+                value = train_py_rate(pipeline, [f"data.pipeline={pipeline}"], 1, True, 1024, args.steps, storage)
                 rows.append((f"{name}, 1 worker", "train.py", f"{pipeline}, batch 1024", value))
     print("\n| device | what | variant | samples/s |")
     print("|---|---|---|---:|")

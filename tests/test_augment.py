@@ -62,14 +62,42 @@ def test_same_seed_same_views_and_restored_rng_resumes_the_stream():
     assert not torch.equal(first[0], second[0])
 
 
-def test_jitter_statistics_match_torchvision_per_sample_pipeline():
-    """Same recipe, same distribution: mean intensity and spread of the views agree with the
-    torchvision v2 per-sample path within sampling noise."""
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_view_statistics_match_torchvision_per_sample_pipeline(blur):
+    """Same recipe, same distribution: mean intensity, spread and smoothness of the views agree
+    with the torchvision v2 per-sample path within sampling noise."""
     x = images(256, seed=4)
     torch.manual_seed(5)
-    batched = torch.cat(BatchTwoViews(28, 0.5, 0.4)(x))
+    batched = torch.cat(BatchTwoViews(28, 0.5, 0.4, blur=blur)(x))
     torch.manual_seed(5)
     per_sample = torch.stack([v for i in range(256) for v in (lambda d: (d["a"], d["b"]))(
-        TwoViews(x, torch.zeros(256), two_view_transform(28, 0.5, 0.4))[i])])
+        TwoViews(x, torch.zeros(256), two_view_transform(28, 0.5, 0.4, blur))[i])])
     assert batched.mean().item() == pytest.approx(per_sample.mean().item(), abs=0.02)
     assert batched.std().item() == pytest.approx(per_sample.std().item(), rel=0.1)
+    roughness = lambda v: (v[..., 1:] - v[..., :-1]).abs().mean().item()  # noqa: E731
+    assert roughness(batched) == pytest.approx(roughness(per_sample), rel=0.1)
+
+
+def test_gaussian_blur_matches_torchvision_per_image_and_sigma_zero_is_identity():
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur
+
+    from distributed_cl.data.augment import gaussian_blur
+
+    x = torch.rand(4, 3, 20, 20)
+    sigma = torch.tensor([0.4, 1.0, 2.0, 0.0])
+    out = gaussian_blur(x, sigma, radius=4)
+    for i in range(3):
+        torch.testing.assert_close(out[i], tv_blur(x[i], kernel_size=9, sigma=sigma[i].item()), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[3], x[3], atol=0, rtol=0)
+
+
+def test_blur_smooths_half_of_the_views():
+    x = images(200)
+    torch.manual_seed(6)
+    sharp, _ = BatchTwoViews(28, 1.0, 0.0, flip=False, ratio=(1.0, 1.0))(x)
+    torch.manual_seed(6)
+    blurred, _ = BatchTwoViews(28, 1.0, 0.0, flip=False, ratio=(1.0, 1.0), blur=1.5)(x)
+    untouched = (blurred == sharp).flatten(1).all(1)
+    assert 70 <= untouched.sum() <= 130  # blurred with probability 1/2, each sample on its own
+    roughness = lambda v: (v[..., 1:] - v[..., :-1]).abs().mean(dim=(1, 2, 3))  # noqa: E731
+    assert (roughness(blurred[~untouched]) <= roughness(sharp[~untouched]) + 1e-6).all()  # sigma 0.1: barely

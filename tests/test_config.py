@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ["--set", "data.name=digits"]
 
 
-@pytest.mark.parametrize("name", ["image_simclr.yaml", "image_supcon.yaml"])
+@pytest.mark.parametrize("name", ["image_simclr.yaml", "image_simclr_long.yaml", "image_supcon.yaml"])
 def test_shipped_configs_validate(name, tmp_path):
     config = Config.load(ROOT / "experiments" / name, ["data.name=digits"])
     assert config.train.global_batch_size % config.train.num_workers == 0
@@ -44,6 +44,8 @@ def test_overrides_and_flags_reach_the_config():
         (["data.name=fashion_mnist", "data.root=/nonexistent/fm"], "data.root: /nonexistent/fm does not exist"),
         (["data.crop_scale_min=0"], r"data.crop_scale_min must be in \(0.0, 1.0\]"),
         (["train.use_gpu=yes please"], "train.use_gpu must be bool"),
+        (["data.blur=-1"], r"data.blur must be in \[0.0, 5.0\]"),
+        (["train.loader_workers=-1"], "train.loader_workers must be >= 0"),
         (["train=5"], "train must be a mapping"),
         (["task=audio"], "task must be one of image, text, image_text"),
         (["task=text", "text.root=/nonexistent/wn"], "text.root: no WordNet database at /nonexistent/wn .*wordnet-base"),

@@ -67,3 +67,19 @@ def test_random_batch_sampler_splits_each_global_batch_over_ranks():
     assert len(seen) == len(set(seen)) == 5 * 20 and all(len(b) == 5 for bs in per_rank for b in bs)
     with pytest.raises(ValueError, match="not divisible by num_replicas=3"):
         DistributedRandomBatchSampler(100, 16, 3, 0)
+
+
+def test_small_cnn_features_are_the_full_map_and_its_head_pools_them():
+    """kNN and the export see the whole 7x7 map; the projection head sees it pooled to pool x pool."""
+    from distributed_cl.models import GridPool, build_encoder, build_head
+
+    config = ModelConfig(encoder="small_cnn", width=4, pool=3, projection_hidden=16, projection_dim=8)
+    encoder = build_encoder(config).eval()
+    x = torch.rand(5, 1, 28, 28)
+    features = encoder(x)
+    assert features.shape == (5, 16 * 7 * 7)
+    grid = torch.nn.Sequential(*list(encoder)[:-1])(x)  # the conv blocks alone: (5, 16, 7, 7)
+    torch.testing.assert_close(features, grid.flatten(1))
+    torch.testing.assert_close(GridPool(16, 3)(features), torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(1))
+    head = build_head(encoder, config)
+    assert head[1].in_features == 16 * 3 * 3 and head.eval()(features).shape == (5, 8)

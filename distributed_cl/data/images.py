@@ -4,6 +4,7 @@ and sklearn's digits (tiny, for tests), as uint8 tensors, plus two-view augmenta
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import tempfile
@@ -88,14 +89,17 @@ def to_float(images: Tensor) -> Tensor:
     return (images.unsqueeze(1) if images.dim() == 3 else images).float().div_(255)
 
 
-def two_view_transform(size: int, crop_scale_min: float, jitter: float) -> v2.Compose:
-    """SimCLR's views for grayscale: crop + flip, plus brightness/contrast jitter so that two
-    views cannot be matched by their intensity histogram alone."""
+def two_view_transform(size: int, crop_scale_min: float, jitter: float, blur: float = 0.0) -> v2.Compose:
+    """SimCLR's views for grayscale, per image: crop + flip, optional Gaussian blur (sigma in
+    [0.1, blur], half of the views), and brightness/contrast jitter so that two views cannot be
+    matched by their intensity histogram alone. The batched pipeline draws the same."""
+    blurring = [v2.RandomApply([v2.GaussianBlur(2 * math.ceil(2 * blur) + 1, sigma=(0.1, blur))], p=0.5)] if blur else []
     return v2.Compose(
         [
             v2.ToDtype(torch.float32, scale=True),
             v2.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
+            *blurring,
             v2.RandomApply([v2.ColorJitter(brightness=jitter, contrast=jitter)], p=0.8),
         ]
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -17,10 +19,12 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class SmallCNN(nn.Sequential):
-    """Five 3x3 conv blocks (28x28 -> 7x7), then average pooling to a pool x pool grid: keeping a
-    coarse layout, not only a global average, matters for shape-defined classes."""
+    """Five 3x3 conv blocks (28x28 -> 7x7). Its features are the whole final map, flattened
+    (4 * width * 7 * 7 for 28x28 inputs): where a garment has its sleeves, collar or heel is what
+    tells many classes apart, and kNN on the full map beats any pooled grid (see the README).
+    The projection head pools the map first (`GridPool`)."""
 
-    def __init__(self, in_channels: int = 1, width: int = 32, pool: int = 3) -> None:
+    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
         w = width
         super().__init__(
             _conv_block(in_channels, w, 2),
@@ -28,10 +32,22 @@ class SmallCNN(nn.Sequential):
             _conv_block(2 * w, 2 * w, 1),
             _conv_block(2 * w, 4 * w, 1),
             _conv_block(4 * w, 4 * w, 1),
-            nn.AdaptiveAvgPool2d(pool),
             nn.Flatten(),
         )
-        self.out_dim = 4 * w * pool * pool
+        self.channels = 4 * w
+
+
+class GridPool(nn.Module):
+    """Flattened square feature maps (n, C * s * s) -> average-pooled to a pool x pool grid,
+    flattened (n, C * pool * pool)."""
+
+    def __init__(self, channels: int, pool: int) -> None:
+        super().__init__()
+        self.channels, self.pool = channels, pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = math.isqrt(x.shape[1] // self.channels)
+        return F.adaptive_avg_pool2d(x.unflatten(1, (self.channels, side, side)), self.pool).flatten(1)
 
 
 def resnet18_small(in_channels: int = 1) -> nn.Module:
@@ -46,7 +62,7 @@ def resnet18_small(in_channels: int = 1) -> nn.Module:
 
 def build_encoder(config: ModelConfig, in_channels: int = 1) -> nn.Module:
     if config.encoder == "small_cnn":
-        return SmallCNN(in_channels, config.width, config.pool)
+        return SmallCNN(in_channels, config.width)
     if config.encoder == "resnet18":
         return resnet18_small(in_channels)
     raise ValueError(f"model.encoder: unknown encoder {config.encoder!r}")
@@ -55,6 +71,16 @@ def build_encoder(config: ModelConfig, in_channels: int = 1) -> nn.Module:
 def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """SimCLR's MLP head; the loss sees its output, evaluation uses the encoder's."""
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def build_head(encoder: nn.Module, config: ModelConfig) -> nn.Sequential:
+    """The projection head for `encoder`: small_cnn's feature map is pooled to a
+    `config.pool` x `config.pool` grid first, so the contrastive loss sees features that a small
+    shift of the crop barely moves, while the map keeps its full layout for evaluation."""
+    if isinstance(encoder, SmallCNN):
+        mlp = projection_head(encoder.channels * config.pool**2, config.projection_hidden, config.projection_dim)
+        return nn.Sequential(GridPool(encoder.channels, config.pool), *mlp)
+    return projection_head(encoder.out_dim, config.projection_hidden, config.projection_dim)
 
 
 def save_encoder(encoder: nn.Module, config: ModelConfig, in_channels: int, path: str | Path) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from distributed_cl.config import Config, LossConfig
 from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
@@ -40,7 +41,8 @@ class Task(ABC):
 
     @abstractmethod
     def train_batches(self, batch_sampler: Iterable[list[int]]) -> Iterable[dict]:
-        """Batches {"a": ..., "b": ..., "labels": (n,) int64} on the CPU, for the sampler's indices."""
+        """Batches {"a": ..., "b": ..., "labels": (n,) int64} for the sampler's indices, on the CPU (see
+        `loader`) or made on the device already (the loop moves whatever is not there)."""
 
     @staticmethod
     @abstractmethod
@@ -52,6 +54,20 @@ class Task(ABC):
     def evaluate(self, towers: nn.Module) -> dict[str, float]:
         """Metrics on the held-out split, keyed by `metric_names`. Runs on every rank together
         (each embeds a shard); towers are in eval mode, autograd off."""
+
+    def loader(self, batch_sampler: Iterable[list[int]], collate: Callable[[list[int]], dict]) -> DataLoader:
+        """Batches made on the CPU (tokenising, decoding) by `collate(indices)`, in
+        `train.loader_workers` processes that prefetch while the step runs, into pinned memory when
+        training on CUDA. `collate` must be deterministic: random augmentation belongs in the main
+        process, whose RNG is seeded per rank and checkpointed."""
+        workers = self.config.train.loader_workers
+        if workers is None:
+            workers = 2 if self.device.type == "cuda" else 0
+        indices = range(len(self.train_labels))  # items are the indices themselves
+        return DataLoader(indices, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                          prefetch_factor=2 if workers else None,
+                          generator=torch.Generator())  # keeps the global RNG untouched by iterators
 
     def baselines(self) -> dict[str, float]:
         """Reference figures that need no model (raw pixels, chance), as final output keys."""

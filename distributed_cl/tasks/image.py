@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -13,8 +14,8 @@ from torch.utils.data import DataLoader
 from distributed_cl.config import Config
 from distributed_cl.data.augment import BatchTwoViews
 from distributed_cl.data.images import TwoViews, load_images, to_float, two_view_transform
-from distributed_cl.evaluate import knn_top1, sharded_embed
-from distributed_cl.models import build_encoder, projection_head, save_encoder
+from distributed_cl.evaluate import sharded_knn_top1
+from distributed_cl.models import build_encoder, build_head, save_encoder
 from distributed_cl.tasks.base import Task
 
 ENCODER_FILE = "encoder.pt"
@@ -41,7 +42,7 @@ class DeviceBatches:
 
     def __iter__(self):
         for indices in self.batch_sampler:
-            index = torch.as_tensor(indices, device=self.images.device)
+            index = torch.as_tensor(indices).to(self.images.device, non_blocking=True)  # no wait for the GPU
             view_a, view_b = self.views(self.images[index])
             yield {"a": view_a, "b": view_b, "labels": self.labels[index]}
 
@@ -55,6 +56,9 @@ class ImageTask(Task):
         super().__init__(config, rank, world, device)
         d = config.data
         self.data = load_images(d)
+        if d.train_subset:
+            n = d.train_subset
+            self.data = replace(self.data, train_images=self.data.train_images[:n], train_labels=self.data.train_labels[:n])
         g = torch.Generator().manual_seed(config.train.seed)
         self.bank = torch.randperm(len(self.data.train_images), generator=g)[: d.eval_bank_size or None]
         self.test = torch.arange(len(self.data.test_images))[: d.eval_test_size or None]
@@ -67,28 +71,27 @@ class ImageTask(Task):
         d, size = self.config.data, self.data.image_size
         if d.pipeline == "per_sample":  # torchvision v2 per image in a DataLoader: the slow reference path
             views = TwoViews(self.data.train_images, self.data.train_labels,
-                             two_view_transform(size, d.crop_scale_min, d.jitter))
+                             two_view_transform(size, d.crop_scale_min, d.jitter, d.blur))
             return DataLoader(views, batch_sampler=batch_sampler)
         return DeviceBatches(self.data.train_images.to(self.device), self.data.train_labels.to(self.device),
-                             batch_sampler, BatchTwoViews(size, d.crop_scale_min, d.jitter))
+                             batch_sampler, BatchTwoViews(size, d.crop_scale_min, d.jitter, blur=d.blur))
 
     @staticmethod
     def build_towers(config: Config) -> ImageTowers:
         encoder = build_encoder(config.model)
-        m = config.model
-        return ImageTowers(encoder, projection_head(encoder.out_dim, m.projection_hidden, m.projection_dim))
+        return ImageTowers(encoder, build_head(encoder, config.model))
 
     def _knn(self, features_of) -> float:
-        d, k = self.data, self.config.train.knn_k
-        bank = sharded_embed(features_of, d.train_images[self.bank], self.rank, self.world, self.device)
-        test = sharded_embed(features_of, d.test_images[self.test], self.rank, self.world, self.device)
-        return knn_top1(bank, d.train_labels[self.bank], test, d.test_labels[self.test], k)
+        d = self.data
+        return sharded_knn_top1(features_of, d.train_images[self.bank], d.train_labels[self.bank],
+                                d.test_images[self.test], d.test_labels[self.test], self.rank, self.world,
+                                self.device, self.config.train.knn_k)
 
     def evaluate(self, towers: ImageTowers) -> dict[str, float]:
         return {"knn_top1": self._knn(lambda images: towers.encoder(to_float(images).to(self.device)))}
 
     def baselines(self) -> dict[str, float]:
-        return {"knn_top1_raw_pixels": self._knn(lambda images: to_float(images).flatten(1))}
+        return {"knn_top1_raw_pixels": self._knn(lambda images: to_float(images).flatten(1).to(self.device))}
 
     def export(self, towers: ImageTowers, directory: str) -> None:
         super().export(towers, directory)

@@ -9,13 +9,13 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from distributed_cl.config import Config
+from distributed_cl.data.augment import BatchTwoViews
 from distributed_cl.data.emoji import load_emoji
 from distributed_cl.data.images import to_float
 from distributed_cl.evaluate import recall_at_k, sharded_embed
-from distributed_cl.models import TextTokenizer, TextTower, build_encoder, projection_head
+from distributed_cl.models import TextTokenizer, TextTower, build_encoder, build_head
 from distributed_cl.tasks.base import Task, to_device
 
 
@@ -26,10 +26,9 @@ class DualEncoder(nn.Module):
         super().__init__()
         x = config.image_text
         self.image_encoder = build_encoder(x.image_tower, in_channels=3)
-        dim = x.image_tower.projection_dim
-        self.image_projection = projection_head(self.image_encoder.out_dim, x.image_tower.projection_hidden, dim)
+        self.image_projection = build_head(self.image_encoder, x.image_tower)
         self.text_tower = TextTower(x.text_tower)
-        self.text_projection = nn.Linear(self.text_tower.out_dim, dim)
+        self.text_projection = nn.Linear(self.text_tower.out_dim, x.image_tower.projection_dim)
 
     def embed_images(self, images: Tensor) -> Tensor:
         return self.image_projection(self.image_encoder(images))
@@ -39,6 +38,19 @@ class DualEncoder(nn.Module):
 
     def forward(self, images: Tensor, tokens: dict) -> tuple[Tensor, Tensor]:
         return self.embed_images(images), self.embed_texts(tokens)
+
+
+class CroppedImageBatches:
+    """Captions tokenised by the task's loader; the images (a few MB as uint8) held on the device,
+    gathered by the batch's indices and randomly cropped there, for the whole batch at once."""
+
+    def __init__(self, captions: DataLoader, images: Tensor, crop: BatchTwoViews) -> None:
+        self.captions, self.images, self.crop = captions, images, crop
+
+    def __iter__(self):
+        for batch in self.captions:
+            index = batch["labels"].to(self.images.device, non_blocking=True)
+            yield {"a": self.crop.view(to_float(self.images[index])), "b": batch["b"], "labels": batch["labels"]}
 
 
 class ImageTextTask(Task):
@@ -56,17 +68,15 @@ class ImageTextTask(Task):
     def train_labels(self) -> Tensor:
         return torch.arange(len(self.data.train.captions))  # every emoji is its own class
 
-    def train_batches(self, batch_sampler: Iterable[list[int]]) -> DataLoader:
+    def train_batches(self, batch_sampler: Iterable[list[int]]) -> CroppedImageBatches:
         train, x = self.data.train, self.config.image_text
         # mild crops only: no flips (arrows, hands) and no colour jitter (colour names the emoji)
-        crop = v2.RandomResizedCrop(x.image_size, scale=(x.crop_scale_min, 1.0), ratio=(0.9, 1.1), antialias=True)
+        crop = BatchTwoViews(x.image_size, x.crop_scale_min, jitter=0, flip=False, ratio=(0.9, 1.1))
 
         def collate(indices: list[int]) -> dict:
-            images = torch.stack([crop(image) for image in to_float(train.images[indices])])  # a crop each
-            return {"a": images, "b": self.tokenize([train.captions[i] for i in indices]),
-                    "labels": torch.as_tensor(indices)}
+            return {"b": self.tokenize([train.captions[i] for i in indices]), "labels": torch.as_tensor(indices)}
 
-        return DataLoader(range(len(train.captions)), batch_sampler=batch_sampler, collate_fn=collate)
+        return CroppedImageBatches(self.loader(batch_sampler, collate), train.images.to(self.device), crop)
 
     @staticmethod
     def build_towers(config: Config) -> DualEncoder:

@@ -48,13 +48,12 @@ class TextTask(Task):
     def train_batches(self, batch_sampler: Iterable[list[int]]) -> DataLoader:
         train = self.data.train
 
-        def collate(indices: list[int]) -> dict:
+        def collate(indices: list[int]) -> dict:  # each side of the batch tokenised in one call
             return {"a": self.tokenize([train.anchors[i] for i in indices]),
                     "b": self.tokenize([train.positives[i] for i in indices]),
                     "labels": train.labels[indices]}
 
-        # items are the indices themselves: collate tokenises each side of the batch in one call
-        return DataLoader(range(len(train)), batch_sampler=batch_sampler, collate_fn=collate)
+        return self.loader(batch_sampler, collate)
 
     @staticmethod
     def build_towers(config: Config) -> SiameseText:

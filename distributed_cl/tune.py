@@ -1,0 +1,407 @@
+"""Ray Tune sweeps over any config field: the sweep YAML, checked before Ray starts.
+
+A sweep YAML (experiments/sweeps/):
+
+    metric: knn_top1            # a held-out metric the task reports
+    mode: max                   # max | min
+    epochs: 3                   # the budget: every trial trains this many epochs, so runs with
+                                # different batch sizes compare at the same number of samples
+    num_samples: 1              # repeats of the space (each grid point num_samples times)
+    max_concurrent_trials: 2   # at most; fewer if the cluster cannot hold that many trials' workers
+    fixed: {train.cpus_per_worker: 0.5}             # optional: config values for every trial
+    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: fifo}; in epochs
+    space:
+      loss.temperature: {grid: [0.05, 0.1, 0.2, 0.5]}
+      train.global_batch_size: {grid: [128, 256, 512]}
+      optim.lr: {loguniform: [0.001, 0.01]}         # also {choice: [...]}, {uniform: [lo, hi]}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distributed_cl.config import Config, ConfigError, _coerce
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class SchedulerSpec:
+    name: str = "asha"
+    grace_period: int = 1  # epochs every trial gets before it can be stopped
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    max_t: int | None = None  # epochs; default: the sweep's budget
+
+
+@dataclass
+class SweepSpec:
+    metric: str
+    mode: str = "max"
+    epochs: int = 1
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    space: dict[str, dict[str, list]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)  # config values every trial uses (not swept)
+
+    @property
+    def grid_size(self) -> int:
+        """Trials the space defines: the product of the grids, times num_samples."""
+        return self.num_samples * math.prod(len(v["grid"]) for v in self.space.values() if "grid" in v)
+
+
+class SweepError(ValueError):
+    """A sweep YAML key is unknown, of the wrong type, or has an impossible value."""
+
+
+def load_sweep(path: str | Path, config: Config) -> SweepSpec:
+    """Read and check a sweep YAML against the base `config` it sweeps: every key, the metric
+    (one the config's task reports), and every space field (an existing config field, each value
+    of its type). Values that only clash with other fields (a batch size the workers do not
+    divide) are left to the trial, which fails and is recorded as failed."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: the top level must be a mapping")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(SweepSpec)})
+    if unknown:
+        raise SweepError(f"unknown sweep key {unknown[0]}")
+    if "metric" not in raw:
+        raise SweepError("metric is required (e.g. metric: knn_top1)")
+    scheduler = raw.get("scheduler", {})
+    if not isinstance(scheduler, dict):
+        raise SweepError(f"scheduler must be a mapping like {{name: asha}}, got {scheduler!r}")
+    unknown = sorted(set(scheduler) - {f.name for f in dataclasses.fields(SchedulerSpec)})
+    if unknown:
+        raise SweepError(f"unknown sweep key scheduler.{unknown[0]}")
+    spec = SweepSpec(**{k: v for k, v in raw.items() if k != "scheduler"}, scheduler=SchedulerSpec(**scheduler))
+    _check(spec, config)
+    return spec
+
+
+def _check(spec: SweepSpec, config: Config) -> None:
+    from distributed_cl.tasks import TASKS
+
+    metrics = TASKS[config.task].metric_names
+    if spec.metric not in metrics:
+        raise SweepError(f"metric: the {config.task} task reports {', '.join(metrics)}; got {spec.metric!r}")
+    if spec.mode not in ("max", "min"):
+        raise SweepError(f"mode must be max or min, got {spec.mode!r}")
+    for name in ("epochs", "num_samples", "max_concurrent_trials"):
+        _positive_int(name, getattr(spec, name))
+    s = spec.scheduler
+    if s.name not in SCHEDULERS:
+        raise SweepError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {s.name!r}")
+    _positive_int("scheduler.grace_period", s.grace_period)
+    if not isinstance(s.reduction_factor, int) or isinstance(s.reduction_factor, bool) or s.reduction_factor < 2:
+        raise SweepError(f"scheduler.reduction_factor must be an integer >= 2, got {s.reduction_factor!r}")
+    if s.max_t is not None:
+        _positive_int("scheduler.max_t", s.max_t)
+    if not isinstance(spec.space, dict) or not spec.space:
+        raise SweepError("space must map config fields to {grid|choice|uniform|loguniform: ...}")
+    for key, dist in spec.space.items():
+        _check_dimension(key, dist)
+    if not isinstance(spec.fixed, dict):
+        raise SweepError(f"fixed must map config fields to values, got {spec.fixed!r}")
+    for key, value in spec.fixed.items():
+        if key in spec.space:
+            raise SweepError(f"fixed.{key} is also in space")
+        try:
+            _coerce(f"fixed.{key}", _field_type(key), value)
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+
+
+def with_fixed(config: Config, spec: SweepSpec) -> Config:
+    """The sweep's base config: `config` with the sweep's fixed values, validated."""
+    raw = config.to_dict()
+    for key, value in spec.fixed.items():
+        _set(raw, key, value)
+    fixed = Config.from_dict(raw)
+    fixed.validate()
+    return fixed
+
+
+def _check_dimension(key: str, dist: Any) -> None:
+    where = f"space.{key}"
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS:
+        raise SweepError(f"{where} must be one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
+                         f"{{loguniform: [lo, hi]}}; got {dist!r}")
+    if key in ("train.name", "train.storage_path", "train.max_steps", "train.epochs"):
+        raise SweepError(f"{where}: the sweep sets {key} itself")
+    hint = _field_type(key)
+    (kind, values), = dist.items()
+    if not isinstance(values, list) or not values:
+        raise SweepError(f"{where}.{kind} must be a non-empty list, got {values!r}")
+    if kind in ("uniform", "loguniform"):
+        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise SweepError(f"{where}.{kind} must be [lo, hi] numbers, got {values!r}")
+        lo, hi = values
+        if not lo < hi or (kind == "loguniform" and lo <= 0):
+            raise SweepError(f"{where}.{kind} needs {'0 < ' if kind == 'loguniform' else ''}lo < hi, got {values!r}")
+    for value in values:
+        try:
+            _coerce(where, hint, value)
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+
+
+def _field_type(key: str):
+    """The type of config field `key` (dotted), or SweepError naming the key."""
+    cls = Config
+    *sections, name = key.split(".")
+    for part in [*sections, name]:
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise SweepError(f"space: {key} is not a config field")
+        cls = hints[part]
+    if dataclasses.is_dataclass(cls):
+        raise SweepError(f"space: {key} is a config section, not a field")
+    return cls
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SweepError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's search space: one entry per swept field, keyed by its dotted name."""
+    from ray import tune
+
+    make = {"grid": tune.grid_search, "choice": tune.choice,
+            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {key: make[kind](values) for key, dist in spec.space.items() for kind, values in dist.items()}
+
+
+# ----------------------------------------------------------------------------- running a sweep
+
+RESULTS_FILE = "results.csv"
+BEST_FILE = "best.yaml"
+TRIALS_DIR = "trials"  # each trial's Ray Train run (checkpoints, metrics.csv) under the sweep
+
+
+def _set(raw: dict, key: str, value) -> None:
+    *sections, name = key.split(".")
+    for section in sections:
+        raw = raw.setdefault(section, {})
+    raw[name] = value
+
+
+def trial_config(base: dict, params: dict, epochs: int, name: str, storage_path: str) -> Config:
+    """The training config of one trial: the base with the trial's values, trained for the
+    sweep's epochs under a fixed (storage_path, name), so that a restored trial resumes."""
+    raw = copy.deepcopy(base)
+    for key, value in params.items():
+        _set(raw, key, value)
+    raw["train"].update(epochs=epochs, max_steps=None, name=name, storage_path=storage_path)
+    config = Config.from_dict(raw)
+    config.validate()  # a clash (batch not divisible by workers) fails this trial, not the sweep
+    return config
+
+
+def _run_trial(params: dict, base: dict, epochs: int, storage_path: str) -> None:
+    """A Tune trial: the driver of one Ray Train run, whose reports reach Tune (and ASHA)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distributed_cl import trainer
+
+    config = trial_config(base, params, epochs, tune.get_context().get_trial_id(), storage_path)
+    trainer.run(config, callbacks=[TuneReportCallback()], console=False)
+
+
+def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str) -> Path:
+    """Run the sweep (or resume the one with this name and storage path) and write its
+    results.csv, plots and best.yaml into <storage_path>/<name>/. Returns that directory."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from distributed_cl import trainer
+
+    config = trainer.resolve_paths(config)
+    storage_path = trainer.absolute(storage_path)
+    sweep_dir = Path(storage_path, name)
+    trainer.connect_ray()
+    concurrent = _concurrent_trials(config, spec.max_concurrent_trials)
+    trainable = tune.with_parameters(_run_trial, base=config.to_dict(), epochs=spec.epochs,
+                                     storage_path=str(sweep_dir / TRIALS_DIR))
+    # the trial itself only waits on its Ray Train workers, which hold the real resources
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        s = spec.scheduler
+        scheduler = (ASHAScheduler(time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
+                                   max_t=s.max_t or spec.epochs)
+                     if s.name == "asha" else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                                        num_samples=spec.num_samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                      progress_reporter=tune.CLIReporter(metric_columns=["epoch", "step", spec.metric],
+                                                                         parameter_columns=list(spec.space))),
+        )
+    results = tuner.fit()
+    rows = results_table(results, spec)
+    write_results(sweep_dir, rows, spec)
+    best = best_row(rows, spec)
+    if best is not None:
+        best_config = trial_config(config.to_dict(), best["params"], spec.epochs, f"{name}-best",
+                                   config.train.storage_path)
+        Path(sweep_dir, BEST_FILE).write_text(yaml.safe_dump(best_config.to_dict(), sort_keys=False))
+    print(summary_table(rows, spec))
+    return sweep_dir
+
+
+def _concurrent_trials(config: Config, wanted: int) -> int:
+    """At most `wanted`, and no more trials than the cluster's CPUs and GPUs hold workers for:
+    a trial whose workers cannot be placed would time out instead of queueing."""
+    import ray
+
+    t = config.train
+    per_trial = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
+    cluster = ray.cluster_resources()
+    fits = min(int(cluster.get(k, 0) // v) for k, v in per_trial.items() if v)
+    if fits < 1:
+        raise SweepError(f"one trial needs {per_trial} for its {t.num_workers} workers; the cluster has {cluster}")
+    if fits < wanted:
+        print(f"[distributed_cl] {fits} trial(s) at a time: each needs {per_trial}, the cluster has "
+              f"{ {k: cluster.get(k, 0) for k in per_trial} } (lower train.cpus_per_worker to run more)")
+    return min(wanted, fits)
+
+
+def results_table(results, spec: SweepSpec) -> list[dict]:
+    """One row per trial: its values, how it ended, its final and best metric."""
+    rows = []
+    for result in results:
+        metrics, frame = result.metrics or {}, result.metrics_dataframe
+        values = frame[spec.metric].dropna() if frame is not None and spec.metric in frame else []
+        epochs = int(metrics.get("epoch", 0))
+        if result.error is not None:
+            status = "failed"
+        else:
+            status = "completed" if epochs >= spec.epochs else "early_stopped"
+        best = (values.max() if spec.mode == "max" else values.min()) if len(values) else float("nan")
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "params": {key: result.config.get(key) for key in spec.space},
+            "status": status,
+            "early_stopped": status == "early_stopped",
+            "epochs": epochs,
+            "steps": int(metrics.get("step", 0)),
+            f"final_{spec.metric}": float(values.iloc[-1]) if len(values) else float("nan"),
+            f"best_{spec.metric}": float(best),
+            "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500],
+        })
+    return sorted(rows, key=lambda r: [str(v) for v in r["params"].values()])
+
+
+def best_row(rows: list[dict], spec: SweepSpec) -> dict | None:
+    scored = [r for r in rows if r[f"best_{spec.metric}"] == r[f"best_{spec.metric}"]]  # not NaN
+    if not scored:
+        return None
+    sign = 1 if spec.mode == "max" else -1
+    return max(scored, key=lambda r: sign * r[f"best_{spec.metric}"])
+
+
+def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> None:
+    import csv
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["trial_id", *spec.space, "status", "early_stopped", "epochs", "steps",
+               f"final_{spec.metric}", f"best_{spec.metric}", "error"]
+    with open(sweep_dir / RESULTS_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: v for k, v in row.items() if k != "params"}, **row["params"]})
+    plot_results(sweep_dir, rows, spec)
+
+
+def _axes(spec: SweepSpec) -> tuple[str, str | None]:
+    """The x axis (temperature when swept) and the series (batch size when swept)."""
+    keys = list(spec.space)
+    x = "loss.temperature" if "loss.temperature" in keys else keys[0]
+    rest = [k for k in keys if k != x]
+    series = "train.global_batch_size" if "train.global_batch_size" in rest else (rest[0] if rest else None)
+    return x, series
+
+
+def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Path]:
+    """<metric>_vs_<x>.png: the best metric of each trial against x, one line per series value;
+    heatmap.png: x by series, when both are grids. Failed trials are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, series = _axes(spec)
+    metric = f"best_{spec.metric}"
+    done = [r for r in rows if r["status"] != "failed" and r[metric] == r[metric]]
+    groups: dict = {}
+    for r in done:
+        groups.setdefault(r["params"].get(series) if series else None, []).append(r)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for value, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        group = sorted(group, key=lambda r: r["params"][x])
+        label = f"{series} = {value}" if series else None
+        ax.plot([r["params"][x] for r in group], [r[metric] for r in group], marker="o", label=label)
+    if x in ("loss.temperature", "optim.lr"):
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{spec.metric} (best over the trial)")
+    ax.set_title(f"{sweep_dir.name}: {spec.metric} ({spec.epochs} epochs per trial)")
+    if series:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(sweep_dir / f"{spec.metric}_vs_{x.split('.')[-1]}.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if series and all("grid" in spec.space[k] for k in (x, series)):
+        xs, ys = spec.space[x]["grid"], spec.space[series]["grid"]
+        grid = [[float("nan")] * len(xs) for _ in ys]
+        for r in done:
+            i, j = ys.index(r["params"][series]), xs.index(r["params"][x])
+            grid[i][j] = r[metric]
+        fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2, 0.8 * len(ys) + 1.5))
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+        ax.set_yticks(range(len(ys)), [str(v) for v in ys])
+        ax.set_xlabel(x)
+        ax.set_ylabel(series)
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(image, label=spec.metric)
+        fig.tight_layout()
+        paths.append(sweep_dir / "heatmap.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def summary_table(rows: list[dict], spec: SweepSpec) -> str:
+    keys = list(spec.space)
+    head = [*keys, "status", "epochs", f"best {spec.metric}"]
+    lines = ["  ".join(f"{h:>14}" for h in head)]
+    for r in rows:
+        cells = [*(r["params"][k] for k in keys), r["status"], r["epochs"], f"{r[f'best_{spec.metric}']:.4f}"]
+        lines.append("  ".join(f"{str(c):>14}" for c in cells))
+    return "\n".join(lines)
