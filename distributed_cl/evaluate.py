@@ -56,7 +56,7 @@ def sharded_knn_top1(embed_fn: Callable[[Tensor], Tensor], bank: Tensor, bank_la
 
 
 def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rank's contiguous slice [lo, hi) of n items split as evenly as possible."""
+    """Rank's contiguous slice [lo, hi) of n items split as evenly as possible (as sharded_embed splits)."""
     bounds = np.linspace(0, n, world + 1).astype(int)
     return int(bounds[rank]), int(bounds[rank + 1])
 
@@ -84,7 +84,7 @@ def sharded_embed(embed_fn: Callable[[Sequence], Tensor], items: Sequence, rank:
     batches; the gather (on the device: NCCL takes CUDA tensors only) returns all embeddings, in
     order, on every rank, as float32 on the CPU."""
     bounds = np.linspace(0, len(items), world + 1).astype(int)
-    shard = items[slice(*_shard(len(items), rank, world))]
+    shard = items[bounds[rank] : bounds[rank + 1]]
     parts = [embed_fn(shard[i : i + batch_size]).float() for i in range(0, len(shard), batch_size)]
     local = torch.cat(parts).to(device) if parts else None
     if local is None:  # an empty shard still joins the gather, with the right width
