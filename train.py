@@ -57,6 +57,7 @@ def parse_sweep_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sweep", required=True, help="sweep YAML: metric, mode, epochs, scheduler, space, ...")
     p.add_argument("--storage-path", help="where the sweep directory goes (default: the config's train.storage_path)")
     p.add_argument("--name", help="sweep name (default: the sweep file's name)")
+    p.add_argument("--verbose", action="store_true", help="also every trial's Ray Train log lines")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     return p.parse_args(argv)
 
@@ -66,16 +67,17 @@ def sweep_main(argv: list[str]) -> int:
 
     args = parse_sweep_args(argv)
     try:  # the config and the sweep are checked before Ray starts
-        config = Config.load(args.config, args.set)
+        overrides = args.set + (["train.verbose=true"] if args.verbose else [])
+        config = Config.load(args.config, overrides)
         spec = load_sweep(args.sweep, config)
-        config = with_fixed(config, spec)
+        config = with_fixed(config, spec, overrides)  # --set wins over the sweep's fixed values
     except (ConfigError, SweepError, FileNotFoundError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'sweep'} error: {e}", file=sys.stderr)
         return 2
     from distributed_cl.tune import run_sweep
 
     name = args.name or os.path.splitext(os.path.basename(args.sweep))[0]
-    run_sweep(config, spec, args.storage_path or config.train.storage_path, name)
+    run_sweep(config, spec, args.storage_path or config.train.storage_path, name, verbose=args.verbose)
     return 0
 
 

@@ -107,6 +107,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank's buffers (BatchNorm's running statistics) made rank `src`'s, in place."""
+    if get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src)
+
+
 def _local_rank_entry(fn, rank: int, world: int, init_file: str, args: tuple, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -155,6 +155,10 @@ def train_loop_per_worker(raw_config: dict) -> None:
     batches = task.train_batches(sampler)
 
     def evaluate(towers: nn.Module) -> dict[str, float]:
+        # Every rank evaluates rank 0's model, the one exported: BatchNorm's running statistics
+        # differ between ranks after a step (DDP broadcasts rank 0's before each forward, then
+        # every rank updates them from its own batch).
+        dist_utils.broadcast_buffers(towers)
         was_training = towers.training
         towers.eval()
         with torch.no_grad():

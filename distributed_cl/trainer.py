@@ -80,19 +80,20 @@ JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH
            "TOKENIZERS_PARALLELISM": "false"}  # workers tokenise on their own threads or in loader processes
 
 
-def connect_ray() -> None:
+def connect_ray(log_to_driver: bool = True) -> None:
     """Join the cluster this runs on (RAY_ADDRESS, or a running head under `ray submit`),
-    else start a local Ray."""
+    else start a local Ray. `log_to_driver=False` keeps the actors' own log lines (Ray Train's
+    controllers and workers) out of this console."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": JOB_ENV}
+    options = {"runtime_env": {"env_vars": JOB_ENV}, "log_to_driver": log_to_driver}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
+        ray.init(**options)
         return
     try:
-        ray.init(address="auto", runtime_env=runtime_env)
+        ray.init(address="auto", **options)
     except ConnectionError:
-        ray.init(runtime_env=runtime_env)
+        ray.init(**options)
 
 
 def absolute(path: str) -> str:

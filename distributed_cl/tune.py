@@ -7,6 +7,7 @@ A sweep YAML (experiments/sweeps/):
     epochs: 3                   # the budget: every trial trains this many epochs, so runs with
                                 # different batch sizes compare at the same number of samples
     num_samples: 1              # repeats of the space (each grid point num_samples times)
+    seed: 0                     # seeds the draws of choice/uniform/loguniform: same seed, same trials
     max_concurrent_trials: 2   # at most; fewer if the cluster cannot hold that many trials' workers
     fixed: {train.cpus_per_worker: 0.5}             # optional: config values for every trial
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or {name: fifo}; in epochs
@@ -18,9 +19,12 @@ A sweep YAML (experiments/sweeps/):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from distributed_cl.config import Config, ConfigError, _coerce
+from distributed_cl.config import Config, ConfigError, _apply_override, _coerce
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULERS = ("asha", "fifo")
@@ -48,6 +52,7 @@ class SweepSpec:
     mode: str = "max"
     epochs: int = 1
     num_samples: int = 1
+    seed: int = 0  # the search's random draws (choice, uniform, loguniform)
     max_concurrent_trials: int = 2
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     space: dict[str, dict[str, list]] = field(default_factory=dict)
@@ -100,6 +105,8 @@ def _check(spec: SweepSpec, config: Config) -> None:
         raise SweepError(f"mode must be max or min, got {spec.mode!r}")
     for name in ("epochs", "num_samples", "max_concurrent_trials"):
         _positive_int(name, getattr(spec, name))
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or spec.seed < 0:
+        raise SweepError(f"seed must be an integer >= 0, got {spec.seed!r}")
     s = spec.scheduler
     if s.name not in SCHEDULERS:
         raise SweepError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {s.name!r}")
@@ -123,11 +130,14 @@ def _check(spec: SweepSpec, config: Config) -> None:
             raise SweepError(str(e)) from None
 
 
-def with_fixed(config: Config, spec: SweepSpec) -> Config:
-    """The sweep's base config: `config` with the sweep's fixed values, validated."""
+def with_fixed(config: Config, spec: SweepSpec, overrides: list[str] = ()) -> Config:
+    """The sweep's base config: `config` with the sweep's fixed values, then `overrides`
+    ("key=value", as --set takes them: the command line wins over the sweep file), validated."""
     raw = config.to_dict()
     for key, value in spec.fixed.items():
         _set(raw, key, value)
+    for item in overrides:
+        _apply_override(raw, item)
     fixed = Config.from_dict(raw)
     fixed.validate()
     return fixed
@@ -176,6 +186,15 @@ def _positive_int(name: str, value) -> None:
         raise SweepError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def search_algorithm(spec: SweepSpec, max_concurrent: int = 0):
+    """Tune's grid and random search, its random draws seeded by the sweep's seed, at most
+    `max_concurrent` trials at a time (0: no limit). It must hold the limit itself: Tune applies
+    TuneConfig's max_concurrent_trials only to the search algorithm it makes."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent)
+
+
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's search space: one entry per swept field, keyed by its dotted name."""
     from ray import tune
@@ -222,9 +241,11 @@ def _run_trial(params: dict, base: dict, epochs: int, storage_path: str) -> None
     trainer.run(config, callbacks=[TuneReportCallback()], console=False)
 
 
-def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str) -> Path:
+def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, verbose: bool = False) -> str:
     """Run the sweep (or resume the one with this name and storage path) and write its
-    results.csv, plots and best.yaml into <storage_path>/<name>/. Returns that directory."""
+    results.csv, plots and best.yaml into <storage_path>/<name>/, a local directory or a URI
+    (s3://, gs://). Returns that path. The console shows Tune's trial table; `verbose` adds every
+    trial's Ray Train log lines."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -232,15 +253,18 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str) -> 
 
     config = trainer.resolve_paths(config)
     storage_path = trainer.absolute(storage_path)
-    sweep_dir = Path(storage_path, name)
-    trainer.connect_ray()
+    sweep_path = _join(storage_path, name)
+    trainer.connect_ray(log_to_driver=verbose)
     concurrent = _concurrent_trials(config, spec.max_concurrent_trials)
     trainable = tune.with_parameters(_run_trial, base=config.to_dict(), epochs=spec.epochs,
-                                     storage_path=str(sweep_dir / TRIALS_DIR))
-    # the trial itself only waits on its Ray Train workers, which hold the real resources
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    if tune.Tuner.can_restore(str(sweep_dir)):
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False)
+                                     storage_path=_join(sweep_path, TRIALS_DIR))
+    # The trial only waits on its Ray Train workers, which hold the real resources: it holds no CPU
+    # (Tune needs some resource in the request: 1 MiB of memory), so trials x workers fill the CPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
+    if tune.Tuner.can_restore(sweep_path):
+        print(f"[distributed_cl] resuming the sweep in {sweep_path}: finished trials are kept, unfinished ones "
+              "continue from their latest checkpoints")
+        tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         s = spec.scheduler
         scheduler = (ASHAScheduler(time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
@@ -250,21 +274,40 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str) -> 
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                        num_samples=spec.num_samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path,
-                                      progress_reporter=tune.CLIReporter(metric_columns=["epoch", "step", spec.metric],
-                                                                         parameter_columns=list(spec.space))),
+                                        search_alg=search_algorithm(spec, concurrent), num_samples=spec.num_samples),
+            # verbose 1: the trial table every 30 s, a box as each trial starts and ends
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=2 if verbose else 1),
         )
-    results = tuner.fit()
-    rows = results_table(results, spec)
-    write_results(sweep_dir, rows, spec)
+    rows = results_table(tuner.fit(), spec)
     best = best_row(rows, spec)
-    if best is not None:
-        best_config = trial_config(config.to_dict(), best["params"], spec.epochs, f"{name}-best",
-                                   config.train.storage_path)
-        Path(sweep_dir, BEST_FILE).write_text(yaml.safe_dump(best_config.to_dict(), sort_keys=False))
+    best_config = (trial_config(config.to_dict(), best["params"], spec.epochs, f"{name}-best",
+                                config.train.storage_path) if best else None)
+    with _writable(sweep_path) as out:
+        write_results(out, rows, spec, best_config)
     print(summary_table(rows, spec))
-    return sweep_dir
+    print(f"[distributed_cl] {RESULTS_FILE}, plots and {BEST_FILE if best else 'no best config'} in {sweep_path}")
+    return sweep_path
+
+
+def _join(base: str, *parts: str) -> str:
+    """A path under `base`, a local directory or a URI (pathlib would fold s3:// into s3:/)."""
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
+@contextlib.contextmanager
+def _writable(path: str):
+    """A local directory whose files end up at `path`: `path` itself, or for a URI a temporary
+    directory uploaded there afterwards (pyarrow's filesystems, as Ray's storage uses)."""
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
+        yield Path(path)
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+        filesystem, remote = pyarrow.fs.FileSystem.from_uri(path)
+        pyarrow.fs.copy_files(tmp, remote, destination_filesystem=filesystem)
 
 
 def _concurrent_trials(config: Config, wanted: int) -> int:
@@ -307,21 +350,29 @@ def results_table(results, spec: SweepSpec) -> list[dict]:
             f"best_{spec.metric}": float(best),
             "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500],
         })
-    return sorted(rows, key=lambda r: [str(v) for v in r["params"].values()])
+    return sorted(rows, key=lambda r: [_sort_key(v) for v in r["params"].values()])
+
+
+def _sort_key(value) -> tuple:
+    """Numbers by value (64 before 128), anything else by its text after them."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, str(value))
 
 
 def best_row(rows: list[dict], spec: SweepSpec) -> dict | None:
-    scored = [r for r in rows if r[f"best_{spec.metric}"] == r[f"best_{spec.metric}"]]  # not NaN
+    """The trial with the best metric at the end of its run: what its best.yaml trains to."""
+    metric = f"final_{spec.metric}"
+    scored = [r for r in rows if r[metric] == r[metric]]  # not NaN
     if not scored:
         return None
     sign = 1 if spec.mode == "max" else -1
-    return max(scored, key=lambda r: sign * r[f"best_{spec.metric}"])
+    return max(scored, key=lambda r: sign * r[metric])
 
 
-def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> None:
+def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec, best_config: Config | None = None) -> None:
+    """results.csv, the plots, and best.yaml (the best trial's whole training config) in `sweep_dir`."""
     import csv
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     columns = ["trial_id", *spec.space, "status", "early_stopped", "epochs", "steps",
                f"final_{spec.metric}", f"best_{spec.metric}", "error"]
     with open(sweep_dir / RESULTS_FILE, "w", newline="") as f:
@@ -330,6 +381,8 @@ def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> None:
         for row in rows:
             writer.writerow({**{k: v for k, v in row.items() if k != "params"}, **row["params"]})
     plot_results(sweep_dir, rows, spec)
+    if best_config is not None:
+        (sweep_dir / BEST_FILE).write_text(yaml.safe_dump(best_config.to_dict(), sort_keys=False))
 
 
 def _axes(spec: SweepSpec) -> tuple[str, str | None]:
@@ -342,54 +395,61 @@ def _axes(spec: SweepSpec) -> tuple[str, str | None]:
 
 
 def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Path]:
-    """<metric>_vs_<x>.png: the best metric of each trial against x, one line per series value;
-    heatmap.png: x by series, when both are grids. Failed trials are left out."""
+    """<metric>_vs_<x>.png: each trial's metric at the end of its run against x (temperature when
+    swept), one line per series value (batch size when swept), trials stopped early as open
+    circles; heatmap.png: x by series, when both are grids. Repeats of a point are averaged;
+    failed trials are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     x, series = _axes(spec)
-    metric = f"best_{spec.metric}"
-    done = [r for r in rows if r["status"] != "failed" and r[metric] == r[metric]]
-    groups: dict = {}
-    for r in done:
-        groups.setdefault(r["params"].get(series) if series else None, []).append(r)
-    paths = []
+    metric = f"final_{spec.metric}"
+    points: dict = {}  # (series value, x value) -> [(metric, stopped early)]
+    for r in rows:
+        if r["status"] != "failed" and r[metric] == r[metric]:
+            key = (r["params"].get(series) if series else None, r["params"][x])
+            points.setdefault(key, []).append((r[metric], r["early_stopped"]))
+    mean = {key: float(np.mean([v for v, _ in vs])) for key, vs in points.items()}
+    stopped = {key for key, vs in points.items() if any(s for _, s in vs)}
+    lines = sorted({key[0] for key in points}, key=_sort_key)
+    paths = [sweep_dir / f"{spec.metric}_vs_{x.split('.')[-1]}.png"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for value, group in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        group = sorted(group, key=lambda r: r["params"][x])
-        label = f"{series} = {value}" if series else None
-        ax.plot([r["params"][x] for r in group], [r[metric] for r in group], marker="o", label=label)
+    for value in lines:
+        keys = sorted((key for key in points if key[0] == value), key=lambda key: _sort_key(key[1]))
+        (line,) = ax.plot([k[1] for k in keys], [mean[k] for k in keys], marker="o",
+                          label=f"{series.split('.')[-1]} = {value}" if series else None)
+        early = [k for k in keys if k in stopped]
+        ax.scatter([k[1] for k in early], [mean[k] for k in early], s=90, facecolors="white",
+                   edgecolors=line.get_color(), zorder=3, label="stopped early" if early and value == lines[0] else None)
     if x in ("loss.temperature", "optim.lr"):
         ax.set_xscale("log")
     ax.set_xlabel(x)
-    ax.set_ylabel(f"{spec.metric} (best over the trial)")
-    ax.set_title(f"{sweep_dir.name}: {spec.metric} ({spec.epochs} epochs per trial)")
-    if series:
+    ax.set_ylabel(f"{spec.metric} at the end of the trial")
+    ax.set_title(f"{sweep_dir.name}: {spec.metric}, {spec.epochs} epoch(s) per trial")
+    if series or stopped:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths.append(sweep_dir / f"{spec.metric}_vs_{x.split('.')[-1]}.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     if series and all("grid" in spec.space[k] for k in (x, series)):
         xs, ys = spec.space[x]["grid"], spec.space[series]["grid"]
-        grid = [[float("nan")] * len(xs) for _ in ys]
-        for r in done:
-            i, j = ys.index(r["params"][series]), xs.index(r["params"][x])
-            grid[i][j] = r[metric]
+        grid = np.array([[mean.get((y, v), np.nan) for v in xs] for y in ys])
         fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2, 0.8 * len(ys) + 1.5))
-        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(xs)), [str(v) for v in xs])
         ax.set_yticks(range(len(ys)), [str(v) for v in ys])
         ax.set_xlabel(x)
         ax.set_ylabel(series)
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                if value == value:
-                    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
-        fig.colorbar(image, label=spec.metric)
+        for i, y in enumerate(ys):
+            for j, v in enumerate(xs):
+                if (y, v) in mean:
+                    label = f"{mean[y, v]:.4f}" + (" *" if (y, v) in stopped else "")
+                    ax.text(j, i, label, ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(image, label=f"{spec.metric}" + (" (* stopped early)" if stopped else ""))
         fig.tight_layout()
         paths.append(sweep_dir / "heatmap.png")
         fig.savefig(paths[-1], dpi=120)
@@ -398,10 +458,10 @@ def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Pat
 
 
 def summary_table(rows: list[dict], spec: SweepSpec) -> str:
-    keys = list(spec.space)
-    head = [*keys, "status", "epochs", f"best {spec.metric}"]
-    lines = ["  ".join(f"{h:>14}" for h in head)]
-    for r in rows:
-        cells = [*(r["params"][k] for k in keys), r["status"], r["epochs"], f"{r[f'best_{spec.metric}']:.4f}"]
-        lines.append("  ".join(f"{str(c):>14}" for c in cells))
-    return "\n".join(lines)
+    """The sweep's trials, one a line, in columns as wide as their contents."""
+    final, best = f"final_{spec.metric}", f"best_{spec.metric}"
+    head = [*spec.space, "status", "epochs", "steps", final, best]
+    body = [[*(r["params"][k] for k in spec.space), r["status"], r["epochs"], r["steps"], f"{r[final]:.4f}",
+             f"{r[best]:.4f}"] for r in rows]
+    widths = [max(len(str(c)) for c in column) for column in zip(head, *body)]
+    return "\n".join("  ".join(f"{str(c):>{w}}" for c, w in zip(line, widths)) for line in [head, *body])

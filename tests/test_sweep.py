@@ -2,8 +2,11 @@
 2 workers per trial, a failing trial recorded, best.yaml training, and a killed driver resuming."""
 
 import csv
+import json
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ from test_train_cli import ROOT, run_env
 
 import train
 from distributed_cl.config import Config
-from distributed_cl.tune import SweepError, load_sweep, plot_results, with_fixed
+from distributed_cl.tune import SweepError, SweepSpec, best_row, load_sweep, plot_results, summary_table, with_fixed
 
 DIGITS = ROOT / "tests" / "configs" / "digits.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,11 +70,21 @@ def test_shipped_sweeps_validate_against_their_configs():
         ({"space": {}}, "space must map config fields"),
         ({"fixed": {"train.cpus_per_workers": 0.5}}, "train.cpus_per_workers is not a config field"),
         ({"budget": 3}, "unknown sweep key budget"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
     ],
 )
 def test_bad_sweep_yaml_names_the_key(tmp_path, keys, match):
     with pytest.raises(SweepError, match=match):
         load_sweep(write_sweep(tmp_path, **keys), Config.load(DIGITS))
+
+
+def test_fixed_values_apply_and_the_command_line_wins_over_them(tmp_path):
+    config = Config.load(DIGITS)
+    spec = load_sweep(write_sweep(tmp_path), config)
+    base = with_fixed(config, spec)
+    assert (base.train.cpus_per_worker, base.train.log_every) == (0.5, 5)
+    base = with_fixed(config, spec, ["train.cpus_per_worker=2", "train.use_gpu=true"])
+    assert (base.train.cpus_per_worker, base.train.use_gpu, base.train.log_every) == (2.0, True, 5)
 
 
 def test_bad_sweep_exits_2_before_ray_starts(tmp_path, capsys):
@@ -83,9 +96,31 @@ def test_bad_sweep_exits_2_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_random_draws_follow_the_sweep_seed(tmp_path):
+    from ray.tune.experiment import Experiment
+
+    from distributed_cl.tune import param_space, search_algorithm
+
+    def trials(seed):
+        spec = load_sweep(write_sweep(tmp_path, seed=seed, num_samples=2, space={
+            "optim.lr": {"loguniform": [1e-4, 1e-2]}, "loss.temperature": {"grid": [0.1, 0.2]}}), Config.load(DIGITS))
+        search = search_algorithm(spec)
+        search.add_configurations([Experiment("x", run=lambda config: None, config=param_space(spec),
+                                              num_samples=spec.num_samples)])
+        configs = []
+        while (trial := search.next_trial()) is not None:
+            configs.append(trial.config)
+        return configs
+
+    first = trials(0)
+    assert len(first) == 4 and len({c["optim.lr"] for c in first}) == 4
+    assert trials(0) == first and trials(1) != first
+
+
 def test_plots_are_pngs_with_a_line_per_batch_size(tmp_path):
     spec = load_sweep(write_sweep(tmp_path), Config.load(DIGITS))
-    rows = [{"params": {"loss.temperature": t, "train.global_batch_size": b}, "status": s, "best_knn_top1": v}
+    rows = [{"params": {"loss.temperature": t, "train.global_batch_size": b}, "status": s,
+             "early_stopped": s == "early_stopped", "final_knn_top1": v}
             for t, b, s, v in [(0.05, 32, "completed", 0.9), (0.2, 32, "early_stopped", 0.8),
                                (0.05, 64, "completed", 0.85), (0.2, 64, "failed", float("nan"))]]
     paths = plot_results(tmp_path, rows, spec)
@@ -93,17 +128,68 @@ def test_plots_are_pngs_with_a_line_per_batch_size(tmp_path):
     assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000 for p in paths)
 
 
+def test_summary_and_best_use_the_metric_at_the_end_of_each_trial():
+    spec = SweepSpec(metric="knn_top1", space={"train.global_batch_size": {"grid": [64, 128, 256]}})
+    rows = [{"params": {"train.global_batch_size": b}, "status": "completed", "epochs": 3, "steps": 3 * 768 // b,
+             "final_knn_top1": final, "best_knn_top1": best}
+            for b, final, best in [(64, 0.80, 0.90), (128, 0.85, 0.85), (256, float("nan"), float("nan"))]]
+    assert best_row(rows, spec)["params"] == {"train.global_batch_size": 128}
+    assert best_row(rows, SweepSpec(metric="knn_top1", mode="min", space=spec.space))["final_knn_top1"] == 0.80
+    lines = summary_table(rows, spec).splitlines()
+    assert lines[0].split() == ["train.global_batch_size", "status", "epochs", "steps", "final_knn_top1",
+                                "best_knn_top1"]
+    assert lines[1].split() == ["64", "completed", "3", "36", "0.8000", "0.9000"]
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
 # ----------------------------------------------------------------------------- real sweeps
-
-# ASHA must stop something, deterministically: trials 3 and 4 score their kNN against a bank of
-# 10 images (worse than the whole bank, by construction), and with 2 trials at a time they reach
-# epoch 1 only after trial 1 or 2 has finished, so the cutoff is already a whole-bank score.
-ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 0, 10, 10]}}
+# They share one 2-CPU Ray cluster that outlives each sweep, as on a real cluster (where a leak
+# matters: a placement group that a stopped trial left behind holds its CPUs until the cluster
+# goes), with token authentication on.
 
 
-def sweep_cmd(tmp_path, sweep, name):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A Ray head (2 CPUs, dashboard on, token auth); yields the environment that joins it."""
+    token = tmp_path_factory.mktemp("auth") / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**run_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    f"--dashboard-port={free_port()}", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    try:
+        yield env
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def live_placement_groups(env, settle_s: float = 30) -> list[dict]:
+    """The cluster's placement groups not yet removed, once Ray Train's cleaner has had `settle_s`."""
+    code = ("import json, ray; ray.init(log_to_driver=False); "
+            "print(json.dumps([{'id': k, 'state': g['state'], 'bundles': g['bundles']} "
+            "for k, g in ray.util.placement_group_table().items()]))")
+    deadline = time.time() + settle_s
+    while True:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                             check=True)
+        live = [g for g in json.loads(out.stdout.strip().splitlines()[-1]) if g["state"] != "REMOVED"]
+        if not live or time.time() > deadline:
+            return live
+        time.sleep(2)
+
+
+def sweep_cmd(tmp_path, sweep, name, storage=None):
     return [sys.executable, str(ROOT / "train.py"), "sweep", "--config", str(DIGITS), "--sweep", str(sweep),
-            "--storage-path", str(tmp_path / "sweeps"), "--name", name]
+            "--storage-path", storage or str(tmp_path / "sweeps"), "--name", name]
 
 
 def results(tmp_path, name) -> list[dict]:
@@ -111,14 +197,23 @@ def results(tmp_path, name) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_sweep_process(cmd, timeout=240):
-    out = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=timeout)
+def run_sweep_process(cmd, env, timeout=240):
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     return out.stdout
 
 
-def test_asha_sweep_stops_trials_early_and_its_best_config_trains(tmp_path):
-    run_sweep_process(sweep_cmd(tmp_path, write_sweep(tmp_path, space=ASHA_SPACE), "asha"))
+# ASHA must stop something, deterministically: trials 3 and 4 score their kNN against a bank of
+# 10 images (worse than the whole bank, by construction), and with 2 trials at a time (all the
+# cluster's CPUs) they start only once trial 1 or 2 has finished, so the cutoff at epoch 1 is
+# already a whole-bank score. Reduction factor 3 over 2 epochs: one rung, at epoch 1.
+ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 0, 10, 10]}}
+
+
+def test_asha_sweep_stops_trials_early_frees_their_resources_and_its_best_config_trains(tmp_path, cluster):
+    sweep = write_sweep(tmp_path, epochs=2, space=ASHA_SPACE,
+                        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3})
+    run_sweep_process(sweep_cmd(tmp_path, sweep, "asha"), cluster)
     rows = results(tmp_path, "asha")
     assert len(rows) == 4
     assert sorted(r["data.eval_bank_size"] for r in rows) == ["0", "0", "10", "10"]
@@ -126,54 +221,63 @@ def test_asha_sweep_stops_trials_early_and_its_best_config_trains(tmp_path):
         whole_bank = r["data.eval_bank_size"] == "0"
         assert r["status"] == ("completed" if whole_bank else "early_stopped"), r
         assert r["early_stopped"] == str(not whole_bank)
-        assert int(r["epochs"]) == (3 if whole_bank else 1) and int(r["steps"]) > 0
+        assert int(r["epochs"]) == (2 if whole_bank else 1) and int(r["steps"]) > 0
         assert 0 < float(r["best_knn_top1"]) <= 1 and not r["error"]
+    # Ray Train removed the stopped trials' placement groups (the next test's sweep on this
+    # cluster would wait for ever on their CPUs otherwise)
+    assert live_placement_groups(cluster) == []
     sweep_dir = tmp_path / "sweeps" / "asha"
-    plot = sweep_dir / "knn_top1_vs_eval_bank_size.png"
-    assert plot.read_bytes()[:8] == PNG_MAGIC
+    assert (sweep_dir / "knn_top1_vs_eval_bank_size.png").read_bytes()[:8] == PNG_MAGIC
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
-    assert best["data"]["eval_bank_size"] == 0 and best["train"]["epochs"] == 3
+    assert best["data"]["eval_bank_size"] == 0 and best["train"]["epochs"] == 2
     out = tmp_path / "best.json"
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(sweep_dir / "best.yaml"),
                     "--storage-path", str(tmp_path / "runs"), "--output-json", str(out)],
-                   cwd=ROOT, env=run_env(), check=True, capture_output=True, timeout=240)
-    assert 0 < json_metrics(out)["knn_top1_trained"] <= 1
+                   cwd=ROOT, env=cluster, check=True, capture_output=True, timeout=240)
+    assert 0 < json.loads(out.read_text())["metrics"]["knn_top1_trained"] <= 1
 
 
-def json_metrics(path):
-    import json
-
-    return json.loads(Path(path).read_text())["metrics"]
-
-
-def test_a_failing_trial_is_recorded_and_the_next_sweep_does_not_hang(tmp_path):
-    """Two sweeps back to back: the second must not wait on resources the first left behind.
-    Its batch of 63 does not split over 2 workers: that trial fails, with its error in the CSV."""
+def test_the_next_sweep_on_the_cluster_runs_and_records_a_failing_trial(tmp_path, cluster):
+    """Right after the ASHA sweep, on the same cluster: it must not wait on anything that sweep
+    left behind. Its batch of 63 does not split over 2 workers: that trial fails, with its error in
+    the CSV, and the sweep goes on. Its storage is a URI, as on a cluster (s3://, gs://)."""
     space = {"train.global_batch_size": {"grid": [64, 63]}}
-    for name in ("first", "second"):
-        run_sweep_process(sweep_cmd(tmp_path, write_sweep(tmp_path, f"{name}.yaml", epochs=1, space=space,
-                                                          scheduler={"name": "fifo"}), name))
-        rows = {r["train.global_batch_size"]: r for r in results(tmp_path, name)}
-        assert rows["64"]["status"] == "completed" and rows["64"]["epochs"] == "1"
-        assert rows["63"]["status"] == "failed" and "not divisible by train.num_workers=2" in rows["63"]["error"]
+    sweep = write_sweep(tmp_path, epochs=1, space=space, scheduler={"name": "fifo"})
+    run_sweep_process(sweep_cmd(tmp_path, sweep, "next", storage=(tmp_path / "sweeps").as_uri()), cluster)
+    rows = {r["train.global_batch_size"]: r for r in results(tmp_path, "next")}
+    assert rows["64"]["status"] == "completed" and rows["64"]["epochs"] == "1"
+    assert rows["63"]["status"] == "failed" and "not divisible by train.num_workers=2" in rows["63"]["error"]
+    assert (tmp_path / "sweeps" / "next" / "knn_top1_vs_global_batch_size.png").read_bytes()[:8] == PNG_MAGIC
+    assert yaml.safe_load((tmp_path / "sweeps" / "next" / "best.yaml").read_text())["train"]["global_batch_size"] == 64
 
 
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    sweep = write_sweep(tmp_path, space={"loss.temperature": {"grid": [0.1, 0.2, 0.3]}}, scheduler={"name": "fifo"},
-                        max_concurrent_trials=1)
-    proc = subprocess.Popen(sweep_cmd(tmp_path, sweep, "resume"), cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
+def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkpoints(tmp_path, cluster):
+    sweep = write_sweep(tmp_path, epochs=1, space={"loss.temperature": {"grid": [0.1, 0.2]}},
+                        scheduler={"name": "fifo"}, max_concurrent_trials=1,
+                        fixed={"train.cpus_per_worker": 0.5, "train.checkpoint_every": 5})
+    env = {**cluster, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its experiment state every second
+    proc = subprocess.Popen(sweep_cmd(tmp_path, sweep, "resume"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     trials = tmp_path / "sweeps" / "resume" / "trials"
+
+    def finished():
+        return [p.parent for p in trials.glob("*/towers.pt")]
+
+    def checkpointed_unfinished():  # the controller has registered a checkpoint of a running trial
+        return [p.parent for p in trials.glob("*/checkpoint_manager_snapshot.json") if p.parent not in finished()]
+
     deadline = time.time() + 180
-    while not list(trials.glob("*/towers.pt")):  # a trial has finished and exported
-        assert time.time() < deadline and proc.poll() is None, "no trial finished"
-        time.sleep(1)
-    time.sleep(12)  # Tune saves its experiment state every few seconds
-    finished = {p.parent.name: (p.parent / "metrics.csv").read_text() for p in trials.glob("*/towers.pt")}
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray
+    while not (finished() and checkpointed_unfinished()):
+        assert time.time() < deadline and proc.poll() is None, "no trial finished while the next one checkpointed"
+        time.sleep(0.5)
+    (done,), (unfinished,) = finished(), checkpointed_unfinished()
+    kept = (done / "metrics.csv").read_text()
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver: its trials' actors go with its job
     proc.wait()
-    run_sweep_process(sweep_cmd(tmp_path, sweep, "resume"))
+    run_sweep_process(sweep_cmd(tmp_path, sweep, "resume"), env)
     rows = results(tmp_path, "resume")
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
-    for trial_id, metrics in finished.items():  # not trained, evaluated or reported again
-        assert (trials / trial_id / "metrics.csv").read_text() == metrics
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "1" for r in rows)
+    assert (done / "metrics.csv").read_text() == kept  # not trained, evaluated or reported again
+    with open(unfinished / "metrics.csv") as f:
+        starts = {int(r["start_step"]) for r in csv.DictReader(f)}
+    assert 0 in starts and max(starts) >= 5  # its second attempt began from a checkpoint

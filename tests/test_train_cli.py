@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from distributed_cl.config import Config
 from distributed_cl.models import load_encoder
 from distributed_cl.tasks import load_towers
+from distributed_cl.tasks.image import ImageTask
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "tests" / "configs" / "digits.yaml"
@@ -85,6 +87,8 @@ def test_cli_trains_two_workers_and_exports_the_encoder(tmp_path):
     assert encoder(torch.rand(3, 1, 8, 8)).shape == (3, 8 * 4 * 2 * 2)
     towers = load_towers(run_dir / "towers.pt")  # the generic export: the encoder and its head
     torch.testing.assert_close(towers.encoder(torch.ones(2, 1, 8, 8)), encoder(torch.ones(2, 1, 8, 8)))
+    # the reported figure is the exported model's: both workers evaluated rank 0's weights and buffers
+    assert ImageTask(Config.load(DIGITS)).evaluate(towers)["knn_top1"] == m["knn_top1_trained"]
 
 
 def test_killed_worker_resumes_from_the_checkpointed_step(tmp_path):
