@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ray.tune.schedulers import ASHAScheduler
 
 from distributed_cl.config import Config, ConfigError, _apply_override, _coerce
 
@@ -247,11 +248,11 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
     (s3://, gs://). Returns that path. The console shows Tune's trial table; `verbose` adds every
     trial's Ray Train log lines."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from distributed_cl import trainer
 
-    config = trainer.resolve_paths(config)
+    user_config, config = config, trainer.resolve_paths(config)  # trial workers chdir: absolute paths
     storage_path = trainer.absolute(storage_path)
     sweep_path = _join(storage_path, name)
     trainer.connect_ray(log_to_driver=verbose)
@@ -267,8 +268,8 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         s = spec.scheduler
-        scheduler = (ASHAScheduler(time_attr="epoch", grace_period=s.grace_period, reduction_factor=s.reduction_factor,
-                                   max_t=s.max_t or spec.epochs)
+        scheduler = (BudgetASHA(spec.epochs, time_attr="epoch", grace_period=s.grace_period,
+                                reduction_factor=s.reduction_factor, max_t=s.max_t or spec.epochs)
                      if s.name == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
@@ -280,13 +281,28 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
         )
     rows = results_table(tuner.fit(), spec)
     best = best_row(rows, spec)
-    best_config = (trial_config(config.to_dict(), best["params"], spec.epochs, f"{name}-best",
-                                config.train.storage_path) if best else None)
+    # best.yaml keeps the paths as the user gave them (./runs, ~/.cache), not this machine's
+    best_config = (trial_config(user_config.to_dict(), best["params"], spec.epochs, f"{name}-best",
+                                user_config.train.storage_path) if best else None)
     with _writable(sweep_path) as out:
         write_results(out, rows, spec, best_config)
     print(summary_table(rows, spec))
     print(f"[distributed_cl] {RESULTS_FILE}, plots and {BEST_FILE if best else 'no best config'} in {sweep_path}")
     return sweep_path
+
+
+class BudgetASHA(ASHAScheduler):
+    """ASHA that never stops a trial at the report of its last epoch: stopping it there saves no
+    compute, and would end the trial before it exports its model and shuts its workers down."""
+
+    def __init__(self, epochs: int, **asha) -> None:
+        super().__init__(**asha)
+        self.epochs = epochs
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(self._time_attr, 0) >= self.epochs:
+            return self.CONTINUE  # the trial ends by itself after this report
+        return super().on_trial_result(tune_controller, trial, result)
 
 
 def _join(base: str, *parts: str) -> str:
@@ -414,18 +430,36 @@ def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Pat
             points.setdefault(key, []).append((r[metric], r["early_stopped"]))
     mean = {key: float(np.mean([v for v, _ in vs])) for key, vs in points.items()}
     stopped = {key for key, vs in points.items() if any(s for _, s in vs)}
-    lines = sorted({key[0] for key in points}, key=_sort_key)
     paths = [sweep_dir / f"{spec.metric}_vs_{x.split('.')[-1]}.png"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for value in lines:
-        keys = sorted((key for key in points if key[0] == value), key=lambda key: _sort_key(key[1]))
-        (line,) = ax.plot([k[1] for k in keys], [mean[k] for k in keys], marker="o",
-                          label=f"{series.split('.')[-1]} = {value}" if series else None)
-        early = [k for k in keys if k in stopped]
-        ax.scatter([k[1] for k in early], [mean[k] for k in early], s=90, facecolors="white",
-                   edgecolors=line.get_color(), zorder=3, label="stopped early" if early and value == lines[0] else None)
+    if series and not {"grid", "choice"} & set(spec.space[series]):
+        # a continuous series (a learning rate drawn per trial): points coloured by its value
+        log = "loguniform" in spec.space[series]
+        norm = (matplotlib.colors.LogNorm if log else matplotlib.colors.Normalize)(*spec.space[series][
+            "loguniform" if log else "uniform"])
+        for early in (False, True):
+            keys = [k for k in points if (k in stopped) == early]
+            colours = plt.cm.viridis(norm([k[0] for k in keys]))
+            ax.scatter([k[1] for k in keys], [mean[k] for k in keys], s=60 if early else 40, zorder=3,
+                       facecolors="white" if early else colours, edgecolors=colours,
+                       label=("stopped early" if early else "ran its budget") if keys else None)
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=series)
+    else:
+        lines = sorted({key[0] for key in points}, key=_sort_key)
+        for value in lines:
+            keys = sorted((key for key in points if key[0] == value), key=lambda key: _sort_key(key[1]))
+            (line,) = ax.plot([k[1] for k in keys], [mean[k] for k in keys], marker="o",
+                              label=f"{series.split('.')[-1]} = {value}" if series else None)
+            early = [k for k in keys if k in stopped]
+            ax.scatter([k[1] for k in early], [mean[k] for k in early], s=90, facecolors="white",
+                       edgecolors=line.get_color(), zorder=3,
+                       label="stopped early" if early and value == lines[0] else None)
     if x in ("loss.temperature", "optim.lr"):
         ax.set_xscale("log")
+    xs_seen = sorted({key[1] for key in points}, key=_sort_key)
+    if all(_sort_key(v)[0] == 0 for v in xs_seen):  # numbers: a tick at each value tried
+        ax.set_xticks(xs_seen, [f"{v:g}" for v in xs_seen])
+        ax.minorticks_off()
     ax.set_xlabel(x)
     ax.set_ylabel(f"{spec.metric} at the end of the trial")
     ax.set_title(f"{sweep_dir.name}: {spec.metric}, {spec.epochs} epoch(s) per trial")
@@ -448,7 +482,8 @@ def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Pat
             for j, v in enumerate(xs):
                 if (y, v) in mean:
                     label = f"{mean[y, v]:.4f}" + (" *" if (y, v) in stopped else "")
-                    ax.text(j, i, label, ha="center", va="center", color="white", fontsize=8)
+                    light = image.norm(mean[y, v]) > 0.6  # dark text on viridis' light end
+                    ax.text(j, i, label, ha="center", va="center", color="black" if light else "white", fontsize=8)
         fig.colorbar(image, label=f"{spec.metric}" + (" (* stopped early)" if stopped else ""))
         fig.tight_layout()
         paths.append(sweep_dir / "heatmap.png")

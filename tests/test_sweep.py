@@ -128,6 +128,16 @@ def test_plots_are_pngs_with_a_line_per_batch_size(tmp_path):
     assert all(p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000 for p in paths)
 
 
+def test_a_continuous_series_is_one_scatter_coloured_by_its_value(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, space={"loss.temperature": {"grid": [0.05, 0.2]},
+                                                   "optim.lr": {"loguniform": [1e-4, 1e-2]}}), Config.load(DIGITS))
+    rows = [{"params": {"loss.temperature": t, "optim.lr": lr}, "status": s, "early_stopped": s == "early_stopped",
+             "final_knn_top1": v} for t, lr, s, v in [(0.05, 3e-4, "completed", 0.9), (0.2, 2e-3, "early_stopped", 0.8),
+                                                     (0.05, 5e-3, "completed", 0.85)]]
+    (path,) = plot_results(tmp_path, rows, spec)  # no heatmap: the learning rates are not a grid
+    assert path.name == "knn_top1_vs_temperature.png" and path.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_summary_and_best_use_the_metric_at_the_end_of_each_trial():
     spec = SweepSpec(metric="knn_top1", space={"train.global_batch_size": {"grid": [64, 128, 256]}})
     rows = [{"params": {"train.global_batch_size": b}, "status": "completed", "epochs": 3, "steps": 3 * 768 // b,
@@ -200,7 +210,7 @@ def results(tmp_path, name) -> list[dict]:
 def run_sweep_process(cmd, env, timeout=240):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    return out.stdout
+    return out.stdout + out.stderr
 
 
 # ASHA must stop something, deterministically: trials 3 and 4 score their kNN against a bank of
@@ -223,6 +233,11 @@ def test_asha_sweep_stops_trials_early_frees_their_resources_and_its_best_config
         assert r["early_stopped"] == str(not whole_bank)
         assert int(r["epochs"]) == (2 if whole_bank else 1) and int(r["steps"]) > 0
         assert 0 < float(r["best_knn_top1"]) <= 1 and not r["error"]
+    # trials that ran their whole budget ended by themselves (ASHA leaves their last report alone):
+    # their exported model is beside their checkpoints
+    trials = tmp_path / "sweeps" / "asha" / "trials"
+    assert sorted(p.parent.name for p in trials.glob("*/towers.pt")) == sorted(
+        r["trial_id"] for r in rows if r["status"] == "completed")
     # Ray Train removed the stopped trials' placement groups (the next test's sweep on this
     # cluster would wait for ever on their CPUs otherwise)
     assert live_placement_groups(cluster) == []
@@ -230,6 +245,7 @@ def test_asha_sweep_stops_trials_early_frees_their_resources_and_its_best_config
     assert (sweep_dir / "knn_top1_vs_eval_bank_size.png").read_bytes()[:8] == PNG_MAGIC
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert best["data"]["eval_bank_size"] == 0 and best["train"]["epochs"] == 2
+    assert best["train"]["storage_path"] == "./runs"  # the config's own paths, not made absolute
     out = tmp_path / "best.json"
     subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(sweep_dir / "best.yaml"),
                     "--storage-path", str(tmp_path / "runs"), "--output-json", str(out)],
@@ -243,7 +259,9 @@ def test_the_next_sweep_on_the_cluster_runs_and_records_a_failing_trial(tmp_path
     the CSV, and the sweep goes on. Its storage is a URI, as on a cluster (s3://, gs://)."""
     space = {"train.global_batch_size": {"grid": [64, 63]}}
     sweep = write_sweep(tmp_path, epochs=1, space=space, scheduler={"name": "fifo"})
-    run_sweep_process(sweep_cmd(tmp_path, sweep, "next", storage=(tmp_path / "sweeps").as_uri()), cluster)
+    out = run_sweep_process(sweep_cmd(tmp_path, sweep, "next", storage=(tmp_path / "sweeps").as_uri()), cluster)
+    assert "Trial status:" in out and "train.global_batch_size" in out  # Tune's table, our summary
+    assert "Started training worker group" not in out  # trials' Ray Train lines only with --verbose
     rows = {r["train.global_batch_size"]: r for r in results(tmp_path, "next")}
     assert rows["64"]["status"] == "completed" and rows["64"]["epochs"] == "1"
     assert rows["63"]["status"] == "failed" and "not divisible by train.num_workers=2" in rows["63"]["error"]
