@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray.tune.schedulers import ASHAScheduler
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from distributed_cl.config import Config, ConfigError, _apply_override, _coerce
 
@@ -105,17 +107,15 @@ def _check(spec: SweepSpec, config: Config) -> None:
     if spec.mode not in ("max", "min"):
         raise SweepError(f"mode must be max or min, got {spec.mode!r}")
     for name in ("epochs", "num_samples", "max_concurrent_trials"):
-        _positive_int(name, getattr(spec, name))
-    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or spec.seed < 0:
-        raise SweepError(f"seed must be an integer >= 0, got {spec.seed!r}")
+        _int_at_least(name, getattr(spec, name), 1)
+    _int_at_least("seed", spec.seed, 0)
     s = spec.scheduler
     if s.name not in SCHEDULERS:
         raise SweepError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {s.name!r}")
-    _positive_int("scheduler.grace_period", s.grace_period)
-    if not isinstance(s.reduction_factor, int) or isinstance(s.reduction_factor, bool) or s.reduction_factor < 2:
-        raise SweepError(f"scheduler.reduction_factor must be an integer >= 2, got {s.reduction_factor!r}")
+    _int_at_least("scheduler.grace_period", s.grace_period, 1)
+    _int_at_least("scheduler.reduction_factor", s.reduction_factor, 2)
     if s.max_t is not None:
-        _positive_int("scheduler.max_t", s.max_t)
+        _int_at_least("scheduler.max_t", s.max_t, 1)
     if not isinstance(spec.space, dict) or not spec.space:
         raise SweepError("space must map config fields to {grid|choice|uniform|loguniform: ...}")
     for key, dist in spec.space.items():
@@ -182,24 +182,20 @@ def _field_type(key: str):
     return cls
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SweepError(f"{name} must be an integer >= 1, got {value!r}")
+def _int_at_least(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise SweepError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def search_algorithm(spec: SweepSpec, max_concurrent: int = 0):
     """Tune's grid and random search, its random draws seeded by the sweep's seed, at most
     `max_concurrent` trials at a time (0: no limit). It must hold the limit itself: Tune applies
     TuneConfig's max_concurrent_trials only to the search algorithm it makes."""
-    from ray.tune.search import BasicVariantGenerator
-
     return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's search space: one entry per swept field, keyed by its dotted name."""
-    from ray import tune
-
     make = {"grid": tune.grid_search, "choice": tune.choice,
             "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
     return {key: make[kind](values) for key, dist in spec.space.items() for kind, values in dist.items()}
@@ -233,10 +229,9 @@ def trial_config(base: dict, params: dict, epochs: int, name: str, storage_path:
 
 def _run_trial(params: dict, base: dict, epochs: int, storage_path: str) -> None:
     """A Tune trial: the driver of one Ray Train run, whose reports reach Tune (and ASHA)."""
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distributed_cl import trainer
+    from distributed_cl import trainer  # torch and the tasks: loaded only where a sweep runs
 
     config = trial_config(base, params, epochs, tune.get_context().get_trial_id(), storage_path)
     trainer.run(config, callbacks=[TuneReportCallback()], console=False)
@@ -247,9 +242,6 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
     results.csv, plots and best.yaml into <storage_path>/<name>/, a local directory or a URI
     (s3://, gs://). Returns that path. The console shows Tune's trial table; `verbose` adds every
     trial's Ray Train log lines."""
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-
     from distributed_cl import trainer
 
     user_config, config = config, trainer.resolve_paths(config)  # trial workers chdir: absolute paths
