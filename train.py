@@ -18,7 +18,21 @@ import sys
 
 from distributed_cl.config import Config, ConfigError
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", "image_simclr.yaml")
+DEFAULT_CONFIG = "experiments/image_simclr.yaml"
+
+
+def find(path: str) -> str:
+    """`path` as given if it exists, else under the repository this script or the installed
+    distributed_cl comes from: `ray submit` runs a copy of this script in the head's home directory."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    import distributed_cl
+
+    package_repo = os.path.dirname(os.path.dirname(os.path.abspath(distributed_cl.__file__)))
+    for repo in (os.path.dirname(os.path.abspath(__file__)), package_repo):
+        if os.path.exists(os.path.join(repo, path)):
+            return os.path.join(repo, path)
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,8 +82,8 @@ def sweep_main(argv: list[str]) -> int:
     args = parse_sweep_args(argv)
     try:  # the config and the sweep are checked before Ray starts
         overrides = args.set + (["train.verbose=true"] if args.verbose else [])
-        config = Config.load(args.config, overrides)
-        spec = load_sweep(args.sweep, config)
+        config = Config.load(find(args.config), overrides)
+        spec = load_sweep(find(args.sweep), config)
         config = with_fixed(config, spec, overrides)  # --set wins over the sweep's fixed values
     except (ConfigError, SweepError, FileNotFoundError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'sweep'} error: {e}", file=sys.stderr)
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(argv[1:])
     args = parse_args(argv)
     try:  # every field is checked here, before Ray or any worker starts
-        config = Config.load(args.config, overrides_from_flags(args))
+        config = Config.load(find(args.config), overrides_from_flags(args))
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

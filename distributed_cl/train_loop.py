@@ -9,11 +9,13 @@ untrained and with the task's baselines, and export them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import queue
 import random
+import socket
 import tempfile
 import threading
 import time
@@ -33,6 +35,7 @@ from distributed_cl.tasks import TASKS, ContrastiveModel, build_objective, to_de
 
 STATE_FILE = "state.pt"
 EXPORT_DIR = "export"
+WORKERS_FILE = "workers.json"  # in every checkpoint: where each rank ran
 
 
 # ----------------------------------------------------------------------------- components
@@ -142,6 +145,11 @@ def train_loop_per_worker(raw_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    workers = _all_ranks({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                          "host": socket.gethostname(), "device": str(device)}, world)
+    if rank == 0:  # on a cluster, the first thing to check
+        print("[distributed_cl] workers: " + ", ".join(
+            f"rank {w['rank']} on {w['host']} (node {w['node_id'][:8]}, {w['device']})" for w in workers), flush=True)
 
     # Data: the task's batches for a batch sampler that yields this rank's slice of every global
     # batch (moved to the device here: Ray's prepare_data_loader would replace the sampler).
@@ -204,6 +212,8 @@ def train_loop_per_worker(raw_config: dict) -> None:
             torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
                         "batch_in_epoch": batch_in_epoch, "rng": rng_states}, os.path.join(d, STATE_FILE))
+            with open(os.path.join(d, WORKERS_FILE), "w") as f:
+                json.dump(workers, f, indent=1)
             if final:
                 os.makedirs(os.path.join(d, EXPORT_DIR))
                 task.export(net.towers, os.path.join(d, EXPORT_DIR))

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -96,6 +97,36 @@ def connect_ray(log_to_driver: bool = True) -> None:
         ray.init(**options)
 
 
+# Filesystems that every node of a cluster can mount at the same path (fuse covers gcsfuse,
+# mountpoint-s3, JuiceFS and the like).
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "glusterfs", "ceph", "fuse")
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem that holds `path`, from /proc/mounts ("" where there is none)."""
+    path, mount_point, kind = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                _, mount, fstype, *_ = line.split()
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(mount_point):
+                    mount_point, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
+def warn_unless_shared(storage_path: str) -> None:
+    """Ray Train's workers write checkpoints from their own nodes: on a cluster of several nodes a
+    path on one node's disk loses them (the driver finds no checkpoint, a resume starts over)."""
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    kind = filesystem_type(storage_path)
+    if nodes > 1 and kind.split(".")[0] not in SHARED_FILESYSTEMS:
+        print(f"[distributed_cl] warning: train.storage_path {storage_path} is on a {kind or 'local'} filesystem "
+              f"and this cluster has {nodes} nodes: use s3://, gs:// or a path every node mounts (NFS)",
+              file=sys.stderr, flush=True)
+
+
 def absolute(path: str) -> str:
     """A local path made absolute (workers chdir into their trial directory); URIs unchanged."""
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
@@ -127,6 +158,8 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
     connect_ray()
+    if local_storage:
+        warn_unless_shared(t.storage_path)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

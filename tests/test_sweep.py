@@ -4,9 +4,7 @@
 import csv
 import json
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,8 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from test_train_cli import ROOT, run_env
+from ray_cluster import token_auth_cluster
+from test_train_cli import ROOT
 
 import train
 from distributed_cl.config import Config
@@ -161,25 +160,8 @@ def test_summary_and_best_use_the_metric_at_the_end_of_each_trial():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A Ray head (2 CPUs, dashboard on, token auth); yields the environment that joins it."""
-    token = tmp_path_factory.mktemp("auth") / "token"
-    token.write_text(secrets.token_hex(32))
-    env = {**run_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    port = free_port()
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--dashboard-port={free_port()}", "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
-    env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    try:
+    with token_auth_cluster(tmp_path_factory.mktemp("cluster"), node_cpus=(2,)) as env:
         yield env
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def live_placement_groups(env, settle_s: float = 30) -> list[dict]:

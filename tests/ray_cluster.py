@@ -1,0 +1,46 @@
+"""Real Ray clusters for the tests: a head started with `ray start --head`, more nodes with
+`ray start --address`, token authentication on, as on a cluster (not ray.init's private one)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY_CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@contextmanager
+def token_auth_cluster(tmp_dir: Path, node_cpus: tuple[float, ...] = (2,)):
+    """A head and len(node_cpus) - 1 more nodes on this machine, node i with node_cpus[i] CPUs.
+    Yields the environment that joins it: RAY_ADDRESS, the token, and DASHBOARD_URL (the Jobs
+    API, where `ray job submit` goes)."""
+    token = tmp_dir / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    port, dashboard_port = free_port(), free_port()
+    small = ["--num-gpus=0", "--object-store-memory=200000000", "--disable-usage-stats"]
+    try:
+        ray_cli(env, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                f"--dashboard-port={dashboard_port}", f"--num-cpus={node_cpus[0]}", *small)
+        for cpus in node_cpus[1:]:  # a node of its own: its own raylet, object store and resources
+            ray_cli(env, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}", *small)
+        yield env | {"RAY_ADDRESS": f"127.0.0.1:{port}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard_port}"}
+    finally:
+        ray_cli(env, "stop", "--force", check=False)

@@ -1,0 +1,156 @@
+"""Clusters: the launcher YAMLs pass Ray's own validator, and a real two-node Ray cluster on this
+machine runs train.py submitted with `ray job submit`, one worker per node, token auth on."""
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray_cluster import ray_cli, token_auth_cluster
+from test_train_cli import DIGITS, ROOT
+
+from distributed_cl.models import load_encoder
+from distributed_cl.train_loop import STATE_FILE, WORKERS_FILE
+
+LAUNCHER_YAMLS = sorted((ROOT / "cluster").glob("*.yaml"))
+
+
+def launcher_config(name: str) -> dict:
+    return yaml.safe_load((ROOT / "cluster" / name).read_text())
+
+
+def ray_validates(config: dict) -> dict:
+    """What `ray up` checks before it touches a cloud (DESIGN.md section 5)."""
+    config = prepare_config(copy.deepcopy(config))
+    validate_config(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- launcher YAMLs
+
+
+def test_every_launcher_yaml_passes_rays_validator():
+    assert [p.name for p in LAUNCHER_YAMLS] == ["aws.yaml", "gcp.yaml", "local.yaml"]
+    for path in LAUNCHER_YAMLS:
+        config = ray_validates(yaml.safe_load(path.read_text()))
+        if config["provider"]["type"] != "local":  # on-prem: the machines listed, no node types to choose
+            gpu = config["available_node_types"]["gpu"]
+            assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"], path.name
+            assert "cpu" in config["available_node_types"] and config["head_node_type"] == "head"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_launcher_yaml_installs_the_package_and_keeps_token_auth_on(path):
+    config = yaml.safe_load(path.read_text())
+    # `ray submit` copies only train.py: every node gets this working copy and installs it
+    assert config["file_mounts"]["~/distributed_cl"] == "."
+    assert any("pip install" in c and "$HOME/distributed_cl[text]" in c and "constraints.txt" in c
+               for c in config["setup_commands"])
+    assert (ROOT / "scripts" / "constraints.txt").exists()
+    # the token goes to every node and every `ray start` demands it; the dashboard stays on 127.0.0.1
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert not any("dashboard-host" in c for c in starts)
+    assert any("export RAY_AUTH_MODE=token" in c for c in config["setup_commands"])  # clients too
+    text = path.read_text()  # placeholders, never credentials
+    for secret in ("aws_secret_access_key", "PRIVATE KEY", "AKIA", "password"):
+        assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "name,break_it,error",
+    [
+        ("aws.yaml", lambda c: c.update(head_node_type="gpu_head"), "head_node_type"),
+        ("aws.yaml", lambda c: c.update(max_worker=3), "'max_worker' was unexpected"),
+        ("gcp.yaml", lambda c: c["available_node_types"]["gpu"].update(max_workers="four"), "is not of type 'integer'"),
+        ("gcp.yaml", lambda c: c["available_node_types"]["gpu"].pop("node_config"), "'node_config' is a required"),
+        ("aws.yaml", lambda c: c["auth"].update(ssh_password="x"), "'ssh_password' was unexpected"),
+        ("local.yaml", lambda c: c["provider"].pop("worker_ips"), "worker_ips"),
+    ],
+)
+def test_a_broken_launcher_yaml_fails_rays_validator(name, break_it, error):
+    config = launcher_config(name)
+    ray_validates(config)
+    break_it(config)
+    with pytest.raises(Exception, match=error):
+        ray_validates(config)
+
+
+def test_a_copy_of_train_py_finds_the_configs_of_the_installed_repository(tmp_path):
+    """`ray submit` runs a copy of train.py in the head's home directory, away from experiments/."""
+    shutil.copy(ROOT / "train.py", tmp_path / "train.py")
+    out = subprocess.run([sys.executable, "train.py", "--config", "experiments/image_simclr.yaml",
+                          "--set", "train.max_steps=-1"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "config error: train.max_steps" in out.stderr, out.stderr  # found, then checked
+    out = subprocess.run([sys.executable, "train.py", "--config", "experiments/missing.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "experiments/missing.yaml" in out.stderr
+
+
+# ----------------------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A head and one more node, 1 CPU each: Ray Train's 2 one-CPU workers must take one each."""
+    with token_auth_cluster(tmp_path_factory.mktemp("cluster"), node_cpus=(1, 1)) as env:
+        yield env
+
+
+def cluster_node_ids(env) -> set[str]:
+    code = "import json, ray; ray.init(log_to_driver=False); print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_the_cluster_refuses_clients_without_its_token(two_nodes):
+    request = urllib.request.Request(f"{two_nodes['DASHBOARD_URL']}/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code in (401, 403)
+    token = Path(two_nodes["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200
+    wrong = {**two_nodes, "RAY_AUTH_TOKEN": "0" * 64}
+    wrong.pop("RAY_AUTH_TOKEN_PATH")
+    assert ray_cli(wrong, "job", "list", "--address", two_nodes["DASHBOARD_URL"], check=False).returncode != 0
+
+
+def test_ray_job_submit_trains_across_two_nodes_into_shared_storage(tmp_path, two_nodes):
+    shared = tmp_path / "shared"  # stands in for NFS or s3://: every node of this cluster sees it
+    summary = tmp_path / "summary.json"
+    submit = ray_cli(two_nodes, "job", "submit", "--address", two_nodes["DASHBOARD_URL"], "--working-dir", str(ROOT),
+                     "--", "python", "train.py", "--config", str(DIGITS.relative_to(ROOT)),
+                     "--storage-path", str(shared), "--name", "two-nodes", "--output-json", str(summary),
+                     timeout=300, check=False)
+    logs = submit.stdout + submit.stderr
+    assert submit.returncode == 0 and "succeeded" in logs, logs[-6000:]
+    assert "[distributed_cl] workers: rank 0 on" in logs  # the placement line, through the job's logs
+    # one machine's /tmp is shared by its two nodes here; on a real cluster it would not be
+    assert f"warning: train.storage_path {shared} is on a" in logs
+
+    result = json.loads(summary.read_text())  # the driver ran on the head, in the uploaded working dir
+    checkpoint = Path(result["checkpoint"])
+    assert checkpoint.is_relative_to(shared)
+    workers = json.loads((checkpoint / WORKERS_FILE).read_text())
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert {w["node_id"] for w in workers} == cluster_node_ids(two_nodes)  # one worker on each node
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    assert state["step"] == yaml.safe_load(DIGITS.read_text())["train"]["max_steps"]
+
+    encoder = load_encoder(result["encoder"])  # exported beside metrics.csv in the shared run dir
+    assert Path(result["encoder"]).parent == shared / "two-nodes"
+    features = encoder(torch.rand(5, 1, 8, 8))
+    assert features.shape[0] == 5 and torch.isfinite(features).all()
+    assert 0 < result["metrics"]["knn_top1_trained"] <= 1
+
