@@ -13,6 +13,7 @@ The same --name and --storage-path resume a run (or a sweep) from its latest che
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 
@@ -26,9 +27,7 @@ def find(path: str) -> str:
     distributed_cl comes from: `ray submit` runs a copy of this script in the head's home directory."""
     if os.path.isabs(path) or os.path.exists(path):
         return path
-    import distributed_cl
-
-    package_repo = os.path.dirname(os.path.dirname(os.path.abspath(distributed_cl.__file__)))
+    package_repo = os.path.dirname(os.path.dirname(inspect.getfile(Config)))
     for repo in (os.path.dirname(os.path.abspath(__file__)), package_repo):
         if os.path.exists(os.path.join(repo, path)):
             return os.path.join(repo, path)

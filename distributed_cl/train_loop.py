@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -147,9 +148,10 @@ def train_loop_per_worker(raw_config: dict) -> None:
     device = ray.train.torch.get_device()
     workers = _all_ranks({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                           "host": socket.gethostname(), "device": str(device)}, world)
-    if rank == 0:  # on a cluster, the first thing to check
-        print("[distributed_cl] workers: " + ", ".join(
-            f"rank {w['rank']} on {w['host']} (node {w['node_id'][:8]}, {w['device']})" for w in workers), flush=True)
+    if rank == 0:  # on a cluster, the first thing to check; not print(), which Ray Train's patch writes twice
+        sys.stdout.write("[distributed_cl] workers: " + ", ".join(
+            f"rank {w['rank']} on {w['host']} (node {w['node_id'][:8]}, {w['device']})" for w in workers) + "\n")
+        sys.stdout.flush()
 
     # Data: the task's batches for a batch sampler that yields this rank's slice of every global
     # batch (moved to the device here: Ray's prepare_data_loader would replace the sampler).

@@ -51,8 +51,8 @@ def test_every_launcher_yaml_passes_rays_validator():
 def test_launcher_yaml_installs_the_package_and_keeps_token_auth_on(path):
     config = yaml.safe_load(path.read_text())
     # `ray submit` copies only train.py: every node gets this working copy and installs it
-    assert config["file_mounts"]["~/distributed_cl"] == "."
-    assert any("pip install" in c and "$HOME/distributed_cl[text]" in c and "constraints.txt" in c
+    assert config["file_mounts"]["~/src/distributed_cl"] == "."
+    assert any("pip install" in c and "$HOME/src/distributed_cl[text]" in c and "constraints.txt" in c
                for c in config["setup_commands"])
     assert (ROOT / "scripts" / "constraints.txt").exists()
     # the token goes to every node and every `ray start` demands it; the dashboard stays on 127.0.0.1
