@@ -6,6 +6,7 @@ input gradient / W equals the reference gradient of its slice, the mean over ran
 `logit_scale` gradient equals the reference one, and the mean of returned values is the loss.
 """
 
+import copy
 import warnings
 import zlib
 
@@ -32,11 +33,16 @@ def _labels(name, n, classes):
     return torch.randint(0, classes, (n,), generator=g)
 
 
+# Every gathered loss also runs in tiles of 2 x 2 logits (chunk_size), against the untiled reference.
+CHUNKED = ("ntxent", "ntxent_two_views_labels", "ntxent_labels", "supcon", "supcon_sparse_labels", "infonce_in_batch",
+           "infonce_unpaired", "clip")
+
+
 # A case: (loss module, global inputs, per-input local sizes, call). Inputs are split by rank.
 def CASES(sizes):
     n = sum(sizes)
     neg_sizes = [s + 2 * r for r, s in enumerate(sizes)]  # unpaired pools differ in size too
-    return {
+    cases = {
         "ntxent": (NTXentLoss(0.2), [_rand("a", n, D), _rand("b", n, D)], [sizes, sizes], lambda m, a, b: m(a, b)),
         "ntxent_two_views_labels": (
             NTXentLoss(0.2),
@@ -79,6 +85,12 @@ def CASES(sizes):
             lambda m, a, b, y: m(torch.cat([a, b]), torch.cat(pair_labels(y))),
         ),
     }
+    for name in CHUNKED:
+        module, *rest = cases[name]
+        chunked = copy.deepcopy(module)
+        chunked.chunk_size = 2
+        cases[f"{name}_chunked"] = (chunked, *rest)
+    return cases
 
 
 def _split(x, sizes, rank):
@@ -150,7 +162,8 @@ def ranks(request, tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES([1])))
 def test_gradients_equal_single_process(ranks, name):
     world, sizes, results = ranks
-    module, inputs, in_sizes, call = CASES(sizes)[name]
+    _, inputs, in_sizes, call = CASES(sizes)[name]
+    module = CASES(sizes)[name.removesuffix("_chunked")][0]  # the reference is always untiled
     ref_loss, ref_grads, ref_param_grads, ref_stats = _run_case(module, inputs, call)
 
     mean_loss = sum(r[name][0] for r in results) / world

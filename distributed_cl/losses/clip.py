@@ -22,6 +22,7 @@ from distributed_cl.losses.core import (
     normalized_fp32,
 )
 from distributed_cl.losses.fused import ClipBlock
+from distributed_cl.losses.tiled import row_and_column_logsumexp
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -34,8 +35,9 @@ class ClipLoss(GatheredLoss):
     optimizer (and in the DDP-wrapped module) to learn it.
     """
 
-    def __init__(self, temperature: float = 0.07, gather: bool = True, learn_temperature: bool = True) -> None:
-        super().__init__(temperature, gather)
+    def __init__(self, temperature: float = 0.07, gather: bool = True, learn_temperature: bool = True,
+                 chunk_size: int | None = None) -> None:
+        super().__init__(temperature, gather, chunk_size)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)), requires_grad=learn_temperature)
 
     @property
@@ -50,5 +52,13 @@ class ClipLoss(GatheredLoss):
         image = normalized_fp32(image_emb) * self.scale
         text = normalized_fp32(text_emb)
         layout = BatchLayout.exchange(len(image), image.device, self.gather)
-        loss_sum = ClipBlock.apply(image, layout.gather(text), layout)  # image->text + text->image
+        text_all = layout.gather(text)
+        if self.chunk_size:
+            # column j's log-sum-exp runs over every rank's rows: combine the ranks' partial ones
+            row_lse, col_lse_partial = row_and_column_logsumexp(image, text_all, self.chunk_size)
+            col_lse = torch.logsumexp(layout.per_rank().gather(col_lse_partial[None]), dim=0)
+            own = slice(layout.offset, layout.offset + len(image))
+            loss_sum = row_lse.sum() + col_lse[own].sum() - 2 * (image * text).sum()
+        else:
+            loss_sum = ClipBlock.apply(image, text_all, layout)  # image->text + text->image
         return self._finish_single_positive(loss_sum / 2, layout)

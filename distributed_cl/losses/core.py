@@ -114,6 +114,12 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def normalized_fp32(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
@@ -172,17 +178,22 @@ class GatheredLoss(nn.Module):
     """Base for the contrastive losses: temperature check, the W/A scaling and statistics.
 
     `gather=False` scores local candidates only (a plain per-rank mean), for ablations.
+    `chunk_size=c` computes the same loss in (c x c) tiles of logits, recomputed in backward
+    (losses/tiled.py): extra memory O(c^2) instead of O(n_r x N), for batches whose logits do
+    not fit; about one more matrix product per step.
     """
 
-    def __init__(self, temperature: float, gather: bool = True) -> None:
+    def __init__(self, temperature: float, gather: bool = True, chunk_size: int | None = None) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.gather = gather
+        self.chunk_size = check_chunk_size(chunk_size)
         self.last_stats: LossStats | None = None
         self.empty_batches = 0  # calls whose whole global batch had no positive pair
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather={self.gather}"
+        chunk = f", chunk_size={self.chunk_size}" if self.chunk_size else ""
+        return f"temperature={self.temperature}, gather={self.gather}{chunk}"
 
     def _finish(
         self, loss_sum: Tensor, layout: BatchLayout, anchors: int, with_positive: int, positives: int

@@ -15,6 +15,7 @@ from distributed_cl.losses.core import (
     normalized_fp32,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
+from distributed_cl.losses.tiled import row_logsumexp
 
 
 class InfoNCELoss(GatheredLoss):
@@ -26,8 +27,9 @@ class InfoNCELoss(GatheredLoss):
     - negative_mode="paired", negative_keys (n, m, d): each query's own negatives; no gather.
     """
 
-    def __init__(self, temperature: float = 0.1, negative_mode: str = "unpaired", gather: bool = True) -> None:
-        super().__init__(temperature, gather)
+    def __init__(self, temperature: float = 0.1, negative_mode: str = "unpaired", gather: bool = True,
+                 chunk_size: int | None = None) -> None:
+        super().__init__(temperature, gather, chunk_size)
         if negative_mode not in ("unpaired", "paired"):
             raise ValueError(f"negative_mode must be 'unpaired' or 'paired', got {negative_mode!r}")
         self.negative_mode = negative_mode
@@ -42,16 +44,20 @@ class InfoNCELoss(GatheredLoss):
         layout = BatchLayout.exchange(len(q), q.device, self.gather)
 
         if negative_keys is None:
-            targets = layout.offset + torch.arange(len(q), device=q.device)
-            loss_sum = RowCrossEntropy.apply(q, layout.gather(k), targets, None)
+            if self.chunk_size:
+                loss_sum = row_logsumexp(q, layout.gather(k), self.chunk_size).sum() - (q * k).sum()
+            else:
+                targets = layout.offset + torch.arange(len(q), device=q.device)
+                loss_sum = RowCrossEntropy.apply(q, layout.gather(k), targets, None)
         else:
             pos_logit = (q * k).sum(dim=1)
-            neg_logits = self._negative_logits(q, negative_keys)
             # -log(e^pos / (e^pos + sum e^neg)), without materialising [pos, negs]
-            loss_sum = (torch.logaddexp(pos_logit, torch.logsumexp(neg_logits, dim=1)) - pos_logit).sum()
+            loss_sum = (torch.logaddexp(pos_logit, self._negative_lse(q, negative_keys)) - pos_logit).sum()
         return self._finish_single_positive(loss_sum, layout)
 
-    def _negative_logits(self, q: Tensor, negative_keys: Tensor) -> Tensor:
+    def _negative_lse(self, q: Tensor, negative_keys: Tensor) -> Tensor:
+        """Each query's log-sum-exp over its negatives. Paired negatives need no tiles: their
+        (n x m) logits are a d-th of the (n x m x d) keys already in memory."""
         if self.negative_mode == "paired":
             if negative_keys.dim() != 3 or negative_keys.shape[0] != len(q) or negative_keys.shape[2] != q.shape[1]:
                 raise ValueError(
@@ -60,11 +66,13 @@ class InfoNCELoss(GatheredLoss):
                 )
             check_embeddings("negative_keys", negative_keys.flatten(0, 1))
             neg = F.normalize(negative_keys.float(), dim=2)
-            return torch.einsum("nd,nmd->nm", q, neg)
+            return torch.logsumexp(torch.einsum("nd,nmd->nm", q, neg), dim=1)
         if negative_keys.dim() != 2:
             raise ValueError(f"unpaired negative_keys must have shape (m, d), got {tuple(negative_keys.shape)}")
         check_embeddings("negative_keys", negative_keys, dim=q.shape[1])
         neg = normalized_fp32(negative_keys)
         if self.gather:  # one global pool, in rank order
             neg = BatchLayout.exchange(len(neg), neg.device, True).gather(neg)
-        return q @ neg.T
+        if self.chunk_size:
+            return row_logsumexp(q, neg, self.chunk_size)
+        return torch.logsumexp(q @ neg.T, dim=1)

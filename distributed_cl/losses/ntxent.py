@@ -17,6 +17,7 @@ from distributed_cl.losses.core import (
     normalized_fp32,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
+from distributed_cl.losses.tiled import Mask, positive_counts, positive_softplus_sum, row_logsumexp
 
 
 class NTXentLoss(GatheredLoss):
@@ -31,8 +32,8 @@ class NTXentLoss(GatheredLoss):
     pytorch-metric-learning); per-anchor means are averaged over anchors that have a positive.
     """
 
-    def __init__(self, temperature: float = 0.1, gather: bool = True) -> None:
-        super().__init__(temperature, gather)
+    def __init__(self, temperature: float = 0.1, gather: bool = True, chunk_size: int | None = None) -> None:
+        super().__init__(temperature, gather, chunk_size)
 
     @autocast_off
     def forward(self, view_a: Tensor, view_b: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
@@ -54,14 +55,29 @@ class NTXentLoss(GatheredLoss):
         offset = layout.offset
         local = torch.arange(n, device=z.device)
         targets = offset + torch.cat([local + n, local])  # a_i <-> b_i
-        loss_sum = RowCrossEntropy.apply(z / self.temperature, z_all, targets, offset)
+        q = z / self.temperature
+        if self.chunk_size:
+            lse = row_logsumexp(q, z_all, self.chunk_size, Mask(self_offset=offset))
+            loss_sum = lse.sum() - (q * z_all[targets]).sum()
+        else:
+            loss_sum = RowCrossEntropy.apply(q, z_all, targets, offset)
         return self._finish_single_positive(loss_sum, layout)
 
     def _labelled(self, z: Tensor, labels: Tensor, views: int = 1) -> Tensor:
         # Two views share their sample's label, so a_i and b_i are positives of each other.
         layout = BatchLayout.exchange(z.shape[0] // views, z.device, self.gather).scaled(views)
+        if self.chunk_size:
+            return self._labelled_tiled(z, labels, layout)
         positives = labels[:, None] == layout.gather_labels(labels)[None, :]
         positives.diagonal(offset=layout.offset).fill_(False)
         logits = masked_logits(z / self.temperature, layout.gather(z), self_offset=layout.offset)
         losses, num_pos = multi_positive_row_losses(logits, positives, denominator="negatives")
         return self._finish_labelled(losses, num_pos, layout)
+
+    def _labelled_tiled(self, z: Tensor, labels: Tensor, layout: BatchLayout) -> Tensor:
+        labels_all, q, z_all = layout.gather_labels(labels), z / self.temperature, layout.gather(z)
+        num_pos = positive_counts(labels_all, layout.offset, len(z))
+        negatives_only = Mask(layout.offset, labels, labels_all)  # self and same-label candidates left out
+        lse_neg = row_logsumexp(q, z_all, self.chunk_size, negatives_only)
+        pair_sum = positive_softplus_sum(q, z_all, lse_neg, negatives_only, self.chunk_size)
+        return self._finish_labelled(pair_sum / num_pos.clamp(min=1), num_pos, layout)

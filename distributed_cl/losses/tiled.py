@@ -1,0 +1,164 @@
+"""Exact contrastive losses in tiles: memory O(chunk x chunk) instead of O(n_r x N).
+
+Every loss here is a log-sum-exp over candidates plus terms that are linear in a few logits
+(the positive's, a class sum), which cost O(n x d) and stay with autograd. The log-sum-exps are
+computed one (chunk x chunk) tile of logits at a time, with an online max and sum, and backward
+recomputes each tile instead of keeping it: d lse_i / d s_ij = exp(s_ij - lse_i), so a tile's
+gradient is one exp and two matrix products. Values equal the untiled losses to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distributed_cl.losses.core import MASKED
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Which logits of q @ k.T are left out. `self_offset`: row i is candidate self_offset + i.
+    `row_labels`/`col_labels`: also leave out same-label candidates (a negatives-only sum)."""
+
+    self_offset: int | None = None
+    row_labels: Tensor | None = None
+    col_labels: Tensor | None = None
+
+    def of_tile(self, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> Tensor | None:
+        mask = None
+        if self.self_offset is not None:
+            rows = torch.arange(r0, r1, device=device)[:, None] + self.self_offset
+            mask = rows == torch.arange(c0, c1, device=device)[None, :]
+        if self.row_labels is not None:
+            same = self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1]
+            mask = same if mask is None else mask | same
+        return mask
+
+
+def _tiles(n: int, big_n: int, chunk: int):
+    for r0 in range(0, n, chunk):
+        for c0 in range(0, big_n, chunk):
+            yield r0, min(r0 + chunk, n), c0, min(c0 + chunk, big_n)
+
+
+def _logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+    s = q[r0:r1] @ k[c0:c1].T
+    tile_mask = mask.of_tile(r0, r1, c0, c1, q.device)
+    return s if tile_mask is None else s.masked_fill_(tile_mask, -torch.inf)
+
+
+def _online_update(run_max: Tensor, run_sum: Tensor, s: Tensor, dim: int) -> None:
+    """Fold tile `s` into a running max and sum of exp along `dim`, in place."""
+    new_max = torch.maximum(run_max, s.amax(dim))
+    shift = torch.where(new_max == -torch.inf, 0.0, new_max)  # all masked so far: nothing to shift
+    run_sum.mul_((run_max - shift).exp_()).add_((s - shift.unsqueeze(dim)).exp_().sum(dim))
+    run_max.copy_(new_max)
+
+
+def _finish_lse(run_max: Tensor, run_sum: Tensor) -> Tensor:
+    # a row with every candidate masked gets MASKED, as the untiled losses' masked logits give
+    return torch.where(run_max == -torch.inf, MASKED, run_max + run_sum.log())
+
+
+class TiledLogSumExp(torch.autograd.Function):
+    """Row and/or column log-sum-exps of q @ k.T (masked entries left out), tile by tile."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, mask: Mask, chunk: int, rows: bool, cols: bool):  # type: ignore[override]
+        n, big_n = len(q), len(k)
+        row_max, row_sum = q.new_full((n,), -torch.inf), q.new_zeros(n)
+        col_max, col_sum = q.new_full((big_n,), -torch.inf), q.new_zeros(big_n)
+        for r0, r1, c0, c1 in _tiles(n, big_n, chunk):
+            s = _logits(q, k, mask, r0, r1, c0, c1)
+            if rows:
+                _online_update(row_max[r0:r1], row_sum[r0:r1], s, 1)
+            if cols:
+                _online_update(col_max[c0:c1], col_sum[c0:c1], s, 0)
+        row_lse, col_lse = _finish_lse(row_max, row_sum), _finish_lse(col_max, col_sum)
+        ctx.mask, ctx.chunk, ctx.rows, ctx.cols = mask, chunk, rows, cols
+        ctx.save_for_backward(q, k, row_lse, col_lse)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, grad_cols: Tensor):  # type: ignore[override]
+        q, k, row_lse, col_lse = ctx.saved_tensors
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        with torch.autocast(q.device.type, enabled=False):
+            for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
+                s = _logits(q, k, ctx.mask, r0, r1, c0, c1)
+                grad_s = torch.zeros_like(s)
+                if ctx.rows:  # d lse_i / d s_ij = softmax_ij; masked entries are exp(-inf) = 0
+                    grad_s.add_((s - row_lse[r0:r1, None]).exp_().mul_(grad_rows[r0:r1, None]))
+                if ctx.cols:
+                    grad_s.add_((s - col_lse[None, c0:c1]).exp_().mul_(grad_cols[None, c0:c1]))
+                grad_q[r0:r1].addmm_(grad_s, k[c0:c1])
+                grad_k[c0:c1].addmm_(grad_s.T, q[r0:r1])
+        return grad_q, grad_k, None, None, None, None
+
+
+def row_logsumexp(q: Tensor, k: Tensor, chunk: int, mask: Mask = Mask()) -> Tensor:
+    """lse_j (q_i . k_j) over the candidates `mask` leaves, for every row i of q."""
+    return TiledLogSumExp.apply(q, k, mask, chunk, True, False)[0]
+
+
+def row_and_column_logsumexp(q: Tensor, k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Both directions of q @ k.T in one pass over the tiles (CLIP)."""
+    return TiledLogSumExp.apply(q, k, Mask(), chunk, True, True)
+
+
+class TiledPositiveSoftplus(torch.autograd.Function):
+    """sum over positives j of row i of softplus(lse_neg_i - s_ij), tile by tile: NT-Xent with
+    labels, where each positive pair competes with the anchor's negatives only. Positives are
+    the same-label candidates other than the anchor itself."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, lse_neg: Tensor, mask: Mask, chunk: int) -> Tensor:  # type: ignore[override]
+        out = q.new_zeros(len(q))
+        for r0, r1, c0, c1 in _tiles(len(q), len(k), chunk):
+            s, positive = _positive_logits(q, k, mask, r0, r1, c0, c1)
+            out[r0:r1] += torch.where(positive, F.softplus(lse_neg[r0:r1, None] - s), 0.0).sum(1)
+        ctx.mask, ctx.chunk = mask, chunk
+        ctx.save_for_backward(q, k, lse_neg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        q, k, lse_neg = ctx.saved_tensors
+        grad_q, grad_k, grad_lse = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(lse_neg)
+        with torch.autocast(q.device.type, enabled=False):
+            for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
+                s, positive = _positive_logits(q, k, ctx.mask, r0, r1, c0, c1)
+                # d softplus(l - s) = sigmoid(l - s) (dl - ds)
+                weight = torch.where(positive, torch.sigmoid(lse_neg[r0:r1, None] - s), 0.0).mul_(grad[r0:r1, None])
+                grad_lse[r0:r1] += weight.sum(1)
+                grad_q[r0:r1].addmm_(weight, k[c0:c1], alpha=-1)
+                grad_k[c0:c1].addmm_(weight.T, q[r0:r1], alpha=-1)
+        return grad_q, grad_k, grad_lse, None, None
+
+
+def _positive_logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+    """A tile of logits and which of its entries are positives: same label, not the anchor."""
+    positive = mask.row_labels[r0:r1, None] == mask.col_labels[None, c0:c1]
+    rows = torch.arange(r0, r1, device=q.device)[:, None] + mask.self_offset
+    positive &= rows != torch.arange(c0, c1, device=q.device)[None, :]
+    return q[r0:r1] @ k[c0:c1].T, positive
+
+
+def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, mask: Mask, chunk: int) -> Tensor:
+    return TiledPositiveSoftplus.apply(q, k, lse_neg, mask, chunk)
+
+
+def class_sums(k: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class sums of the rows of k (differentiable) and each row's class index."""
+    classes, index = torch.unique(labels, return_inverse=True)
+    return k.new_zeros(len(classes), k.shape[1]).index_add(0, index, k), index
+
+
+def positive_counts(labels_all: Tensor, offset: int, n: int) -> Tensor:
+    """Same-label candidates of local rows offset..offset+n of `labels_all`, each row itself
+    excluded: O(N), no (n x N) mask."""
+    index = torch.unique(labels_all, return_inverse=True)[1]
+    return index.bincount()[index[offset : offset + n]] - 1
