@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -124,16 +125,73 @@ def normalized_fp32(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
+# The operand dtype of the logits GEMMs during one loss call (None: fp32 operands), set by
+# autocast_off from the inputs and the caller's autocast; the autograd Functions keep it for backward.
+_GEMM_DTYPE: ContextVar[torch.dtype | None] = ContextVar("gemm_dtype", default=None)
+
+
+def gemm_dtype_for(device_type: str, input_dtype: torch.dtype) -> torch.dtype | None:
+    """Half-precision GEMM operands (tensor cores, fp32 accumulation and output) on CUDA when the
+    embeddings are bf16/fp16 or autocast is on; otherwise fp32 operands, exact as before. The
+    softmax and log-sum-exp stay fp32 either way."""
+    if device_type != "cuda":
+        return None
+    if input_dtype in (torch.bfloat16, torch.float16):
+        return input_dtype
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+
+def gemm_dtype() -> torch.dtype | None:
+    return _GEMM_DTYPE.get()
+
+
+def mm(a: Tensor, b: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """a @ b with fp32 output; with `dtype`, from operands rounded to it (fp32 accumulation)."""
+    if dtype is None:
+        return a @ b
+    a, b = a.to(dtype), b.to(dtype)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the same products, for CPU tests of this path
+
+
+class _LogitsMM(torch.autograd.Function):
+    """a @ b.T through `mm` in forward and backward (autograd cannot differentiate out_dtype)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, dtype: torch.dtype | None) -> Tensor:  # type: ignore[override]
+        ctx.dtype = dtype
+        ctx.save_for_backward(a, b)
+        return mm(a, b.T, dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        return mm(grad, b, ctx.dtype), mm(grad.T, a, ctx.dtype), None
+
+
+def logits_of(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T in fp32, differentiable, with this loss call's GEMM operand dtype."""
+    dtype = gemm_dtype()
+    return a @ b.T if dtype is None else _LogitsMM.apply(a, b, dtype)
+
+
 def autocast_off(forward):
     """Decorates a loss's forward: the loss keeps its own precision (fp32 logits and log-sum-exp)
     under torch.autocast, where a plain matmul would come out bf16 and a float32-min mask written
-    into it would overflow. Inputs may still be bf16/fp16; they are cast up where needed."""
+    into it would overflow. Inputs may still be bf16/fp16; they are cast up where needed, and on
+    CUDA they (or autocast) make the GEMMs take half-precision operands (gemm_dtype_for)."""
 
     @functools.wraps(forward)
     def wrapper(self, *args, **kwargs):
-        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
-        with torch.autocast(device, enabled=False):
-            return forward(self, *args, **kwargs)
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        device = first.device.type if first is not None else "cpu"
+        token = _GEMM_DTYPE.set(gemm_dtype_for(device, first.dtype) if first is not None else None)
+        try:
+            with torch.autocast(device, enabled=False):
+                return forward(self, *args, **kwargs)
+        finally:
+            _GEMM_DTYPE.reset(token)
 
     return wrapper
 
@@ -144,7 +202,7 @@ def autocast_off(forward):
 def masked_logits(anchors: Tensor, candidates: Tensor, self_offset: int | None) -> Tensor:
     """anchors @ candidates.T in fp32; if `self_offset` is given, anchor i is candidate
     self_offset + i and that entry is masked out."""
-    logits = anchors @ candidates.T
+    logits = logits_of(anchors, candidates)
     if self_offset is not None:
         logits.diagonal(offset=self_offset).fill_(MASKED)
     return logits

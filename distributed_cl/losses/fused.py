@@ -5,8 +5,10 @@ and a gradient matrix, each (n x N). These Functions keep one softmax matrix per
 (written over the logits in place) and turn the backward into the two unavoidable matrix
 products plus O(n * d) corrections: d(sum CE)/d logits = P - onehot, so
 grad_q = P @ k - k[targets] and grad_k = P.T @ q - scatter(q at targets).
-Logits are computed in fp32: the calling losses run with autocast off (core.autocast_off), and
-backward turns it off again, since it may run under the caller's autocast.
+Logits are fp32: the calling losses run with autocast off (core.autocast_off), and backward
+turns it off again, since it may run under the caller's autocast. The GEMMs take the operand
+dtype of the loss call (core.gemm_dtype: bf16/fp16 on CUDA for half-precision embeddings or
+under autocast, fp32 otherwise) and accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distributed_cl.losses.core import MASKED, BatchLayout, masked_logits
+from distributed_cl.losses.core import MASKED, BatchLayout, gemm_dtype, masked_logits, mm
 
 # Below this a target probability is too small for -log(p) to be exact; such rows are
 # recomputed with a log-sum-exp (it takes a loss above ~69, e.g. temperature 0.01).
@@ -43,14 +45,17 @@ class RowCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, targets: Tensor, self_offset: int | None) -> Tensor:  # type: ignore[override]
+        dtype = gemm_dtype()
+
         def logits_of(rows: Tensor) -> Tensor:
-            logits = q[rows] @ k.T
+            logits = mm(q[rows], k.T, dtype)
             if self_offset is not None:
                 logits[torch.arange(len(rows), device=q.device), self_offset + rows] = MASKED
             return logits
 
         probs = _softmax_(masked_logits(q, k, self_offset))
         loss = _target_nll(probs, targets, logits_of).sum()
+        ctx.dtype = dtype
         ctx.save_for_backward(q, k, targets, probs)
         return loss
 
@@ -58,8 +63,8 @@ class RowCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         q, k, targets, probs = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            grad_q = (probs @ k).sub_(k[targets]).mul_(grad)
-            grad_k = (probs.T @ q).index_add_(0, targets, q, alpha=-1).mul_(grad)
+            grad_q = mm(probs, k, ctx.dtype).sub_(k[targets]).mul_(grad)
+            grad_k = mm(probs.T, q, ctx.dtype).index_add_(0, targets, q, alpha=-1).mul_(grad)
         return grad_q, grad_k, None, None
 
 
@@ -76,10 +81,11 @@ class ClipBlock(torch.autograd.Function):
     def forward(ctx, image: Tensor, text_all: Tensor, layout: BatchLayout) -> Tensor:  # type: ignore[override]
         n, o = len(image), layout.offset
         own = torch.arange(n, device=image.device)
-        logits = image @ text_all.T
+        dtype = ctx.dtype = gemm_dtype()
+        logits = mm(image, text_all.T, dtype)
         diag = logits.diagonal(offset=o).clone()
         row_probs = torch.softmax(logits, dim=1)
-        row_nll = _target_nll(row_probs, o + own, lambda rows: image[rows] @ text_all.T)
+        row_nll = _target_nll(row_probs, o + own, lambda rows: mm(image[rows], text_all.T, dtype))
 
         # column softmax: exp(S - col_max) over our rows, rescaled by the global column sums
         col_max = logits.amax(dim=0) if n else torch.full((len(text_all),), -torch.inf, device=image.device)
@@ -103,7 +109,7 @@ class ClipBlock(torch.autograd.Function):
             col_grad = torch.repeat_interleave(owner_grads, torch.tensor(layout.sizes, device=grad.device))
             grad_logits = row_probs.mul_(grad).add_(col_probs.mul_(col_grad))
             # both CE terms of pair i pull -1 on the diagonal entry (i, o + i)
-            grad_image = (grad_logits @ text_all).sub_(text_all[o : o + n], alpha=2 * grad)
-            grad_text = grad_logits.T @ image
+            grad_image = mm(grad_logits, text_all, ctx.dtype).sub_(text_all[o : o + n], alpha=2 * grad)
+            grad_text = mm(grad_logits.T, image, ctx.dtype)
             grad_text[o : o + n] -= 2 * grad * image
         return grad_image, grad_text, None

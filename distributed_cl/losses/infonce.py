@@ -12,6 +12,7 @@ from distributed_cl.losses.core import (
     autocast_off,
     check_embeddings,
     check_same_length,
+    logits_of,
     normalized_fp32,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
@@ -75,4 +76,4 @@ class InfoNCELoss(GatheredLoss):
             neg = BatchLayout.exchange(len(neg), neg.device, True).gather(neg)
         if self.chunk_size:
             return row_logsumexp(q, neg, self.chunk_size)
-        return torch.logsumexp(q @ neg.T, dim=1)
+        return torch.logsumexp(logits_of(q, neg), dim=1)

@@ -5,6 +5,7 @@ Every loss here is a log-sum-exp over candidates plus terms that are linear in a
 computed one (chunk x chunk) tile of logits at a time, with an online max and sum, and backward
 recomputes each tile instead of keeping it: d lse_i / d s_ij = exp(s_ij - lse_i), so a tile's
 gradient is one exp and two matrix products. Values equal the untiled losses to fp32 rounding.
+GEMMs take the loss call's operand dtype (core.gemm_dtype), as the untiled Functions do.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distributed_cl.losses.core import MASKED
+from distributed_cl.losses.core import MASKED, gemm_dtype, mm
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,18 @@ def _tiles(n: int, big_n: int, chunk: int):
             yield r0, min(r0 + chunk, n), c0, min(c0 + chunk, big_n)
 
 
-def _logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int) -> Tensor:
-    s = q[r0:r1] @ k[c0:c1].T
+def _logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int, dtype) -> Tensor:
+    s = mm(q[r0:r1], k[c0:c1].T, dtype)
     tile_mask = mask.of_tile(r0, r1, c0, c1, q.device)
     return s if tile_mask is None else s.masked_fill_(tile_mask, -torch.inf)
+
+
+def _add_mm(out: Tensor, a: Tensor, b: Tensor, dtype, alpha: float = 1) -> None:
+    """out += alpha * a @ b, in place (one fused call on the fp32 path)."""
+    if dtype is None:
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_(mm(a, b, dtype), alpha=alpha)
 
 
 def _online_update(run_max: Tensor, run_sum: Tensor, s: Tensor, dim: int) -> None:
@@ -68,17 +77,17 @@ class TiledLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, mask: Mask, chunk: int, rows: bool, cols: bool):  # type: ignore[override]
-        n, big_n = len(q), len(k)
+        n, big_n, dtype = len(q), len(k), gemm_dtype()
         row_max, row_sum = q.new_full((n,), -torch.inf), q.new_zeros(n)
         col_max, col_sum = q.new_full((big_n,), -torch.inf), q.new_zeros(big_n)
         for r0, r1, c0, c1 in _tiles(n, big_n, chunk):
-            s = _logits(q, k, mask, r0, r1, c0, c1)
+            s = _logits(q, k, mask, r0, r1, c0, c1, dtype)
             if rows:
                 _online_update(row_max[r0:r1], row_sum[r0:r1], s, 1)
             if cols:
                 _online_update(col_max[c0:c1], col_sum[c0:c1], s, 0)
         row_lse, col_lse = _finish_lse(row_max, row_sum), _finish_lse(col_max, col_sum)
-        ctx.mask, ctx.chunk, ctx.rows, ctx.cols = mask, chunk, rows, cols
+        ctx.mask, ctx.chunk, ctx.rows, ctx.cols, ctx.dtype = mask, chunk, rows, cols, dtype
         ctx.save_for_backward(q, k, row_lse, col_lse)
         return row_lse, col_lse
 
@@ -88,14 +97,14 @@ class TiledLogSumExp(torch.autograd.Function):
         grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
         with torch.autocast(q.device.type, enabled=False):
             for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
-                s = _logits(q, k, ctx.mask, r0, r1, c0, c1)
+                s = _logits(q, k, ctx.mask, r0, r1, c0, c1, ctx.dtype)
                 grad_s = torch.zeros_like(s)
                 if ctx.rows:  # d lse_i / d s_ij = softmax_ij; masked entries are exp(-inf) = 0
                     grad_s.add_((s - row_lse[r0:r1, None]).exp_().mul_(grad_rows[r0:r1, None]))
                 if ctx.cols:
                     grad_s.add_((s - col_lse[None, c0:c1]).exp_().mul_(grad_cols[None, c0:c1]))
-                grad_q[r0:r1].addmm_(grad_s, k[c0:c1])
-                grad_k[c0:c1].addmm_(grad_s.T, q[r0:r1])
+                _add_mm(grad_q[r0:r1], grad_s, k[c0:c1], ctx.dtype)
+                _add_mm(grad_k[c0:c1], grad_s.T, q[r0:r1], ctx.dtype)
         return grad_q, grad_k, None, None, None, None
 
 
@@ -116,11 +125,11 @@ class TiledPositiveSoftplus(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, lse_neg: Tensor, mask: Mask, chunk: int) -> Tensor:  # type: ignore[override]
-        out = q.new_zeros(len(q))
+        out, dtype = q.new_zeros(len(q)), gemm_dtype()
         for r0, r1, c0, c1 in _tiles(len(q), len(k), chunk):
-            s, positive = _positive_logits(q, k, mask, r0, r1, c0, c1)
+            s, positive = _positive_logits(q, k, mask, r0, r1, c0, c1, dtype)
             out[r0:r1] += torch.where(positive, F.softplus(lse_neg[r0:r1, None] - s), 0.0).sum(1)
-        ctx.mask, ctx.chunk = mask, chunk
+        ctx.mask, ctx.chunk, ctx.dtype = mask, chunk, dtype
         ctx.save_for_backward(q, k, lse_neg)
         return out
 
@@ -130,21 +139,21 @@ class TiledPositiveSoftplus(torch.autograd.Function):
         grad_q, grad_k, grad_lse = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(lse_neg)
         with torch.autocast(q.device.type, enabled=False):
             for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
-                s, positive = _positive_logits(q, k, ctx.mask, r0, r1, c0, c1)
+                s, positive = _positive_logits(q, k, ctx.mask, r0, r1, c0, c1, ctx.dtype)
                 # d softplus(l - s) = sigmoid(l - s) (dl - ds)
                 weight = torch.where(positive, torch.sigmoid(lse_neg[r0:r1, None] - s), 0.0).mul_(grad[r0:r1, None])
                 grad_lse[r0:r1] += weight.sum(1)
-                grad_q[r0:r1].addmm_(weight, k[c0:c1], alpha=-1)
-                grad_k[c0:c1].addmm_(weight.T, q[r0:r1], alpha=-1)
+                _add_mm(grad_q[r0:r1], weight, k[c0:c1], ctx.dtype, alpha=-1)
+                _add_mm(grad_k[c0:c1], weight.T, q[r0:r1], ctx.dtype, alpha=-1)
         return grad_q, grad_k, grad_lse, None, None
 
 
-def _positive_logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+def _positive_logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int, dtype) -> tuple[Tensor, Tensor]:
     """A tile of logits and which of its entries are positives: same label, not the anchor."""
     positive = mask.row_labels[r0:r1, None] == mask.col_labels[None, c0:c1]
     rows = torch.arange(r0, r1, device=q.device)[:, None] + mask.self_offset
     positive &= rows != torch.arange(c0, c1, device=q.device)[None, :]
-    return q[r0:r1] @ k[c0:c1].T, positive
+    return mm(q[r0:r1], k[c0:c1].T, dtype), positive
 
 
 def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, mask: Mask, chunk: int) -> Tensor:
