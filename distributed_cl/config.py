@@ -92,6 +92,10 @@ class LossConfig:
     name: str = "ntxent"  # ntxent | supcon | infonce | clip
     temperature: float = 0.5
     m: int = 4  # samples per class in each global batch (label-based losses)
+    # compute the loss in (chunk_size x chunk_size) tiles of logits, recomputed in backward
+    # (losses/tiled.py): the same values in O(chunk^2) memory instead of O(local x global batch);
+    # turn it on when the logits no longer fit (e.g. 4096 on a GPU past a 32k global batch)
+    chunk_size: int | None = None
 
 
 @dataclass
@@ -125,6 +129,9 @@ class TrainConfig:
     knn_k: int = 20
     seed: int = 0
     verbose: bool = False  # also Ray Train's own per-report and per-checkpoint log lines
+    # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
+    # batch whose activations do not fit still takes one exact step; null: one pass (faster)
+    grad_cache_chunk: int | None = None
 
 
 @dataclass
@@ -177,6 +184,10 @@ class Config:
         _at_least("train.max_failures", t.max_failures, 0)
         if t.loader_workers is not None:
             _at_least("train.loader_workers", t.loader_workers, 0)
+        if t.grad_cache_chunk is not None:
+            _at_least("train.grad_cache_chunk", t.grad_cache_chunk, 1)
+        if lo.chunk_size is not None:
+            _at_least("loss.chunk_size", lo.chunk_size, 1)
         if not t.cpus_per_worker > 0:
             raise ConfigError(f"train.cpus_per_worker must be > 0, got {t.cpus_per_worker}")
         if (t.max_steps is None) == (t.epochs is None):

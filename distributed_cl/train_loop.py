@@ -9,6 +9,7 @@ untrained and with the task's baselines, and export them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from torch import nn
 
 from distributed_cl import distributed as dist_utils
 from distributed_cl.config import LABELLED_LOSSES, Config, OptimConfig
+from distributed_cl.grad_cache import grad_cache_backward
 from distributed_cl.losses import ClipLoss
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel, build_objective, to_device
@@ -221,17 +223,20 @@ def train_loop_per_worker(raw_config: dict) -> None:
                 task.export(net.towers, os.path.join(d, EXPORT_DIR))
             send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    use_bf16 = device.type == "cuda"
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # the loss is summed on the device and read once per log window: no host sync per step
     window_loss, window_steps, window_samples, window_start = torch.zeros(1, device=device), 0, 0, time.perf_counter()
     while step < total_steps:
         sampler.set_epoch(epoch, start_batch=batch_in_epoch)
         for batch in batches:
             batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if train_cfg.grad_cache_chunk:  # the same gradient, one chunk of activations at a time
+                loss = grad_cache_backward(model, net, batch, train_cfg.grad_cache_chunk, autocast)
+            else:
+                with autocast():
+                    loss = model(batch)
+                loss.backward()
             if config.optim.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
             optimizer.step()

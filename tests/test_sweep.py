@@ -238,9 +238,12 @@ def test_asha_sweep_stops_trials_early_frees_their_resources_and_its_best_config
 def test_the_next_sweep_on_the_cluster_runs_and_records_a_failing_trial(tmp_path, cluster):
     """Right after the ASHA sweep, on the same cluster: it must not wait on anything that sweep
     left behind. Its batch of 63 does not split over 2 workers: that trial fails, with its error in
-    the CSV, and the sweep goes on. Its storage is a URI, as on a cluster (s3://, gs://)."""
+    the CSV, and the sweep goes on. Its storage is a URI, as on a cluster (s3://, gs://). Its
+    trials cache gradients, 8 samples at a time."""
     space = {"train.global_batch_size": {"grid": [64, 63]}}
-    sweep = write_sweep(tmp_path, epochs=1, space=space, scheduler={"name": "fifo"})
+    fixed = {"train.cpus_per_worker": 0.5, "train.log_every": 5, "train.checkpoint_every": 10,
+             "train.grad_cache_chunk": 8}
+    sweep = write_sweep(tmp_path, epochs=1, space=space, scheduler={"name": "fifo"}, fixed=fixed)
     out = run_sweep_process(sweep_cmd(tmp_path, sweep, "next", storage=(tmp_path / "sweeps").as_uri()), cluster)
     assert "Trial status:" in out and "train.global_batch_size" in out  # Tune's table, our summary
     assert "Started training worker group" not in out  # trials' Ray Train lines only with --verbose

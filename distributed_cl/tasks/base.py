@@ -93,15 +93,11 @@ def _supervised_views(loss_fn, z_a, z_b, labels):
 def build_objective(config: LossConfig):
     """The loss module and how it consumes paired embeddings and labels: NT-Xent, InfoNCE and CLIP
     take (z_a, z_b) as positives; SupCon sees both sides as one labelled set."""
-    if config.name == "ntxent":
-        return NTXentLoss(config.temperature), _pair_views
-    if config.name == "infonce":
-        return InfoNCELoss(config.temperature), _pair_views
-    if config.name == "clip":
-        return ClipLoss(config.temperature), _pair_views
-    if config.name == "supcon":
-        return SupConLoss(config.temperature), _supervised_views
-    raise ValueError(f"loss.name: unknown loss {config.name!r}")
+    losses = {"ntxent": NTXentLoss, "infonce": InfoNCELoss, "clip": ClipLoss, "supcon": SupConLoss}
+    if config.name not in losses:
+        raise ValueError(f"loss.name: unknown loss {config.name!r}")
+    objective = _supervised_views if config.name == "supcon" else _pair_views
+    return losses[config.name](config.temperature, chunk_size=config.chunk_size), objective
 
 
 class ContrastiveModel(nn.Module):
@@ -112,8 +108,12 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.towers, self.loss_fn, self.objective = towers, loss_fn, objective
 
-    def forward(self, batch: dict) -> Tensor:
+    def forward(self, batch: dict, embed_only: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         z_a, z_b = self.towers(batch["a"], batch["b"])
+        if embed_only:  # gradient caching's second pass (grad_cache.py)
+            # The loss's parameters took their gradient from the cached loss; a zero use here puts
+            # them in this backward, so that DDP averages them with the towers' gradients.
+            return z_a + sum((p.flatten()[0] * 0 for p in self.loss_fn.parameters() if p.requires_grad), 0.0), z_b
         return self.objective(self.loss_fn, z_a, z_b, batch["labels"])
 
 

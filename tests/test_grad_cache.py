@@ -1,0 +1,209 @@
+"""Gradient caching: one step equals the whole-batch step (fp32, 1e-5), dropout active, for every
+loss, on 1 and 2 gloo ranks under DDP, under autocast, and with BatchNorm's per-chunk choice.
+
+"The whole-batch step" with dropout: the loss of the whole batch, its towers run chunk by chunk
+with autograd, so that dropout draws its masks in the order gradient caching draws them (one
+pass over the whole batch would assign them to other rows: another, equally valid, sample).
+Without dropout it is the plain one-pass step, compared too.
+"""
+
+import functools
+
+import pytest
+import torch
+from reference import rel_err
+from test_tasks import CONFIGS, tiny_bert  # noqa: F401 (a fixture)
+from test_train_cli import DIGITS
+from torch import nn
+
+from distributed_cl.config import Config
+from distributed_cl.distributed import run_on_local_ranks
+from distributed_cl.grad_cache import grad_cache_backward, split_batch
+from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from distributed_cl.samplers import DistributedRandomBatchSampler
+from distributed_cl.tasks import TASKS, ContrastiveModel, build_objective
+from distributed_cl.tasks.base import _pair_views, _supervised_views
+
+LOSSES = {
+    "ntxent": (lambda: NTXentLoss(0.2), _pair_views),
+    "supcon": (lambda: SupConLoss(0.2), _supervised_views),
+    "infonce": (lambda: InfoNCELoss(0.2), _pair_views),
+    "clip": (lambda: ClipLoss(0.1), _pair_views),  # its logit_scale gradient comes from the cached loss
+    "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), _pair_views),
+}
+
+
+class Towers(nn.Module):
+    """Two towers, one dropout layer each (and optionally BatchNorm)."""
+
+    def __init__(self, dropout: float = 0.3, batch_norm: bool = False):
+        super().__init__()
+
+        def tower(d_in):
+            norm = nn.BatchNorm1d(16) if batch_norm else nn.Identity()
+            return nn.Sequential(nn.Linear(d_in, 16), norm, nn.Dropout(dropout), nn.Tanh(), nn.Linear(16, 8))
+
+        self.a, self.b = tower(6), tower(5)
+
+    def forward(self, x_a, x_b):
+        return self.a(x_a), self.b(x_b)
+
+
+def model(loss="ntxent", seed=0, **towers):
+    torch.manual_seed(seed)
+    make_loss, objective = LOSSES[loss]
+    return ContrastiveModel(Towers(**towers), make_loss(), objective)
+
+
+def batch(n=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"a": torch.randn(n, 6, generator=g), "b": torch.randn(n, 5, generator=g),
+            "labels": torch.randint(0, 4, (n,), generator=g)}
+
+
+def no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def whole_batch_loss(net, batch, chunk_size, autocast=no_autocast):
+    """The whole batch's loss, its towers run chunk by chunk with autograd (dropout masks drawn
+    in chunk order, as gradient caching draws them)."""
+    with autocast():
+        parts = [net.towers(c["a"], c["b"]) for c in split_batch(batch, chunk_size)]
+        z_a, z_b = (torch.cat(zs) for zs in zip(*parts))
+        return net.objective(net.loss_fn, z_a, z_b, batch["labels"])
+
+
+def grads(net):
+    return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got, ref, tol=1e-5):
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert rel_err(got[name], ref[name]) < tol, name
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_one_step_equals_the_whole_batch_step_with_dropout(loss):
+    cached, reference, data = model(loss), model(loss), batch()
+    torch.manual_seed(7)
+    cached_loss = grad_cache_backward(cached, cached, data, 5, no_autocast)  # chunks of 5, 5, 5, 5, 4
+    torch.manual_seed(7)
+    ref_loss = whole_batch_loss(reference, data, 5)
+    ref_loss.backward()
+    assert rel_err(cached_loss, ref_loss.detach()) < 1e-6
+    assert_same_grads(grads(cached), grads(reference))
+    assert "loss_fn.logit_scale" in grads(cached) or loss != "clip"
+    for net in (cached, reference):  # and the optimizer step that follows
+        torch.optim.SGD(net.parameters(), lr=0.5).step()
+    for p, q in zip(cached.parameters(), reference.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 1e-5
+
+
+def test_without_dropout_it_equals_the_plain_one_pass_step():
+    cached, plain, data = model(dropout=0.0), model(dropout=0.0), batch()
+    grad_cache_backward(cached, cached, data, 7, no_autocast)
+    plain(data).backward()
+    assert_same_grads(grads(cached), grads(plain))
+
+
+def test_restoring_each_chunks_rng_state_is_what_makes_it_exact(monkeypatch):
+    """Break the restore: the second pass draws new dropout masks and the gradient is wrong."""
+    import distributed_cl.grad_cache as gc
+
+    cached, reference, data = model(), model(), batch()
+    monkeypatch.setattr(gc, "_set_rng_state", lambda state: None)
+    torch.manual_seed(7)
+    grad_cache_backward(cached, cached, data, 6, no_autocast)
+    torch.manual_seed(7)
+    whole_batch_loss(reference, data, 6).backward()
+    assert rel_err(grads(cached)["towers.a.0.weight"], grads(reference)["towers.a.0.weight"]) > 1e-3
+
+
+def test_autocast_applies_to_both_passes():
+    cached, reference, data = model("clip"), model("clip"), batch()
+    autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    passes = []  # (autograd on, output dtype) of every tower call
+    cached.towers.register_forward_hook(lambda m, args, out: passes.append((torch.is_grad_enabled(), out[0].dtype)))
+    torch.manual_seed(3)
+    grad_cache_backward(cached, cached, data, 8, autocast)
+    assert passes == [(False, torch.bfloat16)] * 3 + [(True, torch.bfloat16)] * 3
+    torch.manual_seed(3)
+    whole_batch_loss(reference, data, 8, autocast).backward()
+    # bf16 matmuls: each chunk's weight gradient is rounded to bf16 before the chunks are summed,
+    # where the reference rounds the whole sum once
+    assert_same_grads(grads(cached), grads(reference), tol=1e-2)
+
+
+def test_batch_norm_uses_each_chunks_statistics_and_updates_its_running_ones_once_per_chunk():
+    cached, reference, data = model(batch_norm=True), model(batch_norm=True), batch()
+    torch.manual_seed(5)
+    grad_cache_backward(cached, cached, data, 8, no_autocast)
+    torch.manual_seed(5)
+    whole_batch_loss(reference, data, 8).backward()  # BatchNorm sees the same chunks
+    assert_same_grads(grads(cached), grads(reference))
+    bn, ref_bn = cached.towers.a[1], reference.towers.a[1]
+    assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == 3  # not 6: pass 1 undone
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+
+
+@pytest.mark.parametrize("task_name", ["image", "text", "image_text"])
+def test_every_tasks_towers_take_the_whole_batch_step(task_name, tiny_bert):  # noqa: F811
+    """The real towers: a CNN with BatchNorm (image, and image_text's image side), a transformer
+    with dropout in every layer (text, image_text's text side), CLIP's learnable temperature."""
+    config_file, overrides = {"image": (DIGITS, []),
+                              "text": (CONFIGS / "text_tiny.yaml", [f"text.tower.model={tiny_bert}"]),
+                              "image_text": (CONFIGS / "image_text_tiny.yaml",
+                                             [f"image_text.text_tower.model={tiny_bert}"])}[task_name]
+    config = Config.load(config_file, overrides)
+    task = TASKS[task_name](config)
+    torch.manual_seed(0)
+    data = next(iter(task.train_batches(DistributedRandomBatchSampler(len(task.train_labels), 16, 1, 0))))
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(ContrastiveModel(task.build_towers(config), *build_objective(config.loss)))
+    cached, reference = nets
+    torch.manual_seed(1)
+    grad_cache_backward(cached, cached, data, 6, no_autocast)
+    torch.manual_seed(1)
+    whole_batch_loss(reference, data, 6).backward()
+    assert_same_grads(grads(cached), grads(reference))
+
+
+# ----------------------------------------------------------------------------- 2 ranks, DDP
+
+LOCAL = [10, 10]  # the M-per-class sampler gives every rank the same share
+
+
+def _ddp_worker(rank, world, loss, out_dir):
+    net = model(loss)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    data = {k: v[sum(LOCAL[:rank]) : sum(LOCAL[: rank + 1])] for k, v in batch(sum(LOCAL)).items()}
+    torch.manual_seed(100 + rank)
+    loss_value = grad_cache_backward(ddp, net, data, 4, no_autocast)
+    torch.optim.SGD(net.parameters(), lr=0.5).step()
+    torch.save((loss_value, {k: p.detach() for k, p in net.named_parameters()}), f"{out_dir}/{rank}.pt")
+
+
+@pytest.mark.parametrize("loss", ["ntxent", "clip", "supcon"])
+def test_two_ranks_under_ddp_equal_the_single_process_whole_batch_step(tmp_path, loss):
+    run_on_local_ranks(_ddp_worker, 2, loss, str(tmp_path), timeout=120)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    # single process: the global batch, each rank's chunks with that rank's dropout masks
+    reference, data = model(loss), batch(sum(LOCAL))
+    parts = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        local = {k: v[sum(LOCAL[:rank]) : sum(LOCAL[: rank + 1])] for k, v in data.items()}
+        parts += [reference.towers(c["a"], c["b"]) for c in split_batch(local, 4)]
+    z_a, z_b = (torch.cat(zs) for zs in zip(*parts))
+    ref_loss = reference.objective(reference.loss_fn, z_a, z_b, data["labels"])
+    ref_loss.backward()
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    assert rel_err(sum(r[0] for r in results) / 2, ref_loss.detach()) < 1e-5
+    for name, p in reference.named_parameters():
+        for rank in range(2):  # DDP averaged once: every rank took the same step
+            assert rel_err(results[rank][1][name], p.detach()) < 1e-5, (name, rank)
