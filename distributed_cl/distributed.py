@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -138,10 +139,13 @@ def run_on_local_ranks(fn, world: int, *args, timeout: float = 600.0):
         procs = [ctx.Process(target=_local_rank_entry, args=(fn, r, world, init_file, args, results)) for r in range(world)]
         for p in procs:
             p.start()
-        try:
-            (result,), finished = results.get(timeout=timeout), True
-        except queue.Empty:
-            result, finished = None, False
+        result, finished, deadline = None, False, time.monotonic() + timeout
+        while not finished and time.monotonic() < deadline:
+            try:
+                (result,), finished = results.get(timeout=1), True
+            except queue.Empty:  # a rank that died (killed, aborted) ends the wait at once
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
         for p in procs:
             p.join(timeout=60 if finished else 1)
             if p.is_alive():

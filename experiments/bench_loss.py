@@ -1,6 +1,7 @@
 """Loss forward+backward on W gloo ranks x 1 thread: ours vs lightly, open_clip and the GEMM floor.
 
     python experiments/bench_loss.py            # n=1024 per rank, d=128, 2 ranks
+    python experiments/bench_loss.py --device cuda --dim 512   # one GPU: plain, chunked, peers, bf16
 
 Each method runs in its own fresh set of rank processes. Time: median step on rank 0.
 Memory, measured after the timed steps: glibc is switched to a fixed mmap threshold (so freed
@@ -45,32 +46,43 @@ def step_peak_memory_mib(step) -> float:
     return _status_mib("VmHWM") - before
 
 
-def make_step(method: str, n: int, d: int, rank: int, world: int):
+def make_step(method: str, n: int, d: int, rank: int, world: int, device: str = "cpu",
+              dtype: torch.dtype = torch.float32, chunk_size: int = 2048):
     """Returns a closure running one forward+backward of `method` on this rank's inputs."""
     g = torch.Generator().manual_seed(rank)
-    a = torch.randn(n, d, generator=g).requires_grad_()
-    b = torch.randn(n, d, generator=g).requires_grad_()
+    a = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
+    b = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
+    chunk = chunk_size if method.endswith("chunked") else None
 
-    if method == "ours NTXent":
+    if method.startswith("ours NTXent"):
         from distributed_cl.losses import NTXentLoss
 
-        loss_fn = NTXentLoss(temperature=0.5)
+        loss_fn = NTXentLoss(temperature=0.5, chunk_size=chunk)
         return lambda: loss_fn(a, b).backward()
+    if method == "naive NTXent":  # the textbook version: the full (2N x 2N) matrix and F.cross_entropy
+        def step():
+            z = F.normalize(torch.cat([a, b]), dim=1)
+            logits = (z @ z.T).float() / 0.5
+            logits.fill_diagonal_(float("-inf"))
+            targets = torch.arange(len(z), device=z.device).roll(n)
+            F.cross_entropy(logits, targets).backward()
+
+        return step
     if method == "lightly NTXent":
         from lightly.loss import NTXentLoss as LightlyNTXent
 
         loss_fn = LightlyNTXent(temperature=0.5, gather_distributed=True)
         return lambda: loss_fn(a, b).backward()
-    if method == "ours CLIP":
+    if method.startswith("ours CLIP"):
         from distributed_cl.losses import ClipLoss
 
-        loss_fn = ClipLoss(temperature=0.07)
+        loss_fn = ClipLoss(temperature=0.07, chunk_size=chunk).to(device)
         return lambda: loss_fn(a, b).backward()
     if method == "open_clip CLIP":
         from open_clip.loss import ClipLoss as OpenClipLoss
 
         loss_fn = OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
-        logit_scale = torch.tensor(1 / 0.07).log().requires_grad_()
+        logit_scale = torch.tensor(1 / 0.07, device=device).log().requires_grad_()
 
         def step():
             loss_fn(F.normalize(a, dim=1), F.normalize(b, dim=1), logit_scale.exp()).backward()
@@ -78,9 +90,9 @@ def make_step(method: str, n: int, d: int, rank: int, world: int):
         return step
     if method.startswith("GEMM floor"):
         rows = 2 * n if "NTXent" in method else n  # NTXent: 2n anchors x 2N candidates
-        q = torch.randn(rows, d, generator=g)
-        k = torch.randn(rows * world, d, generator=g)
-        grad_logits = torch.randn(rows, rows * world, generator=g)
+        q = torch.randn(rows, d, generator=g).to(device, dtype)
+        k = torch.randn(rows * world, d, generator=g).to(device, dtype)
+        grad_logits = torch.randn(rows, rows * world, generator=g).to(device, dtype)
 
         def step():
             logits = q @ k.T  # forward
@@ -112,6 +124,55 @@ def run(method, n, d, world, steps, warmup):
     return run_on_local_ranks(_rank_main, world, method, n, d, steps, warmup)
 
 
+CUDA_GROUPS = [["ours CLIP", "ours CLIP chunked", "open_clip CLIP", "GEMM floor (CLIP)"],
+               ["ours NTXent", "ours NTXent chunked", "naive NTXent", "GEMM floor (NTXent)"]]
+
+
+def cuda_step_stats(method: str, n: int, d: int, dtype: torch.dtype, steps: int, warmup: int, chunk: int):
+    """(median step seconds, peak memory GiB above the inputs) of one process on the GPU, or None if out of memory."""
+    torch.cuda.empty_cache()
+    try:
+        step = make_step(method, n, d, 0, 1, "cuda", dtype, chunk)
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def cuda_main(args) -> None:
+    """One GPU, one process: the issue's H100 table, plain and chunked, fp32 and bf16 inputs."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the exact path)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, d={args.dim}, median of {args.steps} steps, "
+          f"chunk_size {args.chunk_size}\n")
+    print("| n, inputs | method | step (ms) | peak memory (GiB) | vs first peer |")
+    print("|---|---|---:|---:|---:|")
+    for n in args.cuda_n:
+        for dtype in (torch.float32, torch.bfloat16):
+            for methods in CUDA_GROUPS:
+                results = {m: cuda_step_stats(m, n, args.dim, dtype, args.steps, args.warmup, args.chunk_size)
+                           for m in methods}
+                peer = results[methods[2]]
+                for m, r in results.items():
+                    label = f"{n:,}, {str(dtype).removeprefix('torch.')}"
+                    if r is None:
+                        print(f"| {label} | {m} | out of memory | | |")
+                        continue
+                    vs = f"{r[0] / peer[0]:.2f}x" if peer else ""
+                    print(f"| {label} | {m} | {r[0] * 1e3:.1f} | {r[1]:.2f} | {vs} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1024, help="samples per rank")
@@ -119,7 +180,13 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cuda-n", type=int, nargs="+", default=[32768, 65536], help="batch sizes on the GPU")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="chunk_size of the chunked losses on the GPU")
     args = parser.parse_args()
+    if args.device == "cuda":
+        cuda_main(args)
+        return
 
     groups = [
         ("NTXent", ["ours NTXent", "lightly NTXent", "GEMM floor (NTXent)"]),
