@@ -28,15 +28,13 @@ class Mask:
     row_labels: Tensor | None = None
     col_labels: Tensor | None = None
 
-    def of_tile(self, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> Tensor | None:
-        mask = None
-        if self.self_offset is not None:
-            rows = torch.arange(r0, r1, device=device)[:, None] + self.self_offset
-            mask = rows == torch.arange(c0, c1, device=device)[None, :]
+    def apply_(self, s: Tensor, r0: int, r1: int, c0: int, c1: int, fill: float | bool = -torch.inf) -> Tensor:
+        """Write `fill` over the left-out entries of tile s = rows r0:r1 x columns c0:c1, in place."""
+        if self.self_offset is not None:  # anchor r0 + i is column c0 + i + (r0 + offset - c0)
+            s.diagonal(offset=r0 + self.self_offset - c0).fill_(fill)
         if self.row_labels is not None:
-            same = self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1]
-            mask = same if mask is None else mask | same
-        return mask
+            s.masked_fill_(self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1], fill)
+        return s
 
 
 def _tiles(n: int, big_n: int, chunk: int):
@@ -46,9 +44,7 @@ def _tiles(n: int, big_n: int, chunk: int):
 
 
 def _logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int, dtype) -> Tensor:
-    s = mm(q[r0:r1], k[c0:c1].T, dtype)
-    tile_mask = mask.of_tile(r0, r1, c0, c1, q.device)
-    return s if tile_mask is None else s.masked_fill_(tile_mask, -torch.inf)
+    return mask.apply_(mm(q[r0:r1], k[c0:c1].T, dtype), r0, r1, c0, c1)
 
 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor, dtype, alpha: float = 1) -> None:
@@ -59,11 +55,13 @@ def _add_mm(out: Tensor, a: Tensor, b: Tensor, dtype, alpha: float = 1) -> None:
         out.add_(mm(a, b, dtype), alpha=alpha)
 
 
-def _online_update(run_max: Tensor, run_sum: Tensor, s: Tensor, dim: int) -> None:
-    """Fold tile `s` into a running max and sum of exp along `dim`, in place."""
+def _online_update(run_max: Tensor, run_sum: Tensor, s: Tensor, dim: int, overwrite: bool) -> None:
+    """Fold tile `s` into a running max and sum of exp along `dim`, in place (and over `s`
+    itself if `overwrite`: no second tile-sized buffer)."""
     new_max = torch.maximum(run_max, s.amax(dim))
     shift = torch.where(new_max == -torch.inf, 0.0, new_max)  # all masked so far: nothing to shift
-    run_sum.mul_((run_max - shift).exp_()).add_((s - shift.unsqueeze(dim)).exp_().sum(dim))
+    shifted = s.sub_(shift.unsqueeze(dim)) if overwrite else s - shift.unsqueeze(dim)
+    run_sum.mul_((run_max - shift).exp_()).add_(shifted.exp_().sum(dim))
     run_max.copy_(new_max)
 
 
@@ -82,10 +80,10 @@ class TiledLogSumExp(torch.autograd.Function):
         col_max, col_sum = q.new_full((big_n,), -torch.inf), q.new_zeros(big_n)
         for r0, r1, c0, c1 in _tiles(n, big_n, chunk):
             s = _logits(q, k, mask, r0, r1, c0, c1, dtype)
-            if rows:
-                _online_update(row_max[r0:r1], row_sum[r0:r1], s, 1)
             if cols:
-                _online_update(col_max[c0:c1], col_sum[c0:c1], s, 0)
+                _online_update(col_max[c0:c1], col_sum[c0:c1], s, 0, overwrite=not rows)
+            if rows:
+                _online_update(row_max[r0:r1], row_sum[r0:r1], s, 1, overwrite=True)
         row_lse, col_lse = _finish_lse(row_max, row_sum), _finish_lse(col_max, col_sum)
         ctx.mask, ctx.chunk, ctx.rows, ctx.cols, ctx.dtype = mask, chunk, rows, cols, dtype
         ctx.save_for_backward(q, k, row_lse, col_lse)
@@ -98,11 +96,13 @@ class TiledLogSumExp(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
                 s = _logits(q, k, ctx.mask, r0, r1, c0, c1, ctx.dtype)
-                grad_s = torch.zeros_like(s)
-                if ctx.rows:  # d lse_i / d s_ij = softmax_ij; masked entries are exp(-inf) = 0
-                    grad_s.add_((s - row_lse[r0:r1, None]).exp_().mul_(grad_rows[r0:r1, None]))
-                if ctx.cols:
-                    grad_s.add_((s - col_lse[None, c0:c1]).exp_().mul_(grad_cols[None, c0:c1]))
+                # d lse_i / d s_ij = softmax_ij (masked entries: exp(-inf) = 0), written over s
+                col_part = (s - col_lse[None, c0:c1]).exp_().mul_(grad_cols[None, c0:c1]) if ctx.cols else None
+                if ctx.rows:
+                    grad_s = s.sub_(row_lse[r0:r1, None]).exp_().mul_(grad_rows[r0:r1, None])
+                    grad_s = grad_s if col_part is None else grad_s.add_(col_part)
+                else:
+                    grad_s = col_part
                 _add_mm(grad_q[r0:r1], grad_s, k[c0:c1], ctx.dtype)
                 _add_mm(grad_k[c0:c1], grad_s.T, q[r0:r1], ctx.dtype)
         return grad_q, grad_k, None, None, None, None
@@ -151,8 +151,7 @@ class TiledPositiveSoftplus(torch.autograd.Function):
 def _positive_logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int, dtype) -> tuple[Tensor, Tensor]:
     """A tile of logits and which of its entries are positives: same label, not the anchor."""
     positive = mask.row_labels[r0:r1, None] == mask.col_labels[None, c0:c1]
-    rows = torch.arange(r0, r1, device=q.device)[:, None] + mask.self_offset
-    positive &= rows != torch.arange(c0, c1, device=q.device)[None, :]
+    positive.diagonal(offset=r0 + mask.self_offset - c0).fill_(False)  # the anchor itself
     return mm(q[r0:r1], k[c0:c1].T, dtype), positive
 
 
