@@ -17,7 +17,7 @@ from distributed_cl.losses.core import (
     normalized_fp32,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
-from distributed_cl.losses.tiled import Mask, positive_counts, positive_softplus_sum, row_logsumexp
+from distributed_cl.losses.tiled import Logits, positive_counts, positive_softplus_sum, row_logsumexp
 
 
 class NTXentLoss(GatheredLoss):
@@ -53,14 +53,13 @@ class NTXentLoss(GatheredLoss):
         layout = BatchLayout.exchange(n, view_a.device, self.gather).scaled(2)
         z_all = layout.gather(z)  # rank order: [a_0; b_0; a_1; b_1; ...]
         offset = layout.offset
-        local = torch.arange(n, device=z.device)
-        targets = offset + torch.cat([local + n, local])  # a_i <-> b_i
-        q = z / self.temperature
-        if self.chunk_size:
-            lse = row_logsumexp(q, z_all, self.chunk_size, Mask(self_offset=offset))
-            loss_sum = lse.sum() - (q * z_all[targets]).sum()
+        if self.chunk_size:  # a_i . b_i / T is both a_i's and b_i's positive logit
+            lse = row_logsumexp(z, z_all, self.chunk_size, Logits(1 / self.temperature, offset))
+            loss_sum = lse.sum() - 2 * (z[:n] * z[n:]).sum() / self.temperature
         else:
-            loss_sum = RowCrossEntropy.apply(q, z_all, targets, offset)
+            local = torch.arange(n, device=z.device)
+            targets = offset + torch.cat([local + n, local])  # a_i <-> b_i
+            loss_sum = RowCrossEntropy.apply(z / self.temperature, z_all, targets, offset)
         return self._finish_single_positive(loss_sum, layout)
 
     def _labelled(self, z: Tensor, labels: Tensor, views: int = 1) -> Tensor:
@@ -75,9 +74,9 @@ class NTXentLoss(GatheredLoss):
         return self._finish_labelled(losses, num_pos, layout)
 
     def _labelled_tiled(self, z: Tensor, labels: Tensor, layout: BatchLayout) -> Tensor:
-        labels_all, q, z_all = layout.gather_labels(labels), z / self.temperature, layout.gather(z)
+        labels_all, z_all = layout.gather_labels(labels), layout.gather(z)
         num_pos = positive_counts(labels_all, layout.offset, len(z))
-        negatives_only = Mask(layout.offset, labels, labels_all)  # self and same-label candidates left out
-        lse_neg = row_logsumexp(q, z_all, self.chunk_size, negatives_only)
-        pair_sum = positive_softplus_sum(q, z_all, lse_neg, negatives_only, self.chunk_size)
+        negatives_only = Logits(1 / self.temperature, layout.offset, labels, labels_all)  # self, same label left out
+        lse_neg = row_logsumexp(z, z_all, self.chunk_size, negatives_only)
+        pair_sum = positive_softplus_sum(z, z_all, lse_neg, negatives_only, self.chunk_size)
         return self._finish_labelled(pair_sum / num_pos.clamp(min=1), num_pos, layout)

@@ -20,10 +20,12 @@ from distributed_cl.losses.core import MASKED, gemm_dtype, mm
 
 
 @dataclass(frozen=True)
-class Mask:
-    """Which logits of q @ k.T are left out. `self_offset`: row i is candidate self_offset + i.
-    `row_labels`/`col_labels`: also leave out same-label candidates (a negatives-only sum)."""
+class Logits:
+    """The logits scale * q @ k.T (a scale, not a scaled copy of q: one (n x d) buffer fewer) and
+    which are left out. `self_offset`: row i is candidate self_offset + i. `row_labels` and
+    `col_labels`: also leave out same-label candidates (a negatives-only sum)."""
 
+    scale: float = 1.0
     self_offset: int | None = None
     row_labels: Tensor | None = None
     col_labels: Tensor | None = None
@@ -43,8 +45,15 @@ def _tiles(n: int, big_n: int, chunk: int):
             yield r0, min(r0 + chunk, n), c0, min(c0 + chunk, big_n)
 
 
-def _logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int, dtype) -> Tensor:
-    return mask.apply_(mm(q[r0:r1], k[c0:c1].T, dtype), r0, r1, c0, c1)
+def _logits(q: Tensor, k: Tensor, mask: Logits, r0: int, r1: int, c0: int, c1: int, dtype) -> Tensor:
+    return mask.apply_(_scaled_mm(q[r0:r1], k[c0:c1].T, mask.scale, dtype), r0, r1, c0, c1)
+
+
+def _scaled_mm(a: Tensor, b: Tensor, scale: float, dtype) -> Tensor:
+    if dtype is None:  # the scale rides in the GEMM (BLAS alpha): no pass over the tile
+        return torch.addmm(a.new_empty(len(a), b.shape[1]), a, b, beta=0, alpha=scale)
+    s = mm(a, b, dtype)
+    return s if scale == 1 else s.mul_(scale)
 
 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor, dtype, alpha: float = 1) -> None:
@@ -74,7 +83,7 @@ class TiledLogSumExp(torch.autograd.Function):
     """Row and/or column log-sum-exps of q @ k.T (masked entries left out), tile by tile."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, mask: Mask, chunk: int, rows: bool, cols: bool):  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, mask: Logits, chunk: int, rows: bool, cols: bool):  # type: ignore[override]
         n, big_n, dtype = len(q), len(k), gemm_dtype()
         row_max, row_sum = q.new_full((n,), -torch.inf), q.new_zeros(n)
         col_max, col_sum = q.new_full((big_n,), -torch.inf), q.new_zeros(big_n)
@@ -103,19 +112,19 @@ class TiledLogSumExp(torch.autograd.Function):
                     grad_s = grad_s if col_part is None else grad_s.add_(col_part)
                 else:
                     grad_s = col_part
-                _add_mm(grad_q[r0:r1], grad_s, k[c0:c1], ctx.dtype)
-                _add_mm(grad_k[c0:c1], grad_s.T, q[r0:r1], ctx.dtype)
+                _add_mm(grad_q[r0:r1], grad_s, k[c0:c1], ctx.dtype, alpha=ctx.mask.scale)
+                _add_mm(grad_k[c0:c1], grad_s.T, q[r0:r1], ctx.dtype, alpha=ctx.mask.scale)
         return grad_q, grad_k, None, None, None, None
 
 
-def row_logsumexp(q: Tensor, k: Tensor, chunk: int, mask: Mask = Mask()) -> Tensor:
-    """lse_j (q_i . k_j) over the candidates `mask` leaves, for every row i of q."""
+def row_logsumexp(q: Tensor, k: Tensor, chunk: int, mask: Logits = Logits()) -> Tensor:
+    """lse_j (scale * q_i . k_j) over the candidates `mask` leaves, for every row i of q."""
     return TiledLogSumExp.apply(q, k, mask, chunk, True, False)[0]
 
 
 def row_and_column_logsumexp(q: Tensor, k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     """Both directions of q @ k.T in one pass over the tiles (CLIP)."""
-    return TiledLogSumExp.apply(q, k, Mask(), chunk, True, True)
+    return TiledLogSumExp.apply(q, k, Logits(), chunk, True, True)
 
 
 class TiledPositiveSoftplus(torch.autograd.Function):
@@ -124,7 +133,7 @@ class TiledPositiveSoftplus(torch.autograd.Function):
     the same-label candidates other than the anchor itself."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, lse_neg: Tensor, mask: Mask, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, lse_neg: Tensor, mask: Logits, chunk: int) -> Tensor:  # type: ignore[override]
         out, dtype = q.new_zeros(len(q)), gemm_dtype()
         for r0, r1, c0, c1 in _tiles(len(q), len(k), chunk):
             s, positive = _positive_logits(q, k, mask, r0, r1, c0, c1, dtype)
@@ -143,19 +152,19 @@ class TiledPositiveSoftplus(torch.autograd.Function):
                 # d softplus(l - s) = sigmoid(l - s) (dl - ds)
                 weight = torch.where(positive, torch.sigmoid(lse_neg[r0:r1, None] - s), 0.0).mul_(grad[r0:r1, None])
                 grad_lse[r0:r1] += weight.sum(1)
-                _add_mm(grad_q[r0:r1], weight, k[c0:c1], ctx.dtype, alpha=-1)
-                _add_mm(grad_k[c0:c1], weight.T, q[r0:r1], ctx.dtype, alpha=-1)
+                _add_mm(grad_q[r0:r1], weight, k[c0:c1], ctx.dtype, alpha=-ctx.mask.scale)
+                _add_mm(grad_k[c0:c1], weight.T, q[r0:r1], ctx.dtype, alpha=-ctx.mask.scale)
         return grad_q, grad_k, grad_lse, None, None
 
 
-def _positive_logits(q: Tensor, k: Tensor, mask: Mask, r0: int, r1: int, c0: int, c1: int, dtype) -> tuple[Tensor, Tensor]:
+def _positive_logits(q: Tensor, k: Tensor, mask: Logits, r0: int, r1: int, c0: int, c1: int, dtype) -> tuple[Tensor, Tensor]:
     """A tile of logits and which of its entries are positives: same label, not the anchor."""
     positive = mask.row_labels[r0:r1, None] == mask.col_labels[None, c0:c1]
     positive.diagonal(offset=r0 + mask.self_offset - c0).fill_(False)  # the anchor itself
-    return mm(q[r0:r1], k[c0:c1].T, dtype), positive
+    return _scaled_mm(q[r0:r1], k[c0:c1].T, mask.scale, dtype), positive
 
 
-def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, mask: Mask, chunk: int) -> Tensor:
+def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, mask: Logits, chunk: int) -> Tensor:
     return TiledPositiveSoftplus.apply(q, k, lse_neg, mask, chunk)
 
 
