@@ -45,8 +45,8 @@ def _tiles(n: int, big_n: int, chunk: int):
             yield r0, min(r0 + chunk, n), c0, min(c0 + chunk, big_n)
 
 
-def _logits(q: Tensor, k: Tensor, mask: Logits, r0: int, r1: int, c0: int, c1: int, dtype) -> Tensor:
-    return mask.apply_(_scaled_mm(q[r0:r1], k[c0:c1].T, mask.scale, dtype), r0, r1, c0, c1)
+def _logits(q: Tensor, k: Tensor, spec: Logits, r0: int, r1: int, c0: int, c1: int, dtype) -> Tensor:
+    return spec.apply_(_scaled_mm(q[r0:r1], k[c0:c1].T, spec.scale, dtype), r0, r1, c0, c1)
 
 
 def _scaled_mm(a: Tensor, b: Tensor, scale: float, dtype) -> Tensor:
@@ -83,18 +83,18 @@ class TiledLogSumExp(torch.autograd.Function):
     """Row and/or column log-sum-exps of q @ k.T (masked entries left out), tile by tile."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, mask: Logits, chunk: int, rows: bool, cols: bool):  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, spec: Logits, chunk: int, rows: bool, cols: bool):  # type: ignore[override]
         n, big_n, dtype = len(q), len(k), gemm_dtype()
         row_max, row_sum = q.new_full((n,), -torch.inf), q.new_zeros(n)
         col_max, col_sum = q.new_full((big_n,), -torch.inf), q.new_zeros(big_n)
         for r0, r1, c0, c1 in _tiles(n, big_n, chunk):
-            s = _logits(q, k, mask, r0, r1, c0, c1, dtype)
+            s = _logits(q, k, spec, r0, r1, c0, c1, dtype)
             if cols:
                 _online_update(col_max[c0:c1], col_sum[c0:c1], s, 0, overwrite=not rows)
             if rows:
                 _online_update(row_max[r0:r1], row_sum[r0:r1], s, 1, overwrite=True)
         row_lse, col_lse = _finish_lse(row_max, row_sum), _finish_lse(col_max, col_sum)
-        ctx.mask, ctx.chunk, ctx.rows, ctx.cols, ctx.dtype = mask, chunk, rows, cols, dtype
+        ctx.spec, ctx.chunk, ctx.rows, ctx.cols, ctx.dtype = spec, chunk, rows, cols, dtype
         ctx.save_for_backward(q, k, row_lse, col_lse)
         return row_lse, col_lse
 
@@ -104,7 +104,7 @@ class TiledLogSumExp(torch.autograd.Function):
         grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
         with torch.autocast(q.device.type, enabled=False):
             for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
-                s = _logits(q, k, ctx.mask, r0, r1, c0, c1, ctx.dtype)
+                s = _logits(q, k, ctx.spec, r0, r1, c0, c1, ctx.dtype)
                 # d lse_i / d s_ij = softmax_ij (masked entries: exp(-inf) = 0), written over s
                 col_part = (s - col_lse[None, c0:c1]).exp_().mul_(grad_cols[None, c0:c1]) if ctx.cols else None
                 if ctx.rows:
@@ -112,14 +112,14 @@ class TiledLogSumExp(torch.autograd.Function):
                     grad_s = grad_s if col_part is None else grad_s.add_(col_part)
                 else:
                     grad_s = col_part
-                _add_mm(grad_q[r0:r1], grad_s, k[c0:c1], ctx.dtype, alpha=ctx.mask.scale)
-                _add_mm(grad_k[c0:c1], grad_s.T, q[r0:r1], ctx.dtype, alpha=ctx.mask.scale)
+                _add_mm(grad_q[r0:r1], grad_s, k[c0:c1], ctx.dtype, alpha=ctx.spec.scale)
+                _add_mm(grad_k[c0:c1], grad_s.T, q[r0:r1], ctx.dtype, alpha=ctx.spec.scale)
         return grad_q, grad_k, None, None, None, None
 
 
-def row_logsumexp(q: Tensor, k: Tensor, chunk: int, mask: Logits = Logits()) -> Tensor:
-    """lse_j (scale * q_i . k_j) over the candidates `mask` leaves, for every row i of q."""
-    return TiledLogSumExp.apply(q, k, mask, chunk, True, False)[0]
+def row_logsumexp(q: Tensor, k: Tensor, chunk: int, spec: Logits = Logits()) -> Tensor:
+    """lse_j (scale * q_i . k_j) over the candidates `spec` leaves, for every row i of q."""
+    return TiledLogSumExp.apply(q, k, spec, chunk, True, False)[0]
 
 
 def row_and_column_logsumexp(q: Tensor, k: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
@@ -133,12 +133,12 @@ class TiledPositiveSoftplus(torch.autograd.Function):
     the same-label candidates other than the anchor itself."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, lse_neg: Tensor, mask: Logits, chunk: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, q: Tensor, k: Tensor, lse_neg: Tensor, spec: Logits, chunk: int) -> Tensor:  # type: ignore[override]
         out, dtype = q.new_zeros(len(q)), gemm_dtype()
         for r0, r1, c0, c1 in _tiles(len(q), len(k), chunk):
-            s, positive = _positive_logits(q, k, mask, r0, r1, c0, c1, dtype)
+            s, positive = _positive_logits(q, k, spec, r0, r1, c0, c1, dtype)
             out[r0:r1] += torch.where(positive, F.softplus(lse_neg[r0:r1, None] - s), 0.0).sum(1)
-        ctx.mask, ctx.chunk, ctx.dtype = mask, chunk, dtype
+        ctx.spec, ctx.chunk, ctx.dtype = spec, chunk, dtype
         ctx.save_for_backward(q, k, lse_neg)
         return out
 
@@ -148,24 +148,24 @@ class TiledPositiveSoftplus(torch.autograd.Function):
         grad_q, grad_k, grad_lse = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(lse_neg)
         with torch.autocast(q.device.type, enabled=False):
             for r0, r1, c0, c1 in _tiles(len(q), len(k), ctx.chunk):
-                s, positive = _positive_logits(q, k, ctx.mask, r0, r1, c0, c1, ctx.dtype)
+                s, positive = _positive_logits(q, k, ctx.spec, r0, r1, c0, c1, ctx.dtype)
                 # d softplus(l - s) = sigmoid(l - s) (dl - ds)
                 weight = torch.where(positive, torch.sigmoid(lse_neg[r0:r1, None] - s), 0.0).mul_(grad[r0:r1, None])
                 grad_lse[r0:r1] += weight.sum(1)
-                _add_mm(grad_q[r0:r1], weight, k[c0:c1], ctx.dtype, alpha=-ctx.mask.scale)
-                _add_mm(grad_k[c0:c1], weight.T, q[r0:r1], ctx.dtype, alpha=-ctx.mask.scale)
+                _add_mm(grad_q[r0:r1], weight, k[c0:c1], ctx.dtype, alpha=-ctx.spec.scale)
+                _add_mm(grad_k[c0:c1], weight.T, q[r0:r1], ctx.dtype, alpha=-ctx.spec.scale)
         return grad_q, grad_k, grad_lse, None, None
 
 
-def _positive_logits(q: Tensor, k: Tensor, mask: Logits, r0: int, r1: int, c0: int, c1: int, dtype) -> tuple[Tensor, Tensor]:
+def _positive_logits(q: Tensor, k: Tensor, spec: Logits, r0: int, r1: int, c0: int, c1: int, dtype) -> tuple[Tensor, Tensor]:
     """A tile of logits and which of its entries are positives: same label, not the anchor."""
-    positive = mask.row_labels[r0:r1, None] == mask.col_labels[None, c0:c1]
-    positive.diagonal(offset=r0 + mask.self_offset - c0).fill_(False)  # the anchor itself
-    return _scaled_mm(q[r0:r1], k[c0:c1].T, mask.scale, dtype), positive
+    positive = spec.row_labels[r0:r1, None] == spec.col_labels[None, c0:c1]
+    positive.diagonal(offset=r0 + spec.self_offset - c0).fill_(False)  # the anchor itself
+    return _scaled_mm(q[r0:r1], k[c0:c1].T, spec.scale, dtype), positive
 
 
-def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, mask: Logits, chunk: int) -> Tensor:
-    return TiledPositiveSoftplus.apply(q, k, lse_neg, mask, chunk)
+def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, spec: Logits, chunk: int) -> Tensor:
+    return TiledPositiveSoftplus.apply(q, k, lse_neg, spec, chunk)
 
 
 def class_sums(k: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
