@@ -17,7 +17,7 @@ from distributed_cl.losses.core import (
     normalized_fp32,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
-from distributed_cl.losses.tiled import Logits, positive_counts, positive_softplus_sum, row_logsumexp
+from distributed_cl.losses.tiled import Logits, class_index, positive_counts, positive_softplus_sum, row_logsumexp
 
 
 class NTXentLoss(GatheredLoss):
@@ -75,7 +75,7 @@ class NTXentLoss(GatheredLoss):
 
     def _labelled_tiled(self, z: Tensor, labels: Tensor, layout: BatchLayout) -> Tensor:
         labels_all, z_all = layout.gather_labels(labels), layout.gather(z)
-        num_pos = positive_counts(labels_all, layout.offset, len(z))
+        num_pos = positive_counts(class_index(labels_all), layout.offset, len(z))
         negatives_only = Logits(1 / self.temperature, layout.offset, labels, labels_all)  # self, same label left out
         lse_neg = row_logsumexp(z, z_all, self.chunk_size, negatives_only)
         pair_sum = positive_softplus_sum(z, z_all, lse_neg, negatives_only, self.chunk_size)

@@ -15,7 +15,7 @@ from distributed_cl.losses.core import (
     multi_positive_row_losses,
     normalized_fp32,
 )
-from distributed_cl.losses.tiled import Logits, class_sums, row_logsumexp
+from distributed_cl.losses.tiled import Logits, class_index, class_sums, positive_counts, row_logsumexp
 
 
 class SupConLoss(GatheredLoss):
@@ -43,9 +43,10 @@ class SupConLoss(GatheredLoss):
         # -mean_p log softmax_ip = lse_i - q_i . mean_p z_p: the positives' logits through their class sum
         z_all, labels_all = layout.gather(z), layout.gather_labels(labels)
         lse = row_logsumexp(z, z_all, self.chunk_size, Logits(1 / self.temperature, layout.offset))
-        sums, index = class_sums(z_all, labels_all)
+        index = class_index(labels_all)
         own = index[layout.offset : layout.offset + len(z)]
-        num_pos = index.bincount()[own] - 1
+        num_pos = positive_counts(index, layout.offset, len(z))
+        sums = class_sums(z_all, index)
         positive_logits = (z * (sums[own] - z)).sum(1) / self.temperature  # the class sum less the anchor
         losses = torch.where(num_pos > 0, lse - positive_logits / num_pos.clamp(min=1), 0.0)
         return self._finish_labelled(losses, num_pos, layout)

@@ -30,12 +30,12 @@ class Logits:
     row_labels: Tensor | None = None
     col_labels: Tensor | None = None
 
-    def apply_(self, s: Tensor, r0: int, r1: int, c0: int, c1: int, fill: float | bool = -torch.inf) -> Tensor:
-        """Write `fill` over the left-out entries of tile s = rows r0:r1 x columns c0:c1, in place."""
+    def apply_(self, s: Tensor, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Write -inf over the left-out entries of tile s = rows r0:r1 x columns c0:c1, in place."""
         if self.self_offset is not None:  # anchor r0 + i is column c0 + i + (r0 + offset - c0)
-            s.diagonal(offset=r0 + self.self_offset - c0).fill_(fill)
+            s.diagonal(offset=r0 + self.self_offset - c0).fill_(-torch.inf)
         if self.row_labels is not None:
-            s.masked_fill_(self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1], fill)
+            s.masked_fill_(self.row_labels[r0:r1, None] == self.col_labels[None, c0:c1], -torch.inf)
         return s
 
 
@@ -168,14 +168,17 @@ def positive_softplus_sum(q: Tensor, k: Tensor, lse_neg: Tensor, spec: Logits, c
     return TiledPositiveSoftplus.apply(q, k, lse_neg, spec, chunk)
 
 
-def class_sums(k: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-class sums of the rows of k (differentiable) and each row's class index."""
-    classes, index = torch.unique(labels, return_inverse=True)
-    return k.new_zeros(len(classes), k.shape[1]).index_add(0, index, k), index
+def class_index(labels: Tensor) -> Tensor:
+    """Each label's class as 0..C-1 (for per-class sums and counts without an (n x N) mask)."""
+    return torch.unique(labels, return_inverse=True)[1]
 
 
-def positive_counts(labels_all: Tensor, offset: int, n: int) -> Tensor:
-    """Same-label candidates of local rows offset..offset+n of `labels_all`, each row itself
-    excluded: O(N), no (n x N) mask."""
-    index = torch.unique(labels_all, return_inverse=True)[1]
+def class_sums(k: Tensor, index: Tensor) -> Tensor:
+    """Per-class sums of the rows of k (differentiable); `index` from class_index."""
+    return k.new_zeros(int(index.max()) + 1 if len(index) else 0, k.shape[1]).index_add(0, index, k)
+
+
+def positive_counts(index: Tensor, offset: int, n: int) -> Tensor:
+    """Same-class candidates of local rows offset..offset+n (`index` from class_index over every
+    rank's labels), each row itself excluded."""
     return index.bincount()[index[offset : offset + n]] - 1
