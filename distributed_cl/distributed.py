@@ -1,9 +1,11 @@
 """Rank/world helpers and the differentiable all-gather behind every distributed loss.
 
-The gradient contract (DESIGN.md section 3): each rank computes the loss of its own anchors
-against candidates gathered from every rank. The gather's backward must hand each rank the SUM
-of all ranks' gradients for its slice; then DDP's mean of the ranks' gradients equals the
-single-process gradient on the concatenated batch. Local sizes may differ between ranks.
+The gradient contract: each rank computes the loss of its own anchors against candidates
+gathered from every rank. The gather's backward must hand each rank the SUM of all ranks'
+gradients for its slice (copying only the own slice, or averaging, gives 1/W-scaled or wrongly
+directed gradients); then DDP's mean of the ranks' gradients equals the single-process gradient
+on the concatenated batch. Local sizes may differ between ranks: sizes are exchanged, slices
+padded to the largest, gathered and stripped.
 """
 
 from __future__ import annotations

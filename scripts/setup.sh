@@ -25,7 +25,7 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-# Debian data packages the runs and tests read (installed once, only those missing).
+# Debian packages, installed once, only those missing.
 need_debian_packages() {
     local missing=()
     for pkg in "$@"; do
@@ -36,4 +36,10 @@ need_debian_packages() {
     local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# The data packages of scripts/debian-packages.txt (one list for both README commands).
+need_data_packages() {
+    # shellcheck disable=SC2046
+    need_debian_packages $(sed 's/#.*//' "$ROOT/scripts/debian-packages.txt")
 }

@@ -3,6 +3,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
-need_debian_packages wordnet-base fonts-noto-color-emoji unicode-data  # the text and image-text tests
+need_data_packages  # scripts/debian-packages.txt: what the tests and the shipped configs read
 cd "$ROOT"
 exec python -m pytest -q "$@"

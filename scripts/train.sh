@@ -5,7 +5,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
-# Fashion-MNIST (image), WordNet (text), Noto Color Emoji and CLDR names (image-text)
-need_debian_packages dataset-fashion-mnist wordnet-base fonts-noto-color-emoji unicode-data
+need_data_packages  # scripts/debian-packages.txt: Fashion-MNIST, WordNet, Noto Color Emoji, CLDR names
 cd "$ROOT"
 exec python train.py "$@"

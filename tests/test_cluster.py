@@ -28,7 +28,8 @@ def launcher_config(name: str) -> dict:
 
 
 def ray_validates(config: dict) -> dict:
-    """What `ray up` checks before it touches a cloud (DESIGN.md section 5)."""
+    """What `ray up` checks before it touches a cloud: Ray's own config preparation and schema
+    validation (ray.autoscaler's prepare_config and validate_config), offline."""
     config = prepare_config(copy.deepcopy(config))
     validate_config(config)
     return config

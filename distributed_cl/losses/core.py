@@ -3,8 +3,8 @@
 Each rank scores its own n_r anchors against all N candidates (memory O(n_r * N), never N^2),
 sums its anchors' losses and scales by W / A, where A is the global number of anchors that
 have a positive. DDP's mean over ranks then gives exactly the gradient of the single-process
-mean over the concatenated batch (DESIGN.md section 3). Logits are fp32 whatever the input
-dtype; masked entries hold float32's most negative value, never a 1e9-style constant.
+mean over the concatenated batch, and the mean over ranks of the returned values is the global
+loss. Logits are fp32 whatever the input dtype; masked entries hold float32's most negative value, never a 1e9-style constant.
 """
 
 from __future__ import annotations
