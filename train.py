@@ -105,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from distributed_cl import trainer
+    from distributed_cl.data.formats import TooManySkippedRows
 
-    trainer.run(config, output_json=args.output_json)
+    try:
+        trainer.run(config, output_json=args.output_json)
+    except (ConfigError, TooManySkippedRows) as e:  # found while reading the data, before training
+        print(f"{'config' if isinstance(e, ConfigError) else 'data'} error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

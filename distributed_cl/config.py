@@ -14,9 +14,6 @@ from typing import Any
 
 import yaml
 
-TASK_NAMES = ("image", "text", "image_text")  # distributed_cl.tasks.TASKS holds their classes
-LOSSES = ("ntxent", "supcon", "infonce", "clip")
-LABELLED_LOSSES = ("supcon",)
 DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -45,7 +42,7 @@ class DataConfig:
 class ModelConfig:
     """An image encoder and its projection head (the image task's model; image_text's image tower)."""
 
-    encoder: str = "small_cnn"  # small_cnn | resnet18
+    encoder: str = "small_cnn"  # an encoder of distributed_cl.models.ENCODERS: small_cnn | resnet18
     width: int = 32  # small_cnn channels of the first block
     pool: int = 3  # small_cnn: its feature map is pooled to pool x pool for the projection head
     projection_hidden: int = 256
@@ -88,8 +85,40 @@ class ImageTextConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Which columns (csv, jsonl, parquet) or file extensions (webdataset, `;` between
+    alternatives: `jpg;png`) feed side a, side b and the labels."""
+
+    a: str | None = None  # image: the image; text: the anchor; image_text: the image
+    b: str | None = None  # text: the positive; image_text: the caption
+    label: str | None = None  # optional: an int or a string per row (imagefolder: the folder names)
+
+
+@dataclass
+class DatasetConfig:
+    """Your own data, for any task. Absent (null): the task's built-in data."""
+
+    format: str = "imagefolder"  # imagefolder | csv | jsonl | parquet | webdataset
+    path: str = ""  # a directory, file, glob or brace pattern, or an s3:// / gs:// / file:// URI
+    eval_path: str | None = None  # held-out split; null: a seeded eval_fraction of `path` is held out
+    eval_fraction: float = 0.05
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    image_size: int = 64  # images are decoded, converted to RGB, resized (shorter side) and centre-cropped to this
+    # decode once and serve from memory (the built-ins' path); null: when the decoded training
+    # split is known to fit in cache_limit_mb, else stream through Ray Data
+    cache: bool | None = None
+    cache_limit_mb: int = 2048
+    max_skipped_fraction: float = 0.01  # more undecodable images / empty texts than this stops the run
+    shuffle_buffer: int = 2048  # streamed: rows each worker shuffles among, re-seeded every epoch
+    deterministic: bool = True  # streamed: same batches for the same seed (Ray Data's preserve_order)
+    eval_max_rows: int = 10000  # held-out rows evaluated (decoded into memory)
+    eval_bank_size: int = 10000  # training rows in the kNN bank (labelled images and texts)
+    decode_cpus: float = 1.0  # CPUs per Ray Data decode task
+
+
+@dataclass
 class LossConfig:
-    name: str = "ntxent"  # ntxent | supcon | infonce | clip
+    name: str = "ntxent"  # a loss of distributed_cl.objectives.OBJECTIVES: ntxent | supcon | infonce | clip
     temperature: float = 0.5
     m: int = 4  # samples per class in each global batch (label-based losses)
     # compute the loss in (chunk_size x chunk_size) tiles of logits, recomputed in backward
@@ -100,7 +129,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # an optimizer of distributed_cl.optim.OPTIMIZERS: adamw | sgd
     lr: float = 2e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
@@ -132,11 +161,15 @@ class TrainConfig:
     # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
     # batch whose activations do not fit still takes one exact step; null: one pass (faster)
     grad_cache_chunk: int | None = None
+    # a directory where each worker of a streamed run appends one line per batch (epoch, batch,
+    # a digest of every row): what each rank trained on, to audit determinism and resumes
+    batch_log: str | None = None
 
 
 @dataclass
 class Config:
-    task: str = "image"  # image | text | image_text: which section below describes data and model
+    task: str = "image"  # a task of distributed_cl.tasks.TASKS: image | text | image_text
+    dataset: DatasetConfig | None = None  # your own data; null: the task's built-in data below
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -166,13 +199,21 @@ class Config:
         return config
 
     def validate(self) -> None:
+        # the registries live beside what they register; imported here, as they import this module
+        from distributed_cl.objectives import OBJECTIVES
+        from distributed_cl.optim import OPTIMIZERS
+        from distributed_cl.tasks import TASKS
+
         lo, o, t = self.loss, self.optim, self.train
-        _choice("task", self.task, TASK_NAMES)
-        getattr(self, f"_validate_{self.task}")()  # the task's own section
-        _choice("loss.name", lo.name, LOSSES)
+        _choice("task", self.task, TASKS)
+        if self.dataset is None:
+            getattr(self, f"_validate_{self.task}")()  # the built-in data's own section
+        else:
+            self._validate_dataset()
+        _choice("loss.name", lo.name, OBJECTIVES)
         if not lo.temperature > 0 or not math.isfinite(lo.temperature):
             raise ConfigError(f"loss.temperature must be > 0, got {lo.temperature}")
-        _choice("optim.name", o.name, ("adamw", "sgd"))
+        _choice("optim.name", o.name, OPTIMIZERS)
         if not o.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
         _at_least("optim.weight_decay", o.weight_decay, 0)
@@ -200,13 +241,49 @@ class Config:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by train.num_workers={t.num_workers}"
             )
-        if lo.name in LABELLED_LOSSES:
+        if self.labelled_loss:
             if lo.m < 2:
                 raise ConfigError(f"loss.m must be >= 2 for {lo.name}, got {lo.m}")
             if t.global_batch_size % lo.m:
                 raise ConfigError(f"loss.m={lo.m} does not divide train.global_batch_size={t.global_batch_size}")
         if not t.name or "/" in t.name:
             raise ConfigError(f"train.name must be a non-empty name without '/', got {t.name!r}")
+        if self.dataset is not None:
+            from distributed_cl.data.formats import check_dataset  # reads the data's listing and first rows
+
+            check_dataset(self, TASKS[self.task].sides, self.labelled_loss)
+
+    @property
+    def labelled_loss(self) -> bool:
+        """Whether the loss needs class labels (then every global batch holds m samples per class)."""
+        from distributed_cl.objectives import OBJECTIVES
+
+        return OBJECTIVES[self.loss.name].labelled
+
+    def _validate_dataset(self) -> None:
+        from distributed_cl.data.formats import FORMATS
+
+        x = self.dataset
+        _choice("dataset.format", x.format, FORMATS)
+        if not x.path:
+            raise ConfigError("dataset.path is required: a directory, file, glob or URI of your data")
+        _range("dataset.eval_fraction", x.eval_fraction, 0.0, 0.5, low_open=x.eval_path is None)
+        _at_least("dataset.image_size", x.image_size, 8)
+        _at_least("dataset.cache_limit_mb", x.cache_limit_mb, 0)
+        _range("dataset.max_skipped_fraction", x.max_skipped_fraction, 0.0, 1.0)
+        _at_least("dataset.shuffle_buffer", x.shuffle_buffer, 0)
+        _at_least("dataset.eval_max_rows", x.eval_max_rows, 2)
+        _at_least("dataset.eval_bank_size", x.eval_bank_size, 1)
+        if not x.decode_cpus > 0:
+            raise ConfigError(f"dataset.decode_cpus must be > 0, got {x.decode_cpus}")
+        # the towers: image and image_text read their image tower from `model` / `image_text`
+        if self.task == "image":
+            _validate_image_model("model", self.model)
+        if self.task in ("text", "image_text"):
+            tower = self.text.tower if self.task == "text" else self.image_text.text_tower
+            _validate_text_tower(f"{self.task}.{'tower' if self.task == 'text' else 'text_tower'}", tower)
+        if self.task == "image_text":
+            _validate_image_model("image_text.image_tower", self.image_text.image_tower)
 
     def _validate_image(self) -> None:
         d = self.data
@@ -255,7 +332,9 @@ class Config:
 
 
 def _validate_image_model(where: str, m: ModelConfig) -> None:
-    _choice(f"{where}.encoder", m.encoder, ("small_cnn", "resnet18"))
+    from distributed_cl.models import ENCODERS
+
+    _choice(f"{where}.encoder", m.encoder, ENCODERS)
     for name in ("width", "pool", "projection_hidden", "projection_dim"):
         _at_least(f"{where}.{name}", getattr(m, name), 1)
 
@@ -334,12 +413,26 @@ def _build(cls, raw, prefix: str, base=None):
         if f.name not in raw:
             continue
         hint, value, where = hints[f.name], raw[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        optional = _optional_section(hint)
+        if optional is not None and value is not None:  # e.g. dataset: absent or null means none
+            current = getattr(base, f.name) if base is not None else None
+            values[f.name] = _build(optional, value, where + ".", current)
+        elif optional is not None:
+            values[f.name] = None
+        elif dataclasses.is_dataclass(hint):
             default = getattr(base, f.name) if base is not None else f.default_factory()
             values[f.name] = _build(hint, value, where + ".", default)
         else:
             values[f.name] = _coerce(where, hint, value)
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def _optional_section(hint):
+    """The section class of a `Section | None` field, else None."""
+    if isinstance(hint, types.UnionType):
+        sections = [k for k in typing.get_args(hint) if dataclasses.is_dataclass(k)]
+        return sections[0] if sections else None
+    return None
 
 
 def _coerce(where: str, hint, value):

@@ -111,6 +111,16 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether `flag` holds on every rank: a streamed epoch ends for all when one rank runs out."""
+    if get_world_size() == 1:
+        return flag
+    x = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return bool(x.item())
+
+
+@torch.no_grad()
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Every rank's buffers (BatchNorm's running statistics) made rank `src`'s, in place."""
     if get_world_size() == 1:

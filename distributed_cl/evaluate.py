@@ -25,16 +25,17 @@ def knn_top1(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: T
 @torch.no_grad()
 def knn_correct(bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int = 20,
                 temperature: float = 0.07, chunk: int = 1024) -> int:
-    """How many queries `knn_top1`'s classifier gets right, on the device the inputs are on."""
+    """How many queries `knn_top1`'s classifier gets right, on the device the inputs are on.
+    Labels may be any int64 ids (hashed class names too): the vote runs over the bank's classes."""
     bank = F.normalize(bank.float(), dim=1)
-    num_classes = int(bank_labels.max()) + 1
+    classes, bank_classes = torch.unique(bank_labels, return_inverse=True)
     k = min(k, len(bank))
     correct = 0
     for start in range(0, len(queries), chunk):
         q = F.normalize(queries[start : start + chunk].float(), dim=1)
         sims, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
-        correct += (votes.argmax(1) == query_labels[start : start + chunk]).sum().item()
+        votes = torch.zeros(len(q), len(classes), device=q.device).scatter_add_(1, bank_classes[idx], (sims / temperature).exp())
+        correct += (classes[votes.argmax(1)] == query_labels[start : start + chunk]).sum().item()
     return correct
 
 

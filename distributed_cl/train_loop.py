@@ -1,18 +1,21 @@
 """The per-worker training loop. Runs inside each Ray Train worker; knows nothing of the driver,
-nor of any one dataset: the task (distributed_cl/tasks) supplies data, towers and evaluation.
+nor of any one dataset: the task (distributed_cl/tasks) turns decoded rows into the towers'
+inputs, builds the towers and evaluates them, and the data arrives as `Splits` from the driver
+(held in memory) or as this worker's shard of a Ray Data stream.
 
-Read top to bottom: build the task's data and towers, the loss, optimizer and schedule; restore
-the latest checkpoint if there is one; train with periodic metrics and checkpoints; evaluate on
-the held-out split each epoch; at the end compare the trained towers with the same towers
-untrained and with the task's baselines, and export them.
+`train_loop_per_worker` reads top to bottom: set up the worker, its data and the model; restore
+the latest checkpoint if there is one; train (`train_step`), with a progress line per metrics
+window and periodic checkpoints; evaluate on the held-out split after each epoch; at the end
+compare the trained towers with the same towers untrained and with the task's baselines, and
+export them.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
-import math
 import os
 import queue
 import random
@@ -21,6 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import numpy as np
 import ray.train
@@ -30,36 +36,45 @@ from ray.train.torch import prepare_model
 from torch import nn
 
 from distributed_cl import distributed as dist_utils
-from distributed_cl.config import LABELLED_LOSSES, Config, OptimConfig
+from distributed_cl.config import Config
+from distributed_cl.data.formats import check_skipped
+from distributed_cl.data.sources import load_splits
+from distributed_cl.data.stream import StreamBatches
 from distributed_cl.grad_cache import grad_cache_backward
 from distributed_cl.losses import ClipLoss
+from distributed_cl.objectives import build_objective
+from distributed_cl.optim import build_optimizer, warmup_cosine
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
-from distributed_cl.tasks import TASKS, ContrastiveModel, build_objective, to_device
+from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 
 STATE_FILE = "state.pt"
 EXPORT_DIR = "export"
 WORKERS_FILE = "workers.json"  # in every checkpoint: where each rank ran
+TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(datasets=...)
 
 
-# ----------------------------------------------------------------------------- components
+# ----------------------------------------------------------------------------- the step
 
 
-def build_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
-    if config.name == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the base learning rate, then cosine decay to zero at total_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.Optimizer, batch: dict,
+               autocast: Callable[[], AbstractContextManager], scheduler=None, grad_cache_chunk: int | None = None,
+               grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimizer step on a batch already on the device; returns the loss (not synced to the host).
+    `model` is `net` or its DDP wrapper; gradient caching gives the same step in chunks of activations.
+    The loop and the benchmarks both step through here."""
+    optimizer.zero_grad(set_to_none=True)
+    if grad_cache_chunk:
+        loss = grad_cache_backward(model, net, batch, grad_cache_chunk, autocast)
+    else:
+        with autocast():
+            loss = model(batch)
+        loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
 
 
 def _temperature(loss_fn: nn.Module) -> float:
@@ -67,14 +82,85 @@ def _temperature(loss_fn: nn.Module) -> float:
     return 1 / loss_fn.scale.item() if isinstance(loss_fn, ClipLoss) else loss_fn.temperature
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+class MetricsWindow:
+    """The loss summed on the device and read once per window (no host sync per step), samples/s."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.samples, self.start = torch.zeros(1, device=self.device), 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.samples += samples
+
+    def read(self, net: ContrastiveModel, scheduler, world: int) -> dict:
+        mean_loss = dist_utils.all_reduce_sum(self.loss).item() / world  # the mean over ranks is the global loss
+        stats = net.loss_fn.last_stats
+        metrics = {
+            "loss": mean_loss / self.steps,
+            "lr": scheduler.get_last_lr()[0],
+            "temperature": _temperature(net.loss_fn),
+            "samples_per_s": self.samples * world / (time.perf_counter() - self.start),
+            "anchors_without_positive": stats.anchors_without_positive,
+            "mean_positives": stats.mean_positives,
+            "empty_batches": net.loss_fn.empty_batches,
+        }
+        self._reset()
+        return metrics
 
 
-def _set_rng_state(state: dict) -> None:
+# ----------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict:
+    """Every RNG a step draws from: torch's CPU and every CUDA device's, numpy's, Python's."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint with the weights and every rank's RNG."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    anchors_without_positive_total: int = 0  # over every step of the run
+    # a stream's counts over all ranks for one pass over the data (the largest of the finished
+    # epochs): rows read, rows that did not decode, rows no batch took (see data/stream.py)
+    stream_rows: int = 0
+    stream_skipped_rows: int = 0
+    stream_dropped_rows: int = 0
+
+
+def save_state(directory: str, net: ContrastiveModel, optimizer, scheduler, progress: Progress, rng_states: list) -> None:
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "progress": vars(progress), "rng": rng_states}, os.path.join(directory, STATE_FILE))
+
+
+def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optimizer, scheduler, rank: int,
+                  device: torch.device) -> Progress:
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rank])
+    return Progress(**state["progress"])
 
 
 def _all_ranks(obj, world: int) -> list:
@@ -125,7 +211,7 @@ class Reporter:
             raise self._error
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- set-up
 
 
 def _quiet_ray_train_logs() -> None:
@@ -139,11 +225,10 @@ def _quiet_ray_train_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(raw_config: dict) -> None:
-    config = Config.from_dict(raw_config)
-    train_cfg = config.train
-    torch.set_num_threads(train_cfg.threads_per_worker)
-    if not train_cfg.verbose:
+def setup_worker(config: Config) -> tuple[int, int, torch.device, list[dict]]:
+    """Threads, logs, rank, world and device; rank 0 prints where every rank runs."""
+    torch.set_num_threads(config.train.threads_per_worker)
+    if not config.train.verbose:
         _quiet_ray_train_logs()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -154,68 +239,134 @@ def train_loop_per_worker(raw_config: dict) -> None:
         sys.stdout.write("[distributed_cl] workers: " + ", ".join(
             f"rank {w['rank']} on {w['host']} (node {w['node_id'][:8]}, {w['device']})" for w in workers) + "\n")
         sys.stdout.flush()
+    return rank, world, device, workers
 
-    # Data: the task's batches for a batch sampler that yields this rank's slice of every global
-    # batch (moved to the device here: Ray's prepare_data_loader would replace the sampler).
-    task = TASKS[config.task](config, rank, world, device)
-    if config.loss.name in LABELLED_LOSSES:
-        sampler = DistributedMPerClassSampler(task.train_labels, config.loss.m, train_cfg.global_batch_size,
-                                              world, rank, seed=train_cfg.seed)
-    else:
-        sampler = DistributedRandomBatchSampler(len(task.train_labels), train_cfg.global_batch_size, world, rank,
-                                                seed=train_cfg.seed)
-    batches = task.train_batches(sampler)
 
-    def evaluate(towers: nn.Module) -> dict[str, float]:
-        # Every rank evaluates rank 0's model, the one exported: BatchNorm's running statistics
-        # differ between ranks after a step (DDP broadcasts rank 0's before each forward, then
-        # every rank updates them from its own batch).
-        dist_utils.broadcast_buffers(towers)
-        was_training = towers.training
-        towers.eval()
-        with torch.no_grad():
-            metrics = task.evaluate(towers)
-        towers.train(was_training)
-        return metrics
+class EpochBatches:
+    """The training batches of an epoch, on the device: a batch sampler over the rows in memory
+    (M-per-class for labelled losses, else a seeded permutation), or this worker's shard of the
+    stream, which ends the epoch for every rank when one runs out."""
+
+    def __init__(self, task: Task, config: Config, rank: int, world: int) -> None:
+        self.task, self.world, self.rank, t = task, world, rank, config.train
+        self.batch_log = t.batch_log
+        if self.batch_log:
+            os.makedirs(self.batch_log, exist_ok=True)
+        self.stream: StreamBatches | None = None
+        if task.data.streamed:
+            x = config.dataset
+            self.stream = StreamBatches(ray.train.get_dataset_shard(TRAIN_DATASET), t.global_batch_size // world,
+                                        t.seed, rank, labelled=task.labelled(config), shuffle_buffer=x.shuffle_buffer,
+                                        m=config.loss.m if config.labelled_loss else None)
+            rows = task.data.train_rows
+            self.batches_per_epoch = None if rows is None else max(1, rows // t.global_batch_size)
+            return
+        labels = task.data.train.labels
+        if config.labelled_loss:
+            self.sampler = DistributedMPerClassSampler(labels, config.loss.m, t.global_batch_size, world, rank,
+                                                       seed=t.seed)
+        else:
+            self.sampler = DistributedRandomBatchSampler(len(labels), t.global_batch_size, world, rank, seed=t.seed)
+        self.batches = task.train_batches(self.sampler)
+        self.batches_per_epoch = len(self.sampler)
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        if self.stream is None:
+            self.sampler.set_epoch(epoch, start_batch=start_batch)
+            for batch in self.batches:
+                yield to_device(batch, self.task.device)
+            return
+        rows = self.stream.epoch(epoch, start_batch)
+        for batch_index in itertools.count(start_batch):
+            local = next(rows, None)
+            if not dist_utils.all_ranks(local is not None, self.task.device):
+                rows.close()
+                return
+            if self.batch_log:
+                with open(os.path.join(self.batch_log, f"rank{self.rank}.jsonl"), "a") as f:
+                    f.write(json.dumps({"epoch": epoch, "batch": batch_index, "rows": local.digests()}) + "\n")
+            yield self.task.augment(to_device(self.task.collate(local), self.task.device))
+
+
+def evaluate_towers(task: Task, towers: nn.Module) -> dict[str, float]:
+    """The task's held-out metrics of rank 0's model, the one exported: BatchNorm's running
+    statistics differ between ranks after a step (DDP broadcasts rank 0's before each forward,
+    then every rank updates them from its own batch)."""
+    dist_utils.broadcast_buffers(towers)
+    was_training = towers.training
+    towers.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(towers)
+    towers.train(was_training)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """`loop_config`: {"config": Config.to_dict(), "data": a Ray object ref of the Splits, or None
+    to load the config's data here}."""
+    config = Config.from_dict(loop_config["config"])
+    t = config.train
+    rank, world, device, workers = setup_worker(config)
+    data = ray.get(loop_config["data"]) if loop_config.get("data") is not None else load_splits(config, TASKS[config.task])
+    task = TASKS[config.task](config, rank, world, device, data)
+    batches = EpochBatches(task, config, rank, world)
 
     # Towers, loss and optimizer. Same seed on every rank: identical initial weights.
-    torch.manual_seed(train_cfg.seed)
+    torch.manual_seed(t.seed)
     loss_fn, objective = build_objective(config.loss)
     model = prepare_model(ContrastiveModel(task.build_towers(config), loss_fn, objective))
     net: ContrastiveModel = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
-    total_steps = train_cfg.max_steps or train_cfg.epochs * len(sampler)
+    total_steps = t.max_steps or t.epochs * batches.batches_per_epoch
     scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, total_steps)
-    torch.manual_seed(train_cfg.seed * 10_000 + rank)  # augmentations differ per rank
+    torch.manual_seed(t.seed * 10_000 + rank)  # augmentations differ per rank
 
-    step = epoch = batch_in_epoch = 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume: weights, optimizer, schedule, sampler position, every rank's RNG
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        _set_rng_state(state["rng"][rank])
-    start_step = step
-    last_eval = dict.fromkeys(task.metric_names, float("nan"))
+    progress = restore_state(checkpoint, net, optimizer, scheduler, rank, device) if checkpoint else Progress()
+    start_step = progress.step
+    last_eval = dict.fromkeys(task.metric_names(config), float("nan"))
     send = Reporter()
+
+    def stream_counts() -> tuple[int, int, int]:
+        """The stream's (rows, skipped, dropped) of the epoch in progress, over all ranks."""
+        s = batches.stream
+        return tuple(dist_utils.all_reduce_sum(torch.tensor([s.rows_seen, s.skipped_rows, s.dropped_rows])).tolist())
+
+    def data_counts() -> dict:
+        """Rows lost to decoding and batching in one pass over the data (a stream meets its bad
+        rows every epoch: the epoch with the most counts), and anchors without a positive."""
+        rows, skipped, dropped = stream_counts() if batches.stream else (0, 0, 0)
+        return {"skipped_rows": data.skipped_rows + max(progress.stream_skipped_rows, skipped),
+                "stream_rows": max(progress.stream_rows, rows),
+                "dropped_rows": max(progress.stream_dropped_rows, dropped),
+                "anchors_without_positive_total": progress.anchors_without_positive_total}
+
+    def check_stream() -> None:
+        """Stop a run whose stream has more undecodable rows than dataset.max_skipped_fraction
+        (judged once a thousand rows of the epoch are in)."""
+        if batches.stream is None:
+            return
+        rows, skipped, _ = stream_counts()
+        if rows >= 1000:
+            examples = [e for ex in _all_ranks(batches.stream.skipped_examples, world) for e in ex]
+            check_skipped(skipped, rows, config.dataset.max_skipped_fraction, examples)
 
     def report(metrics: dict, save: bool = False, final: bool = False) -> None:
         """Every rank reports; with `save`, rank 0 attaches a checkpoint (every rank's RNG inside)."""
-        metrics = {"step": step, "epoch": epoch, "start_step": start_step, **last_eval, **metrics}
+        metrics = {"step": progress.step, "epoch": progress.epoch, "start_step": start_step, **last_eval,
+                   **data_counts(), **metrics}
         if not save:
             send(metrics)
             return
-        rng_states = _all_ranks(_rng_state(), world)
+        rng_states = _all_ranks(rng_state(), world)
         if rank != 0:
             send(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
-                        "batch_in_epoch": batch_in_epoch, "rng": rng_states}, os.path.join(d, STATE_FILE))
+            save_state(d, net, optimizer, scheduler, progress, rng_states)
             with open(os.path.join(d, WORKERS_FILE), "w") as f:
                 json.dump(workers, f, indent=1)
             if final:
@@ -224,58 +375,43 @@ def train_loop_per_worker(raw_config: dict) -> None:
             send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # the loss is summed on the device and read once per log window: no host sync per step
-    window_loss, window_steps, window_samples, window_start = torch.zeros(1, device=device), 0, 0, time.perf_counter()
-    while step < total_steps:
-        sampler.set_epoch(epoch, start_batch=batch_in_epoch)
-        for batch in batches:
-            batch = to_device(batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            if train_cfg.grad_cache_chunk:  # the same gradient, one chunk of activations at a time
-                loss = grad_cache_backward(model, net, batch, train_cfg.grad_cache_chunk, autocast)
-            else:
-                with autocast():
-                    loss = model(batch)
-                loss.backward()
-            if config.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            window_loss += loss.detach()
-            window_steps += 1
-            window_samples += len(batch["labels"])
-
-            save = step % train_cfg.checkpoint_every == 0 and step < total_steps
-            if save or step % train_cfg.log_every == 0 or step == total_steps:
-                # the mean over ranks of the returned losses is the global loss
-                mean_loss = dist_utils.all_reduce_sum(window_loss).item() / world
-                stats = net.loss_fn.last_stats
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "loss": mean_loss / window_steps,
-                    "lr": scheduler.get_last_lr()[0],
-                    "temperature": _temperature(net.loss_fn),
-                    "samples_per_s": window_samples * world / elapsed,
-                    "anchors_without_positive": stats.anchors_without_positive,
-                    "mean_positives": stats.mean_positives,
-                    "empty_batches": net.loss_fn.empty_batches,
-                }
-                window_loss, window_steps, window_samples = torch.zeros(1, device=device), 0, 0
-                window_start = time.perf_counter()
-                report(metrics, save=save)
-            if step >= total_steps:
+    window = MetricsWindow(device)
+    while progress.step < total_steps:
+        ran_out, epoch_start = True, progress.step  # ran_out: the epoch's batches did (not stopped at total_steps)
+        for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
+            loss = train_step(model, net, optimizer, batch, autocast, scheduler, t.grad_cache_chunk,
+                              config.optim.grad_clip)
+            progress.step, progress.batch_in_epoch = progress.step + 1, progress.batch_in_epoch + 1
+            progress.anchors_without_positive_total += net.loss_fn.last_stats.anchors_without_positive
+            window.add(loss, len(batch["labels"]))
+            save = progress.step % t.checkpoint_every == 0 and progress.step < total_steps
+            if save or progress.step % t.log_every == 0 or progress.step == total_steps:
+                check_stream()
+                report(window.read(net, scheduler, world), save=save)
+            if progress.step >= total_steps:
+                ran_out = progress.batch_in_epoch == batches.batches_per_epoch and batches.stream is None
                 break
-        if batch_in_epoch >= len(sampler):  # a whole epoch: evaluate on the held-out split
-            epoch, batch_in_epoch = epoch + 1, 0
-            if step < total_steps:
-                last_eval = evaluate(net.towers)
-                report({})
+        if not ran_out:
+            break
+        if progress.step == epoch_start and progress.batch_in_epoch == 0:
+            raise RuntimeError(f"epoch {progress.epoch} had no full batch of train.global_batch_size="
+                               f"{t.global_batch_size}: {data_counts()}")
+        if batches.stream:  # the epoch's counts are whole now: kept in the checkpoint
+            rows, skipped, dropped = stream_counts()
+            check_skipped(skipped, rows, config.dataset.max_skipped_fraction,
+                          [e for ex in _all_ranks(batches.stream.skipped_examples, world) for e in ex])
+            progress.stream_rows = max(progress.stream_rows, rows)
+            progress.stream_skipped_rows = max(progress.stream_skipped_rows, skipped)
+            progress.stream_dropped_rows = max(progress.stream_dropped_rows, dropped)
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        if progress.step < total_steps:  # a whole epoch: evaluate on the held-out split
+            last_eval = evaluate_towers(task, net.towers)
+            report({})
 
     # The end: the trained towers against the same towers untrained and the task's baselines.
-    last_eval = evaluate(net.towers)
-    torch.manual_seed(train_cfg.seed)
-    untrained = evaluate(task.build_towers(config).to(device))
+    last_eval = evaluate_towers(task, net.towers)
+    torch.manual_seed(t.seed)
+    untrained = evaluate_towers(task, task.build_towers(config).to(device))
     final = {f"{name}_trained": value for name, value in last_eval.items()}
     final |= {f"{name}_untrained": value for name, value in untrained.items()}
     report(final | task.baselines(), save=True, final=True)

@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
-from distributed_cl.config import Config
+from distributed_cl.config import Config, ConfigError
+from distributed_cl.data.sources import load_splits
+from distributed_cl.data.table import Splits
 from distributed_cl.tasks import TASKS, Task
 from distributed_cl.tasks.image import ENCODER_FILE
-from distributed_cl.train_loop import EXPORT_DIR, train_loop_per_worker
+from distributed_cl.train_loop import EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
 
 CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "samples_per_s",
-               "anchors_without_positive", "mean_positives", "empty_batches", "start_step")
+               "anchors_without_positive", "mean_positives", "empty_batches", "start_step", "skipped_rows")
 
 
 class ProgressLogger(UserCallback):
@@ -143,8 +146,38 @@ def resolve_paths(config: Config) -> Config:
     image_text = replace(config.image_text, font=absolute(config.image_text.font),
                          cache_dir=absolute(config.image_text.cache_dir),
                          text_tower=local_model(config.image_text.text_tower))
-    train = replace(config.train, storage_path=absolute(config.train.storage_path))
-    return replace(config, data=data, text=text, image_text=image_text, train=train)
+    train = replace(config.train, storage_path=absolute(config.train.storage_path),
+                    batch_log=config.train.batch_log and absolute(config.train.batch_log))
+    dataset = config.dataset and replace(config.dataset, path=absolute(config.dataset.path),
+                                         eval_path=config.dataset.eval_path and absolute(config.dataset.eval_path))
+    return replace(config, data=data, text=text, image_text=image_text, train=train, dataset=dataset)
+
+
+def prepare_data(config: Config) -> tuple[Splits, dict]:
+    """The data, read here once for every worker: the splits held in memory (a Ray object the
+    workers fetch), and the Ray Data pipeline of a streamed training split (TorchTrainer splits
+    it across the workers). Bad rows were counted while decoding."""
+    task = TASKS[config.task]
+    splits = load_splits(config, task)
+    datasets = {}
+    if splits.streamed:
+        from distributed_cl.data.formats import decoded_dataset
+
+        if config.train.epochs is not None and splits.train_rows is None:
+            raise ConfigError("train.epochs needs the training split's size, which this stream does not tell "
+                              "before reading it all: set train.max_steps")
+        datasets[TRAIN_DATASET] = decoded_dataset(config, task.sides, "train")
+        free = ray.cluster_resources().get("CPU", 0) - config.train.num_workers * config.train.cpus_per_worker
+        if free < config.dataset.decode_cpus:
+            raise ConfigError(
+                f"dataset: streaming decodes in Ray Data tasks of dataset.decode_cpus={config.dataset.decode_cpus} CPU, "
+                f"but the {config.train.num_workers} workers x train.cpus_per_worker={config.train.cpus_per_worker} "
+                f"leave {free:g} of this cluster's CPUs: lower train.cpus_per_worker or dataset.decode_cpus, add "
+                "CPU nodes, or set dataset.cache=true")
+    if splits.skipped_rows:
+        print(f"[distributed_cl] skipped {splits.skipped_rows} rows that did not decode or had an empty text, e.g. "
+              f"{'; '.join(splits.skipped_examples[:3])}", file=sys.stderr, flush=True)
+    return splits, datasets
 
 
 def run(config: Config, output_json: str | None = None, callbacks: list = (), console: bool = True) -> dict[str, Any]:
@@ -160,17 +193,24 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
     connect_ray()
     if local_storage:
         warn_unless_shared(t.storage_path)
+    splits, datasets = prepare_data(config)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    metric_names = TASKS[config.task].metric_names(config)
+    preserve_order = config.dataset is not None and config.dataset.deterministic
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config.to_dict(),
+        train_loop_config={"config": config.to_dict(), "data": ray.put(splits)},
+        datasets=datasets,
+        # ordered blocks, and Ray Data's split then ignores locality: the same rows reach the same rank
+        dataset_config=DataConfig(datasets_to_split=list(datasets),
+                                  execution_options=ExecutionOptions(preserve_order=preserve_order)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=t.name,
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[ProgressLogger(run_dir, t.max_steps, TASKS[config.task].metric_names, console), *callbacks],
+            callbacks=[ProgressLogger(run_dir, t.max_steps, metric_names, console), *callbacks],
         ),
     )
     result = trainer.fit()
@@ -186,17 +226,19 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
                 if Path(export, ENCODER_FILE).exists():
                     summary["encoder"] = os.path.join(run_dir, ENCODER_FILE)
     if console:
-        print(final_table(metrics, TASKS[config.task]))
+        print(final_table(metrics, TASKS[config.task], metric_names))
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def final_table(metrics: dict[str, Any], task: type[Task]) -> str:
-    """The held-out figures: trained, untrained and baseline side by side, one metric a line."""
+def final_table(metrics: dict[str, Any], task: type[Task], metric_names: tuple[str, ...]) -> str:
+    """The held-out figures: trained, untrained and baseline side by side, one metric a line, and
+    the rows lost to decoding."""
     columns = ("trained", "untrained", task.baseline_name)
     lines = [f"{'held-out ' + task.name:<20}" + "".join(f"{c:>12}" for c in columns)]
-    for name in task.metric_names:
+    for name in metric_names:
         cells = [metrics.get(f"{name}_{which}") for which in columns]
         lines.append(f"{name:<20}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
+    lines.append(f"{'skipped rows':<20}{metrics.get('skipped_rows', 0):>12}")
     return "\n".join(lines)

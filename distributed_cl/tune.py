@@ -101,7 +101,7 @@ def load_sweep(path: str | Path, config: Config) -> SweepSpec:
 def _check(spec: SweepSpec, config: Config) -> None:
     from distributed_cl.tasks import TASKS
 
-    metrics = TASKS[config.task].metric_names
+    metrics = TASKS[config.task].metric_names(config)
     if spec.metric not in metrics:
         raise SweepError(f"metric: the {config.task} task reports {', '.join(metrics)}; got {spec.metric!r}")
     if spec.mode not in ("max", "min"):

@@ -50,15 +50,15 @@ def _cap_memory(rank: int, cap_bytes: int) -> None:
 
 
 def _step_rank(rank: int, world: int, method: str, local_batch: int, cap_mib: int, chunk: int):
-    from distributed_cl.grad_cache import grad_cache_backward
     from distributed_cl.losses import NTXentLoss
+    from distributed_cl.objectives import pair_views
     from distributed_cl.tasks import ContrastiveModel
-    from distributed_cl.tasks.base import _pair_views
     from distributed_cl.tasks.image import ImageTask
+    from distributed_cl.train_loop import train_step
 
     config = Config.load(CONFIG)
     torch.manual_seed(0)
-    net = ContrastiveModel(ImageTask.build_towers(config), NTXentLoss(0.1, chunk_size=1024), _pair_views)
+    net = ContrastiveModel(ImageTask.build_towers(config), NTXentLoss(0.1, chunk_size=1024), pair_views)
     model = torch.nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     # glibc: blocks of 64 KiB and more are mmapped and unmapped when freed (as bench_loss.py
@@ -71,11 +71,8 @@ def _step_rank(rank: int, world: int, method: str, local_batch: int, cap_mib: in
         batch = {"a": torch.rand(local_batch, 1, 28, 28, generator=g),
                  "b": torch.rand(local_batch, 1, 28, 28, generator=g),
                  "labels": torch.zeros(local_batch, dtype=torch.long)}
-        if method == "gradient caching":
-            grad_cache_backward(model, net, batch, chunk, contextlib.nullcontext)
-        else:
-            model(batch).backward()
-        optimizer.step()
+        train_step(model, net, optimizer, batch, contextlib.nullcontext,
+                   grad_cache_chunk=chunk if method == "gradient caching" else None)
         return True, time.perf_counter() - start
     except (RuntimeError, MemoryError):  # the kernel's OOM killer usually comes first
         return False, time.perf_counter() - start

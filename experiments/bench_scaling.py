@@ -12,6 +12,7 @@ DDP, 30 timed steps after 3 warm-up steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -44,27 +45,25 @@ def samples_per_second(num_workers: int, steps: int, storage: str) -> float:
 
 
 def _plain_ddp_rank(rank: int, world: int, pipeline: str) -> float:
+    from distributed_cl.objectives import build_objective
     from distributed_cl.samplers import DistributedRandomBatchSampler
-    from distributed_cl.tasks import ContrastiveModel, build_objective
+    from distributed_cl.tasks import ContrastiveModel
     from distributed_cl.tasks.image import ImageTask
+    from distributed_cl.train_loop import train_step
 
     config = Config.load(CONFIG, [f"data.pipeline={pipeline}"])
     task = ImageTask(config, rank, world)
-    sampler = DistributedRandomBatchSampler(len(task.train_labels), config.train.global_batch_size, world, rank)
+    sampler = DistributedRandomBatchSampler(len(task.data.train), config.train.global_batch_size, world, rank)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(
-        ContrastiveModel(ImageTask.build_towers(config), *build_objective(config.loss)))
+    net = ContrastiveModel(ImageTask.build_towers(config), *build_objective(config.loss))
+    model = torch.nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = iter(task.train_batches(sampler))
     for i in range(33):
         if i == 3:
             dist.barrier()
             start = time.perf_counter()
-        loss = model(next(batches))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        loss.item()
+        train_step(model, net, optimizer, next(batches), contextlib.nullcontext).item()
     return 30 * config.train.global_batch_size / (time.perf_counter() - start)
 
 

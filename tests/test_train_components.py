@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from distributed_cl.config import Config, LossConfig, ModelConfig
+from distributed_cl.objectives import build_objective
+from distributed_cl.optim import warmup_cosine
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
-from distributed_cl.tasks import ContrastiveModel, build_objective
+from distributed_cl.tasks import ContrastiveModel
 from distributed_cl.tasks.image import ImageTask
-from distributed_cl.train_loop import warmup_cosine
 
 
 @pytest.mark.parametrize("loss", ["ntxent", "infonce", "clip", "supcon"])

@@ -1,5 +1,3 @@
-"""Datasets and two-view augmentations."""
-
-from distributed_cl.data.images import ImageData, TwoViews, load_images, two_view_transform
-
-__all__ = ["ImageData", "TwoViews", "load_images", "two_view_transform"]
+"""Data: the built-in datasets and your own files (formats.py, decoded by Ray Data), as decoded
+`Table`s; two-view augmentations. Nothing is imported here, so that Ray Data's decode tasks,
+which import formats.py, stay free of torch."""

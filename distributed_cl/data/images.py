@@ -106,7 +106,7 @@ def two_view_transform(size: int, crop_scale_min: float, jitter: float, blur: fl
 
 
 class TwoViews(Dataset):
-    """Item i: {"a": view_a, "b": view_b, "labels": label} of image i, each view (1, H, W) float."""
+    """Item i: {"a": view_a, "b": view_b, "labels": label} of image i, each view (C, H, W) float."""
 
     def __init__(self, images: Tensor, labels: Tensor, transform) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -115,5 +115,6 @@ class TwoViews(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        image = self.images[i].unsqueeze(0)
+        image = self.images[i]
+        image = image.unsqueeze(0) if image.dim() == 2 else image  # grayscale gains its channel
         return {"a": self.transform(image), "b": self.transform(image), "labels": self.labels[i]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,12 +61,17 @@ def resnet18_small(in_channels: int = 1) -> nn.Module:
     return model
 
 
+# `model.encoder` names one of these: (config, in_channels) -> encoder with an `out_dim`
+ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "small_cnn": lambda config, in_channels: SmallCNN(in_channels, config.width),
+    "resnet18": lambda config, in_channels: resnet18_small(in_channels),
+}
+
+
 def build_encoder(config: ModelConfig, in_channels: int = 1) -> nn.Module:
-    if config.encoder == "small_cnn":
-        return SmallCNN(in_channels, config.width)
-    if config.encoder == "resnet18":
-        return resnet18_small(in_channels)
-    raise ValueError(f"model.encoder: unknown encoder {config.encoder!r}")
+    if config.encoder not in ENCODERS:
+        raise ValueError(f"model.encoder: unknown encoder {config.encoder!r} (known: {', '.join(ENCODERS)})")
+    return ENCODERS[config.encoder](config, in_channels)
 
 
 def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:

@@ -1,10 +1,11 @@
-"""Tasks: one module per modality, behind the Task contract (tasks/base.py)."""
+"""Tasks: one module per modality, behind the Task contract (tasks/base.py). TASKS is the one
+registry of them: `task` in a config is checked against it."""
 
 from __future__ import annotations
 
 import torch
 
-from distributed_cl.tasks.base import TOWERS_FILE, ContrastiveModel, Task, build_objective, to_device
+from distributed_cl.tasks.base import TOWERS_FILE, CachedBatches, ContrastiveModel, Splits, Task, to_device
 from distributed_cl.tasks.image import ImageTask
 from distributed_cl.tasks.image_text import ImageTextTask
 from distributed_cl.tasks.text import TextTask
@@ -22,4 +23,4 @@ def load_towers(path: str, map_location: str | torch.device = "cpu") -> torch.nn
     return towers.eval()
 
 
-__all__ = ["TASKS", "TOWERS_FILE", "ContrastiveModel", "Task", "build_objective", "load_towers", "to_device"]
+__all__ = ["TASKS", "TOWERS_FILE", "CachedBatches", "ContrastiveModel", "Splits", "Task", "load_towers", "to_device"]

@@ -1,11 +1,12 @@
 """What a task is: the contract between a modality and the generic training loop.
 
-A task owns its data (training batches, the sampler's labels, a held-out split), builds its
-towers, and evaluates them. The towers map a batch's two sides to paired embeddings
-(z_a[i], z_b[i]): two views of an image, a definition and its example, an image and its caption.
-The loop (train_loop.py) owns everything shared: workers, DDP, the loss call, optimizer and
-schedule, checkpoints, progress and reports. A new task is one new module here plus its config
-section.
+A task is a modality: how a batch of decoded rows becomes the towers' input (`collate` on the
+CPU, `augment` on the device), the towers, and the held-out evaluation. The data is not the
+task's: any source that yields `Splits` of decoded `Table`s (a task's built-in dataset, or your
+own files in a standard format, held in memory or streamed) plugs into it. The towers map a
+batch's two sides to paired embeddings (z_a[i], z_b[i]): two views of an image, a text pair, an
+image and its caption. The loop (train_loop.py) owns everything shared: workers, DDP, the loss
+call, optimizer and schedule, checkpoints, progress and reports.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distributed_cl.config import Config, LossConfig
-from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from distributed_cl.config import Config
+from distributed_cl.data.table import Splits, Table
 
 TOWERS_FILE = "towers.pt"
 
@@ -28,21 +30,47 @@ class Task(ABC):
     """Built in every worker with its rank and world size (evaluation is sharded across them)."""
 
     name: str
-    metric_names: tuple[str, ...]  # what `evaluate` returns, e.g. ("knn_top1",)
     baseline_name: str = "baseline"  # `baselines()` keys are f"{metric}_{baseline_name}"
+    sides: tuple[str, str | None]  # what sides a and b hold: "image", "text" or None (both views from a)
 
-    def __init__(self, config: Config, rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> None:
+    def __init__(self, config: Config, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                 data: Splits | None = None) -> None:
         self.config, self.rank, self.world, self.device = config, rank, world, torch.device(device)
+        if data is None:  # outside the trainer (tests, notebooks): load it here
+            from distributed_cl.data.sources import load_splits
 
-    @property
+            data = load_splits(config, type(self))
+        self.data = data
+
+    @staticmethod
     @abstractmethod
-    def train_labels(self) -> Tensor:
-        """One class id per training item: the M-per-class sampler draws batches from these."""
+    def builtin(config: Config) -> Splits:
+        """The task's built-in dataset (used when the config has no `dataset` section)."""
+
+    builtin_labelled: bool = False  # whether the built-in rows have class labels
+
+    @classmethod
+    def labelled(cls, config: Config) -> bool:
+        """Whether the config's rows have class labels: the built-in data's own, an imagefolder's
+        folder names, or a `dataset.columns.label` column."""
+        if config.dataset is None:
+            return cls.builtin_labelled
+        return config.dataset.format == "imagefolder" or config.dataset.columns.label is not None
+
+    @classmethod
+    @abstractmethod
+    def metric_names(cls, config: Config) -> tuple[str, ...]:
+        """What `evaluate` returns for this config's data, e.g. ("knn_top1",)."""
 
     @abstractmethod
-    def train_batches(self, batch_sampler: Iterable[list[int]]) -> Iterable[dict]:
-        """Batches {"a": ..., "b": ..., "labels": (n,) int64} for the sampler's indices, on the CPU (see
-        `loader`) or made on the device already (the loop moves whatever is not there)."""
+    def collate(self, rows: Table) -> dict:
+        """A batch {"a", "b", "labels"} of the towers' CPU-side inputs (tokens; images stay uint8)
+        from decoded rows. Deterministic: it may run in loader processes. A side that is None in
+        `rows` (images held on the device) is filled in later by the caller."""
+
+    def augment(self, batch: dict) -> dict:
+        """Random views, on the device, of a collated batch (the RNG is seeded per rank and checkpointed)."""
+        return batch
 
     @staticmethod
     @abstractmethod
@@ -55,19 +83,9 @@ class Task(ABC):
         """Metrics on the held-out split, keyed by `metric_names`. Runs on every rank together
         (each embeds a shard); towers are in eval mode, autograd off."""
 
-    def loader(self, batch_sampler: Iterable[list[int]], collate: Callable[[list[int]], dict]) -> DataLoader:
-        """Batches made on the CPU (tokenising, decoding) by `collate(indices)`, in
-        `train.loader_workers` processes that prefetch while the step runs, into pinned memory when
-        training on CUDA. `collate` must be deterministic: random augmentation belongs in the main
-        process, whose RNG is seeded per rank and checkpointed."""
-        workers = self.config.train.loader_workers
-        if workers is None:
-            workers = 2 if self.device.type == "cuda" else 0
-        indices = range(len(self.train_labels))  # items are the indices themselves
-        return DataLoader(indices, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                          prefetch_factor=2 if workers else None,
-                          generator=torch.Generator())  # keeps the global RNG untouched by iterators
+    def train_batches(self, batch_sampler: Iterable[list[int]]) -> Iterable[dict]:
+        """Augmented batches on the device for the sampler's indices into `data.train`."""
+        return CachedBatches(self, self.data.train, batch_sampler)
 
     def baselines(self) -> dict[str, float]:
         """Reference figures that need no model (raw pixels, chance), as final output keys."""
@@ -78,26 +96,47 @@ class Task(ABC):
         torch.save({"task": self.name, "config": self.config.to_dict(), "state_dict": towers.state_dict()},
                    os.path.join(directory, TOWERS_FILE))
 
-
-# ----------------------------------------------------------------------------- shared pieces
-
-
-def _pair_views(loss_fn, z_a, z_b, labels):
-    return loss_fn(z_a, z_b)
+    @property
+    def loader_workers(self) -> int:
+        workers = self.config.train.loader_workers
+        return (2 if self.device.type == "cuda" else 0) if workers is None else workers
 
 
-def _supervised_views(loss_fn, z_a, z_b, labels):
-    return loss_fn(torch.cat([z_a, z_b]), torch.cat([labels, labels]))
+class CachedBatches:
+    """A table in memory served for a batch sampler. Image columns live on the device (a few
+    hundred MB as uint8 at most: the cache limit) and are gathered there by the batch's indices;
+    the rest is collated on the CPU (tokenising) by the task, in `train.loader_workers` processes
+    that prefetch while the step runs, into pinned memory when training on CUDA. Then the task
+    augments the whole batch at once on the device."""
+
+    def __init__(self, task: Task, table: Table, batch_sampler: Iterable[list[int]]) -> None:
+        self.task, self.device = task, task.device
+        self.resident = {side: getattr(table, side).to(self.device) for side in ("a", "b")
+                         if isinstance(getattr(table, side), Tensor)}
+        host = replace(table, **dict.fromkeys(self.resident))
+        workers = task.loader_workers
+        self.loader = DataLoader(range(len(table)), batch_sampler=batch_sampler,
+                                 collate_fn=_Collate(task.collate, host), num_workers=workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                                 prefetch_factor=2 if workers else None,
+                                 generator=torch.Generator())  # keeps the global RNG untouched by iterators
+
+    def __iter__(self):
+        for batch in self.loader:
+            index = batch.pop("index").to(self.device, non_blocking=True)  # no wait for the GPU
+            batch = to_device(batch, self.device)
+            batch |= {side: column[index] for side, column in self.resident.items()}
+            yield self.task.augment(batch)
 
 
-def build_objective(config: LossConfig):
-    """The loss module and how it consumes paired embeddings and labels: NT-Xent, InfoNCE and CLIP
-    take (z_a, z_b) as positives; SupCon sees both sides as one labelled set."""
-    losses = {"ntxent": NTXentLoss, "infonce": InfoNCELoss, "clip": ClipLoss, "supcon": SupConLoss}
-    if config.name not in losses:
-        raise ValueError(f"loss.name: unknown loss {config.name!r}")
-    objective = _supervised_views if config.name == "supcon" else _pair_views
-    return losses[config.name](config.temperature, chunk_size=config.chunk_size), objective
+class _Collate:
+    """Picklable `indices -> collated batch` for loader processes."""
+
+    def __init__(self, collate: Callable[[Table], dict], table: Table) -> None:
+        self.collate, self.table = collate, table
+
+    def __call__(self, indices: list[int]) -> dict:
+        return {**self.collate(self.table.take(indices)), "index": torch.as_tensor(indices)}
 
 
 class ContrastiveModel(nn.Module):

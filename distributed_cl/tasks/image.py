@@ -1,11 +1,11 @@
-"""Image task: SimCLR-style two views of one image (Fashion-MNIST, or sklearn's digits for tests),
-evaluated by kNN top-1 of the encoder's features against raw pixels."""
+"""Image task: SimCLR-style two views of one image, evaluated by kNN top-1 of the encoder's
+features against raw pixels (labelled data), or by finding each held-out image's second view
+among all held-out views (unlabelled data)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -13,12 +13,20 @@ from torch.utils.data import DataLoader
 
 from distributed_cl.config import Config
 from distributed_cl.data.augment import BatchTwoViews
-from distributed_cl.data.images import TwoViews, load_images, to_float, two_view_transform
-from distributed_cl.evaluate import sharded_knn_top1
+from distributed_cl.data.images import TwoViews, to_float, two_view_transform
+from distributed_cl.data.sources import fashion_mnist
+from distributed_cl.data.table import Splits, Table
+from distributed_cl.evaluate import recall_at_k, sharded_embed, sharded_knn_top1
 from distributed_cl.models import build_encoder, build_head, save_encoder
 from distributed_cl.tasks.base import Task
 
 ENCODER_FILE = "encoder.pt"
+VIEW_SEED = 1234  # the held-out views of `view_recall@1`, the same for every model compared
+
+
+def image_channels(config: Config) -> int:
+    """The built-in data is grayscale; your own images are decoded to RGB."""
+    return 1 if config.dataset is None else 3
 
 
 class ImageTowers(nn.Module):
@@ -33,66 +41,71 @@ class ImageTowers(nn.Module):
         return z.chunk(2)
 
 
-class DeviceBatches:
-    """The whole training set on the device (Fashion-MNIST is 47 MB as uint8): each step gathers
-    the sampler's indices and makes both views for the batch at once, with no per-sample Python."""
-
-    def __init__(self, images: Tensor, labels: Tensor, batch_sampler: Iterable[list[int]], views: BatchTwoViews):
-        self.images, self.labels, self.batch_sampler, self.views = images, labels, batch_sampler, views
-
-    def __iter__(self):
-        for indices in self.batch_sampler:
-            index = torch.as_tensor(indices).to(self.images.device, non_blocking=True)  # no wait for the GPU
-            view_a, view_b = self.views(self.images[index])
-            yield {"a": view_a, "b": view_b, "labels": self.labels[index]}
-
-
 class ImageTask(Task):
+    """Metrics: `knn_top1` where the held-out images have labels (20 nearest bank images vote);
+    without labels `view_recall@1`: each held-out image is augmented twice (a fixed seed) and its
+    first view must find its second among the second views of all held-out images, the
+    invariance SimCLR trains for, measured on images it never saw."""
+
     name = "image"
-    metric_names = ("knn_top1",)
     baseline_name = "raw_pixels"
+    sides = ("image", None)
+    builtin = staticmethod(fashion_mnist)
+    builtin_labelled = True
 
-    def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu") -> None:
-        super().__init__(config, rank, world, device)
+    def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
+        super().__init__(config, rank, world, device, data)
         d = config.data
-        self.data = load_images(d)
-        if d.train_subset:
-            n = d.train_subset
-            self.data = replace(self.data, train_images=self.data.train_images[:n], train_labels=self.data.train_labels[:n])
-        g = torch.Generator().manual_seed(config.train.seed)
-        self.bank = torch.randperm(len(self.data.train_images), generator=g)[: d.eval_bank_size or None]
-        self.test = torch.arange(len(self.data.test_images))[: d.eval_test_size or None]
+        self.image_size = self.data.test.a.shape[-1]
+        self.views = BatchTwoViews(self.image_size, d.crop_scale_min, d.jitter, blur=d.blur)
 
-    @property
-    def train_labels(self) -> Tensor:
-        return self.data.train_labels
+    @classmethod
+    def metric_names(cls, config: Config) -> tuple[str, ...]:
+        return ("knn_top1",) if cls.labelled(config) else ("view_recall@1",)
+
+    def collate(self, rows: Table) -> dict:
+        return {"a": rows.a, "labels": rows.labels}
+
+    def augment(self, batch: dict) -> dict:
+        view_a, view_b = self.views(batch["a"])
+        return {"a": view_a, "b": view_b, "labels": batch["labels"]}
 
     def train_batches(self, batch_sampler: Iterable[list[int]]) -> Iterable[dict]:
-        d, size = self.config.data, self.data.image_size
+        d = self.config.data
         if d.pipeline == "per_sample":  # torchvision v2 per image in a DataLoader: the slow reference path
-            views = TwoViews(self.data.train_images, self.data.train_labels,
-                             two_view_transform(size, d.crop_scale_min, d.jitter, d.blur))
+            train = self.data.train
+            views = TwoViews(train.a, train.labels, two_view_transform(self.image_size, d.crop_scale_min, d.jitter, d.blur))
             return DataLoader(views, batch_sampler=batch_sampler)
-        return DeviceBatches(self.data.train_images.to(self.device), self.data.train_labels.to(self.device),
-                             batch_sampler, BatchTwoViews(size, d.crop_scale_min, d.jitter, blur=d.blur))
+        return super().train_batches(batch_sampler)
 
     @staticmethod
     def build_towers(config: Config) -> ImageTowers:
-        encoder = build_encoder(config.model)
+        encoder = build_encoder(config.model, image_channels(config))
         return ImageTowers(encoder, build_head(encoder, config.model))
 
     def _knn(self, features_of) -> float:
-        d = self.data
-        return sharded_knn_top1(features_of, d.train_images[self.bank], d.train_labels[self.bank],
-                                d.test_images[self.test], d.test_labels[self.test], self.rank, self.world,
+        bank, test = self.data.bank, self.data.test
+        return sharded_knn_top1(features_of, bank.a, bank.labels, test.a, test.labels, self.rank, self.world,
                                 self.device, self.config.train.knn_k)
 
+    def _view_recall(self, features_of) -> float:
+        with torch.random.fork_rng(devices=[]):  # the training RNG stream is left alone
+            torch.manual_seed(VIEW_SEED)
+            first, second = self.views(self.data.test.a)
+        embed = lambda views: sharded_embed(features_of, views, self.rank, self.world, self.device)  # noqa: E731
+        return recall_at_k(embed(first), embed(second), (1,))[1]
+
+    def _score(self, features_of) -> float:
+        return self._knn(lambda x: features_of(to_float(x))) if self.labelled(self.config) else self._view_recall(features_of)
+
     def evaluate(self, towers: ImageTowers) -> dict[str, float]:
-        return {"knn_top1": self._knn(lambda images: towers.encoder(to_float(images).to(self.device)))}
+        (name,) = self.metric_names(self.config)
+        return {name: self._score(lambda x: towers.encoder(x.to(self.device)))}
 
     def baselines(self) -> dict[str, float]:
-        return {"knn_top1_raw_pixels": self._knn(lambda images: to_float(images).flatten(1).to(self.device))}
+        (name,) = self.metric_names(self.config)
+        return {f"{name}_raw_pixels": self._score(lambda x: x.flatten(1).to(self.device))}
 
     def export(self, towers: ImageTowers, directory: str) -> None:
         super().export(towers, directory)
-        save_encoder(towers.encoder, self.config.model, 1, os.path.join(directory, ENCODER_FILE))
+        save_encoder(towers.encoder, self.config.model, image_channels(self.config), os.path.join(directory, ENCODER_FILE))

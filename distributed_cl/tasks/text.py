@@ -1,15 +1,14 @@
-"""Text task: WordNet (definition, example sentence) pairs through a shared transformer tower,
-evaluated by definition -> example retrieval over held-out synsets."""
+"""Text task: pairs of texts (WordNet's definition and example sentence, or your own anchor and
+positive) through one shared transformer tower, evaluated by anchor -> positive retrieval over
+the held-out pairs, and by kNN over their labels where the rows have labels."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from distributed_cl.config import Config
-from distributed_cl.data.wordnet import load_wordnet
+from distributed_cl.data.sources import wordnet_pairs
+from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed
 from distributed_cl.models import TextTokenizer, TextTower
 from distributed_cl.tasks.base import Task, to_device
@@ -28,32 +27,31 @@ class SiameseText(nn.Module):
 
 
 class TextTask(Task):
-    """Metrics: recall@1 and @10 of definition -> example retrieval over the held-out pool, and
-    supersense_knn_top1, the held-out definitions' supersense predicted by their k nearest
-    training definitions (what SupCon on supersenses trains for)."""
+    """Metrics: recall@1 and @10 of anchor -> positive retrieval over the held-out pool, and, for
+    labelled rows, the held-out anchors' label predicted by their k nearest training anchors
+    (`supersense_knn_top1` on WordNet, what SupCon on supersenses trains for; `knn_top1` on yours)."""
 
     name = "text"
-    metric_names = ("recall@1", "recall@10", "supersense_knn_top1")
+    sides = ("text", "text")
+    builtin = staticmethod(wordnet_pairs)
+    builtin_labelled = True
 
-    def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu") -> None:
-        super().__init__(config, rank, world, device)
-        x = config.text
-        self.data = load_wordnet(x.root, x.heldout_synsets, seed=config.train.seed, max_train_pairs=x.max_train_pairs)
-        self.tokenize = TextTokenizer(x.tower)
+    def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
+        super().__init__(config, rank, world, device, data)
+        self.tokenize = TextTokenizer(config.text.tower)
 
-    @property
-    def train_labels(self) -> Tensor:
-        return self.data.train.labels  # supersenses, for SupCon
+    @classmethod
+    def knn_metric(cls, config: Config) -> str | None:
+        if not cls.labelled(config):
+            return None
+        return "supersense_knn_top1" if config.dataset is None else "knn_top1"  # WordNet's labels are supersenses
 
-    def train_batches(self, batch_sampler: Iterable[list[int]]) -> DataLoader:
-        train = self.data.train
+    @classmethod
+    def metric_names(cls, config: Config) -> tuple[str, ...]:
+        return ("recall@1", "recall@10") + ((cls.knn_metric(config),) if cls.labelled(config) else ())
 
-        def collate(indices: list[int]) -> dict:  # each side of the batch tokenised in one call
-            return {"a": self.tokenize([train.anchors[i] for i in indices]),
-                    "b": self.tokenize([train.positives[i] for i in indices]),
-                    "labels": train.labels[indices]}
-
-        return self.loader(batch_sampler, collate)
+    def collate(self, rows: Table) -> dict:  # each side of the batch tokenised in one call
+        return {"a": self.tokenize(rows.a), "b": self.tokenize(rows.b), "labels": rows.labels}
 
     @staticmethod
     def build_towers(config: Config) -> SiameseText:
@@ -64,17 +62,21 @@ class TextTask(Task):
                              self.rank, self.world, self.device)
 
     def evaluate(self, towers: SiameseText) -> dict[str, float]:
-        train, test = self.data.train, self.data.test
-        definitions = self._embed(towers.tower, test.anchors)
-        recall = recall_at_k(definitions, self._embed(towers.tower, test.positives), (1, 10))
-        bank = self._embed(towers.tower, train.anchors[: self.config.text.eval_bank_size])
-        supersense = knn_top1(bank, train.labels[: len(bank)], definitions, test.labels, self.config.train.knn_k)
-        return {"recall@1": recall[1], "recall@10": recall[10], "supersense_knn_top1": supersense}
+        test, bank = self.data.test, self.data.bank
+        anchors = self._embed(towers.tower, test.a)
+        recall = recall_at_k(anchors, self._embed(towers.tower, test.b), (1, 10))
+        metrics = {"recall@1": recall[1], "recall@10": recall[10]}
+        if self.labelled(self.config):
+            bank_anchors = self._embed(towers.tower, bank.a)
+            metrics[self.knn_metric(self.config)] = knn_top1(bank_anchors, bank.labels, anchors, test.labels, self.config.train.knn_k)
+        return metrics
 
     def baselines(self) -> dict[str, float]:
-        n, labels = len(self.data.test), self.data.test.labels
-        return {"recall@1_baseline": 1 / n, "recall@10_baseline": min(1.0, 10 / n),  # chance
-                "supersense_knn_top1_baseline": labels.bincount().max().item() / n}  # the majority supersense
+        n, test = len(self.data.test), self.data.test
+        chance = {"recall@1_baseline": 1 / n, "recall@10_baseline": min(1.0, 10 / n)}
+        if self.labelled(self.config):  # the majority label
+            chance[f"{self.knn_metric(self.config)}_baseline"] = test.labels.unique(return_counts=True)[1].max().item() / n
+        return chance
 
     def export(self, towers: SiameseText, directory: str) -> None:
         super().export(towers, directory)

@@ -1,0 +1,522 @@
+"""Your own data: files in a standard format, read and decoded by Ray Data, for any task.
+
+The formats (FORMATS, checked by `dataset.format`):
+- imagefolder: `path/<class>/<file>`; the folder names are the labels (sorted, as torchvision's
+  ImageFolder numbers them).
+- csv, jsonl, parquet: rows with the columns `dataset.columns` names. An image column holds a
+  file path (relative to the file that lists it, or a URI) or the encoded bytes; a text column a
+  string; `label` an int or a string (strings become stable 63-bit ids).
+- webdataset: tar shards of `{key}.{ext}` files, as open_clip and img2dataset write them;
+  `columns` names extensions, `;` between alternatives (`jpg;png;webp`).
+
+`path` (and `eval_path`) is a directory, a file, a glob or a brace pattern
+(`train-{000000..000127}.tar`), locally or behind an s3:// / gs:// / file:// URI: every path goes
+through pyarrow's filesystems, the layer Ray Data reads with.
+
+Decoding (images to RGB, shorter side resized to `image_size` and centre-cropped; texts
+stripped) runs in Ray Data's CPU tasks, anywhere in the cluster. A row that does not decode,
+or whose text is empty, keeps its place with an `error` ("<file or key>: <reason>") and is
+dropped where it is consumed, counted. Without `eval_path`, a row is held out when a hash of
+(seed, its key) falls under `eval_fraction`: the same rows on every run and every worker, the
+same for duplicate rows of csv/jsonl/parquet (the key is the row's content, so no copy of a
+held-out row trains).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from distributed_cl.config import Config, ConfigError, DatasetConfig
+
+if TYPE_CHECKING:
+    from distributed_cl.data.table import Splits, Table
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TEXT_BYTES = 256  # a text's decoded size, for the automatic cache decision
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a-{000..002}.tar` -> a-000.tar, a-001.tar, a-002.tar (zero padding kept); `{x,y}` -> x, y."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body, head, tail = match[1], pattern[: match.start()], pattern[match.end():]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric[1], numeric[2]
+        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for option in options for p in expand_braces(head + option + tail)]
+
+
+def resolve(path: str, extensions: tuple[str, ...] | None, field: str = "dataset.path"):
+    """(pyarrow filesystem, sorted file paths on it, the root the paths sit under) for `path`.
+    A directory is listed recursively for files with `extensions`."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        # braces and globs are not URI characters: parse the URI up to the last "/" before them
+        special = re.search(r"[{*?\[]", path)
+        cut = path.rindex("/", 0, special.start()) + 1 if special else len(path)
+        try:
+            fs, base = pafs.FileSystem.from_uri(path[:cut])
+        except Exception as e:  # unknown scheme, no credentials, no network
+            raise ConfigError(f"{field}: cannot open {path}: {e}") from None
+        patterns = expand_braces(base.rstrip("/") + ("/" + path[cut:] if path[cut:] else ""))
+    else:
+        fs = pafs.LocalFileSystem()
+        patterns = expand_braces(os.path.abspath(os.path.expanduser(path)))
+    files, root = [], None
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0].rsplit("/", 1)[0]
+            listing = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+            found = [i.path for i in listing if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, pattern)]
+            root = root or prefix
+        else:
+            info = fs.get_file_info(pattern)
+            if info.type == pafs.FileType.NotFound:
+                raise ConfigError(f"{field}: {pattern} does not exist")
+            if info.type == pafs.FileType.Directory:
+                listing = fs.get_file_info(pafs.FileSelector(pattern, recursive=True))
+                found = [i.path for i in listing if i.type == pafs.FileType.File
+                         and (extensions is None or i.path.lower().rsplit(".", 1)[-1] in extensions)]
+                root = root or pattern
+            else:
+                found = [pattern]
+                root = root or pattern.rsplit("/", 1)[0]
+        files += found
+    files = sorted(set(files))
+    if not files:
+        wanted = f" with extension {', '.join(extensions)}" if extensions else ""
+        raise ConfigError(f"{field}: {path} matches no files{wanted}")
+    return fs, files, root.rstrip("/")
+
+
+def stable_id(text: str) -> int:
+    """A label string as a non-negative int63, the same on every machine and run."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def held_out(keys: np.ndarray, seed: int, fraction: float) -> np.ndarray:
+    """Whether each row (by its key) belongs to the held-out split."""
+    u = [int.from_bytes(hashlib.blake2b(f"{seed}/{k}".encode(), digest_size=8).digest(), "little") / 2**64
+         for k in keys]
+    return np.asarray(u) < fraction
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class Format:
+    extensions: tuple[str, ...] | None  # the files a directory path is listed for
+    columns: Callable  # (fs, files) -> the columns (extensions) of the data, for the config check
+    count: Callable  # (fs, files) -> rows, or None where counting would read the whole data
+    read: Callable  # (fs, files, shuffle) -> ray.data.Dataset of raw rows, with a "path" column
+
+
+def _csv_columns(fs, files):
+    with fs.open_input_stream(files[0]) as f:
+        return next(csv.reader(io.TextIOWrapper(f, encoding="utf-8")), [])
+
+
+def _jsonl_columns(fs, files):
+    keys: dict[str, None] = {}
+    with fs.open_input_stream(files[0]) as f:
+        for i, line in enumerate(io.TextIOWrapper(f, encoding="utf-8")):
+            if line.strip():
+                keys |= dict.fromkeys(json.loads(line))
+            if i >= 100:
+                break
+    return list(keys)
+
+
+def _parquet_columns(fs, files):
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(files[0]) as f:
+        return pq.read_schema(f).names
+
+
+def _webdataset_columns(fs, files):
+    extensions: dict[str, None] = {}
+    with fs.open_input_stream(files[0]) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for i, member in enumerate(tar):
+            if member.isfile() and "." in os.path.basename(member.name):
+                extensions[os.path.basename(member.name).split(".", 1)[1]] = None
+            if i >= 200:
+                break
+    return list(extensions)
+
+
+def _local(fs) -> bool:
+    import pyarrow.fs as pafs
+
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _count_lines(fs, files, header: bool):
+    if not _local(fs):
+        return None
+    total = 0
+    for path in files:
+        with open(path, newline="", encoding="utf-8") as f:
+            if header:
+                total += sum(1 for _ in csv.reader(f)) - 1
+            else:
+                total += sum(1 for line in f if line.strip())
+    return total
+
+
+def _count_parquet(fs, files):
+    import pyarrow.parquet as pq
+
+    total = 0
+    for path in files:
+        with fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _count_tar_keys(fs, files):
+    if not _local(fs):
+        return None
+    total = 0
+    for path in files:
+        with tarfile.open(path) as tar:
+            total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    return total
+
+
+def _read(reader: str, files_per_block: int = 1, **options):
+    def read(fs, files, shuffle):
+        import ray.data
+
+        blocks = max(1, -(-len(files) // files_per_block))  # a block per shard; small files grouped
+        return getattr(ray.data, reader)(files, filesystem=fs, include_paths=True, shuffle=shuffle,
+                                         override_num_blocks=blocks, **options)
+
+    return read
+
+
+FORMATS: dict[str, Format] = {
+    "imagefolder": Format(IMAGE_EXTENSIONS, lambda fs, files: ["image", "label"], lambda fs, files: len(files),
+                          _read("read_binary_files", files_per_block=256)),
+    "csv": Format(("csv",), _csv_columns, functools.partial(_count_lines, header=True), _read("read_csv")),
+    "jsonl": Format(("jsonl", "json"), _jsonl_columns, functools.partial(_count_lines, header=False),
+                    _read("read_json")),  # Arrow's JSON reader reads JSON Lines
+    "parquet": Format(("parquet",), _parquet_columns, _count_parquet, _read("read_parquet")),
+    "webdataset": Format(("tar",), _webdataset_columns, _count_tar_keys, _read("read_webdataset", decoder=None)),
+}
+WEBDATASET_DEFAULTS = {"image": "jpg;jpeg;png;webp", "text": "txt"}
+
+
+# ----------------------------------------------------------------------------- the config check
+
+
+def side_columns(x: DatasetConfig, sides: tuple[str, str | None]) -> dict[str, str]:
+    """{"a": column, "b": column, "label": column} that feed this task, defaults filled in."""
+    chosen = {}
+    for side, kind in zip(("a", "b"), sides):
+        column = getattr(x.columns, side)
+        if kind is None:
+            continue
+        if x.format == "imagefolder" and side == "a":
+            column = "image"
+        elif column is None and x.format == "webdataset":
+            column = WEBDATASET_DEFAULTS[kind]
+        if column is None:
+            raise ConfigError(f"dataset.columns.{side} is required: the {kind} column of side {side}")
+        chosen[side] = column
+    if x.format == "imagefolder":
+        chosen["label"] = "label"
+    elif x.columns.label is not None:
+        chosen["label"] = x.columns.label
+    return chosen
+
+
+def _missing(wanted: str, found: list[str]) -> bool:
+    return not any(alternative in found for alternative in wanted.split(";"))
+
+
+def check_dataset(config: Config, sides: tuple[str, str | None], labelled_loss: bool) -> None:
+    """Every `dataset` error that can be found before Ray starts, as a ConfigError naming the field:
+    missing paths, columns or extensions the data lacks (listing the ones it has), a labelled
+    loss without labels, an eval_path with other columns, data smaller than one global batch."""
+    x, fmt = config.dataset, FORMATS[config.dataset.format]
+    fs, files, _ = resolve(x.path, fmt.extensions)
+    found = fmt.columns(fs, files)
+    chosen = side_columns(x, sides)
+    if labelled_loss and "label" not in chosen:
+        raise ConfigError(f"dataset.columns.label is required: loss.name={config.loss.name} learns from class labels")
+    kind = "extension" if x.format == "webdataset" else "column"
+    for side, column in chosen.items():
+        if _missing(column, found):
+            raise ConfigError(f"dataset.columns.{side}: {kind} {column!r} is not in {files[0]} "
+                              f"(its {kind}s: {', '.join(found) or 'none'})")
+    if x.eval_path is not None:
+        eval_fs, eval_files, _ = resolve(x.eval_path, fmt.extensions, "dataset.eval_path")
+        eval_found = fmt.columns(eval_fs, eval_files)
+        if set(eval_found) != set(found):
+            raise ConfigError(f"dataset.eval_path: {eval_files[0]} has the {kind}s {', '.join(eval_found)}, but "
+                              f"dataset.path's {files[0]} has {', '.join(found)}")
+    rows = fmt.count(fs, files)
+    if rows is not None:
+        train = rows if x.eval_path else int(rows * (1 - x.eval_fraction))
+        if train < config.train.global_batch_size:
+            raise ConfigError(f"dataset.path: {rows} rows (about {train} for training) cannot fill one global batch "
+                              f"of train.global_batch_size={config.train.global_batch_size}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    sides: tuple[str, str | None]
+    columns: dict[str, str]  # side -> column (extension alternatives joined by ";")
+    image_size: int
+    split: str | None  # "train" / "eval": rows of that side of the hash split; None: all rows
+    seed: int
+    fraction: float
+    root: str
+    classes: tuple[str, ...]  # imagefolder
+    webdataset: bool
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 (3, size, size): shorter side resized, centre crop."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image = ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
+    except UnidentifiedImageError:
+        raise ValueError("not an image Pillow can decode") from None
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def _value(batch: dict, column: str, i: int):
+    for alternative in column.split(";"):
+        if alternative in batch and batch[alternative][i] is not None:
+            return batch[alternative][i]
+    return None
+
+
+def _keys(batch: dict, plan: DecodePlan) -> list[str]:
+    paths = batch["path"]
+    if "bytes" in batch and not plan.webdataset:  # imagefolder: the file
+        return [p[len(plan.root) + 1:] if p.startswith(plan.root) else p for p in paths]
+    if plan.webdataset:
+        return [f"{os.path.basename(u)}/{k}" for u, k in zip(batch["__url__"], batch["__key__"])]
+    return [json.dumps([_jsonable(_value(batch, c, i)) for c in plan.columns.values()]) for i in range(len(paths))]
+
+
+def _jsonable(v):
+    if isinstance(v, bytes):
+        return hashlib.blake2b(v, digest_size=16).hexdigest()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _open_image(value, listing: str, fs_cache: dict) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    import pyarrow.fs as pafs
+
+    if "://" in value:
+        fs, path = pafs.FileSystem.from_uri(value)
+    else:
+        fs = fs_cache.setdefault("fs", pafs.LocalFileSystem() if listing.startswith("/") else None)
+        path = value if value.startswith("/") else f"{listing.rsplit('/', 1)[0]}/{value}"
+        if fs is None:  # the listing file sat behind a URI without a scheme in its path (s3 bucket/key)
+            raise ValueError(f"relative image path {value!r} in a remote listing: give a URI")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np.ndarray]:
+    """Raw rows -> {"a", "b", "label", "error"}: the decode stage, run in Ray Data's CPU tasks."""
+    keys = np.asarray(_keys(batch, plan), dtype=object)
+    if plan.split is not None:
+        keep = held_out(keys, plan.seed, plan.fraction) == (plan.split == "eval")
+        batch, keys = {k: np.asarray(v)[keep] for k, v in batch.items()}, keys[keep]
+    n, size, fs_cache = len(keys), plan.image_size, {}
+    errors = np.full(n, "", dtype=object)
+    out: dict[str, np.ndarray] = {}
+    for side, kind in zip(("a", "b"), plan.sides):
+        if kind is None:
+            continue
+        column = plan.columns[side]
+        values = np.zeros((n, 3, size, size), np.uint8) if kind == "image" else np.full(n, "", dtype=object)
+        for i in range(n):
+            if errors[i]:
+                continue
+            value = batch["bytes"][i] if column == "image" and "bytes" in batch and not plan.webdataset \
+                else _value(batch, column, i)
+            try:
+                if value is None:
+                    raise ValueError(f"no {column}")
+                if kind == "image":
+                    values[i] = decode_image(_open_image(value, batch["path"][i], fs_cache), size)
+                else:
+                    text = (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
+                    if not text:
+                        raise ValueError(f"empty {column}")
+                    values[i] = text
+            except Exception as e:  # any decode failure is this row's, never the run's
+                errors[i] = f"{keys[i]}: {type(e).__name__}: {e}"[:300]
+        out[side] = values
+    out["label"] = _labels(batch, plan, n, keys, errors)
+    out["error"] = errors
+    return out
+
+
+def _labels(batch, plan: DecodePlan, n: int, keys, errors) -> np.ndarray:
+    labels = np.full(n, -1, np.int64)
+    if "label" not in plan.columns:
+        return labels
+    for i in range(n):
+        try:
+            if plan.classes:  # imagefolder: the first folder under the root
+                labels[i] = plan.classes.index(keys[i].split("/", 1)[0])
+                continue
+            value = _value(batch, plan.columns["label"], i)
+            if isinstance(value, bytes):
+                value = value.decode("utf-8").strip()
+            if isinstance(value, (int, np.integer)) or (isinstance(value, str) and re.fullmatch(r"-?\d+", value)):
+                labels[i] = int(value)
+            elif isinstance(value, str) and value:
+                labels[i] = stable_id(value)
+            else:
+                raise ValueError(f"label {value!r}")
+        except Exception as e:
+            errors[i] = errors[i] or f"{keys[i]}: {type(e).__name__}: {e}"[:300]
+    return labels
+
+
+# ----------------------------------------------------------------------------- datasets and splits
+
+
+def _classes(fs, root: str) -> tuple[str, ...]:
+    import pyarrow.fs as pafs
+
+    return tuple(sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory))
+
+
+def decoded_dataset(config: Config, sides: tuple[str, str | None], split: str):
+    """The Ray Data pipeline of decoded rows for `split` ("train" or "eval"): read (files shuffled
+    by a fixed seed for training), decode in CPU tasks. Ordered when dataset.deterministic."""
+    import ray.data
+
+    x, fmt = config.dataset, FORMATS[config.dataset.format]
+    from_eval_path = split == "eval" and x.eval_path is not None
+    fs, files, root = resolve(x.eval_path if from_eval_path else x.path, fmt.extensions)
+    if x.format == "imagefolder" and from_eval_path:  # the training folders number the classes
+        classes = _classes(*resolve(x.path, fmt.extensions)[::2])
+    else:
+        classes = _classes(fs, root) if x.format == "imagefolder" else ()
+    plan = DecodePlan(sides, side_columns(x, sides), x.image_size,
+                      None if x.eval_path is not None else split, config.train.seed, x.eval_fraction,
+                      root, classes, x.format == "webdataset")
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = x.deterministic
+    if not config.train.verbose:  # Ray Data's progress lines would bury the trainer's
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        context.enable_progress_bars = False
+    shuffle = ray.data.FileShuffleConfig(seed=config.train.seed, reseed_after_execution=False) if split == "train" else None
+    raw = fmt.read(fs, files, shuffle)
+    return raw.map_batches(functools.partial(decode_batch, plan=plan), batch_format="numpy", batch_size=64,
+                           num_cpus=x.decode_cpus)
+
+
+def materialize(dataset, labelled: bool, limit: int | None = None) -> tuple[Table, int, list[str]]:
+    """A decoded dataset read into memory on this process: (good rows, skipped rows, examples)."""
+    from distributed_cl.data.table import Table
+    parts, skipped, examples, rows = [], 0, [], 0
+    for batch in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
+        errors = batch.pop("error")
+        bad = errors != ""
+        skipped += int(bad.sum())
+        examples += [str(e) for e in errors[bad][: max(0, 5 - len(examples))]]
+        if (~bad).any():
+            parts.append(Table.from_numpy({k: v[~bad] for k, v in batch.items()}, labelled))
+            rows += len(parts[-1])
+        if limit is not None and rows >= limit:
+            break
+    if not parts:
+        raise ConfigError(f"dataset: no row decoded ({skipped} skipped, e.g. {'; '.join(examples) or 'none'})")
+    table = Table.concat(parts)
+    return (table.head(limit) if limit is not None else table), skipped, examples
+
+
+def should_cache(config: Config, sides: tuple[str, str | None]) -> bool:
+    x = config.dataset
+    if x.cache is not None:
+        return x.cache
+    fmt = FORMATS[x.format]
+    fs, files, _ = resolve(x.path, fmt.extensions)
+    rows = fmt.count(fs, files)
+    if rows is None:
+        return False
+    row_bytes = sum(3 * x.image_size**2 if kind == "image" else TEXT_BYTES for kind in sides if kind)
+    return rows * row_bytes <= x.cache_limit_mb * 2**20
+
+
+def load_dataset_splits(config: Config, sides: tuple[str, str | None]) -> Splits:
+    """The held-out split and kNN bank decoded into memory, and the training split too where it is
+    cached; a streamed training split is left to `decoded_dataset(config, sides, "train")`."""
+    from distributed_cl.data.table import Splits
+    x = config.dataset
+    labelled = "label" in side_columns(x, sides)
+    test, skipped, examples = materialize(decoded_dataset(config, sides, "eval"), labelled, x.eval_max_rows)
+    if len(test) < 2:
+        raise ConfigError(f"dataset: the held-out split has {len(test)} rows; raise dataset.eval_fraction or give eval_path")
+    train_rows = None
+    if should_cache(config, sides):
+        train, train_skipped, train_examples = materialize(decoded_dataset(config, sides, "train"), labelled)
+        skipped, examples, train_rows = skipped + train_skipped, examples + train_examples, len(train)
+        order = np.random.default_rng(config.train.seed).permutation(len(train))[: x.eval_bank_size]
+        bank = train.take(order.tolist())
+        _check_skipped(x, skipped, skipped + len(train) + len(test), examples)
+    else:
+        train = None
+        bank = materialize(decoded_dataset(config, sides, "train"), labelled, x.eval_bank_size)[0] if labelled else None
+        fmt = FORMATS[x.format]
+        fs, files, _ = resolve(x.path, fmt.extensions)
+        rows = fmt.count(fs, files)
+        train_rows = None if rows is None else rows if x.eval_path else int(rows * (1 - x.eval_fraction))
+    return Splits(train, test, bank=bank, skipped_rows=skipped, skipped_examples=examples[:5], train_rows=train_rows)
+
+
+class TooManySkippedRows(ValueError):
+    """More rows failed to decode than dataset.max_skipped_fraction allows."""
+
+
+def _check_skipped(x: DatasetConfig, skipped: int, total: int, examples: list[str]) -> None:
+    check_skipped(skipped, total, x.max_skipped_fraction, examples)
+
+
+def check_skipped(skipped: int, total: int, limit: float, examples: list[str]) -> None:
+    if total and skipped / total > limit:
+        raise TooManySkippedRows(
+            f"{skipped} of {total} rows ({skipped / total:.1%}) did not decode or had an empty text, more than "
+            f"dataset.max_skipped_fraction={limit}; e.g. {'; '.join(examples[:5])}")

@@ -1,0 +1,114 @@
+"""Decoded rows, the one form every data source hands to a task: the built-in datasets, your own
+files once decoded into memory, and every streamed batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Column = Tensor | list  # images: uint8 (n, C, H, W) or (n, H, W); texts: a list of str
+
+
+def take(column: Column | None, index: Tensor | Sequence[int]) -> Column | None:
+    if column is None:
+        return None
+    if isinstance(column, Tensor):
+        return column[torch.as_tensor(index, dtype=torch.long).to(column.device)]
+    return [column[i] for i in (index.tolist() if isinstance(index, Tensor) else index)]
+
+
+@dataclass
+class Table:
+    """Rows with a side `a`, an optional side `b` and an int64 class label per row.
+
+    `labelled` says whether the labels are classes a loss or kNN may use; where they are not,
+    each row is its own class (labels = arange), which no loss reads as a positive."""
+
+    a: Column | None  # None only in a copy whose images stay on the device (see CachedBatches)
+    b: Column | None = None
+    labels: Tensor | None = None
+    labelled: bool = False
+    label_names: dict[int, str] = field(default_factory=dict)  # where known: id -> the data's own name
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            self.labels = torch.arange(len(self.a))
+        for side in (self.a, self.b):
+            if side is not None and len(side) != len(self.labels):
+                raise ValueError(f"{len(self.labels)} labels but a side of {len(side)} rows")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: Tensor | Sequence[int]) -> Table:
+        return replace(self, a=take(self.a, index), b=take(self.b, index), labels=take(self.labels, index))
+
+    def head(self, n: int) -> Table:
+        return self.take(range(min(n, len(self))))
+
+    def to(self, device: torch.device | str) -> Table:
+        """Image columns moved to `device` (texts stay lists)."""
+        move = lambda c: c.to(device) if isinstance(c, Tensor) else c  # noqa: E731
+        return replace(self, a=move(self.a), b=move(self.b), labels=self.labels.to(device))
+
+    def digests(self) -> list[str]:
+        """A short digest of each row's content (both sides), to tell rows apart in logs."""
+        import hashlib
+
+        def cell(column, i) -> bytes:
+            if column is None:
+                return b""
+            return column[i].cpu().numpy().tobytes() if isinstance(column, Tensor) else str(column[i]).encode()
+
+        return [hashlib.blake2b(cell(self.a, i) + b"|" + cell(self.b, i), digest_size=6).hexdigest()
+                for i in range(len(self))]
+
+    @staticmethod
+    def concat(parts: Sequence[Table]) -> Table:
+        def cat(columns):
+            if columns[0] is None:
+                return None
+            return torch.cat(columns) if isinstance(columns[0], Tensor) else [x for c in columns for x in c]
+
+        first = parts[0]
+        return replace(first, a=cat([p.a for p in parts]), b=cat([p.b for p in parts]),
+                       labels=torch.cat([p.labels for p in parts]))
+
+    @staticmethod
+    def from_numpy(batch: dict[str, np.ndarray], labelled: bool) -> Table:
+        """A decoded batch of a Ray Data stream (columns a, b, label) as a Table."""
+
+        def column(x):
+            if x is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(x)) if x.dtype != object and x.dtype.kind != "U" else [str(s) for s in x]
+
+        return Table(column(batch["a"]), column(batch.get("b")), torch.from_numpy(batch["label"].astype(np.int64)),
+                     labelled=labelled)
+
+
+@dataclass
+class Splits:
+    """What a data source hands a task.
+
+    train: the training rows in memory, or None when they stream through Ray Data (each worker
+        then reads its shard of the trainer's "train" dataset).
+    test: held-out rows (always in memory: scored whole, never through a split that drops rows).
+    bank: training rows that kNN evaluation classifies the held-out rows by (labelled data).
+    skipped_rows / skipped_examples: rows that did not decode (or had an empty text) while
+        decoding these splits, and a few of them (`file or key: reason`)."""
+
+    train: Table | None
+    test: Table
+    bank: Table | None = None
+    skipped_rows: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    train_rows: int | None = None  # the training split's size where known (streamed: estimated)
+
+    @property
+    def streamed(self) -> bool:
+        return self.train is None

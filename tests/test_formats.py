@@ -1,0 +1,207 @@
+"""Own data, without the trainer: paths, the config checks, decoding, bad rows, the held-out split,
+and the worker-side stream (real Ray Data splits, consumed by threads as the workers would)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import ray
+import torch
+from own_data import CLASSES, write_imagefolder, write_jsonl, write_parquet, write_shards
+
+from distributed_cl.config import Config, ConfigError
+from distributed_cl.data.formats import (
+    decoded_dataset,
+    expand_braces,
+    held_out,
+    load_dataset_splits,
+    materialize,
+    resolve,
+    stable_id,
+)
+from distributed_cl.data.stream import StreamBatches
+from distributed_cl.tasks import TASKS
+
+TINY_MODEL = ["model.width=4", "model.pool=1", "model.projection_hidden=8", "model.projection_dim=8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def image_config(path, *more: str, batch: int = 8) -> Config:
+    return Config.load(overrides=["dataset.format=imagefolder", f"dataset.path={path}", "dataset.image_size=12",
+                                  f"train.global_batch_size={batch}", *TINY_MODEL, *more])
+
+
+def test_brace_patterns_expand_like_webdataset():
+    assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
+    assert expand_braces("{x,y}/p{0..1}") == ["x/p0", "x/p1", "y/p0", "y/p1"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_paths_resolve_from_directories_globs_braces_and_file_uris(tmp_path):
+    shards = write_shards(tmp_path / "wds", 12, 4)
+    (tmp_path / "wds" / "notes.md").write_text("not a shard")
+    names = [str(p) for p in shards]
+    for path in (tmp_path / "wds", tmp_path / "wds" / "train-*.tar", tmp_path / "wds" / "train-{000000..000002}.tar",
+                 f"file://{tmp_path}/wds/train-{{000000..000002}}.tar"):
+        _, files, _ = resolve(str(path), ("tar",))
+        assert files == names, path
+    with pytest.raises(ConfigError, match="dataset.path: .*missing does not exist"):
+        resolve(str(tmp_path / "missing"), ("tar",))
+    with pytest.raises(ConfigError, match="matches no files"):
+        resolve(str(tmp_path / "wds" / "*.parquet"), ("parquet",))
+
+
+def test_config_errors_name_the_field_and_what_the_data_has(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", 40)
+    write_jsonl(tmp_path / "other.jsonl", 10)
+    (tmp_path / "odd.jsonl").write_text('{"question": "q", "answer": "a"}\n' * 20)
+    text = ["task=text", "dataset.format=jsonl", f"dataset.path={tmp_path}/pairs.jsonl", "train.global_batch_size=8"]
+    assert Config.load(overrides=[*text, "dataset.columns.a=anchor", "dataset.columns.b=positive"]).dataset.path
+    cases = {
+        "dataset.path: .*nowhere.jsonl does not exist": ["dataset.path=/nowhere.jsonl"],
+        r"dataset.columns.b: column 'answer' is not in .*pairs.jsonl \(its columns: anchor, positive, caption, label\)":
+            ["dataset.columns.a=anchor", "dataset.columns.b=answer"],
+        "dataset.columns.b is required": ["dataset.columns.a=anchor"],
+        "dataset.columns.label is required: loss.name=supcon": ["dataset.columns.a=anchor", "dataset.columns.b=positive",
+                                                                 "loss.name=supcon"],
+        "dataset.eval_path: .*odd.jsonl has the columns question, answer": [
+            "dataset.columns.a=anchor", "dataset.columns.b=positive", f"dataset.eval_path={tmp_path}/odd.jsonl"],
+        "40 rows .*cannot fill one global batch of train.global_batch_size=64": [
+            "dataset.columns.a=anchor", "dataset.columns.b=positive", "train.global_batch_size=64"],
+        "dataset.format must be one of imagefolder, csv, jsonl, parquet, webdataset": ["dataset.format=tfrecord"],
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            Config.load(overrides=[*text, *overrides])
+
+
+def test_webdataset_extensions_are_checked_with_their_alternatives(tmp_path):
+    write_shards(tmp_path, 16, 8)
+    base = ["task=image_text", "dataset.format=webdataset", f"dataset.path={tmp_path}/train-{{000000..000001}}.tar",
+            "train.global_batch_size=8"]
+    config = Config.load(overrides=[*base, "dataset.columns.a=jpg;png"])  # b defaults to txt
+    assert config.dataset.columns.b is None
+    with pytest.raises(ConfigError, match=r"extension 'jpg;webp' is not in .*\(its extensions: png, txt, cls\)"):
+        Config.load(overrides=[*base, "dataset.columns.a=jpg;webp"])
+
+
+def test_bad_rows_are_skipped_counted_and_named(tmp_path):
+    write_imagefolder(tmp_path, 40)
+    (tmp_path / "red" / "broken.png").write_bytes(b"not a png")
+    config = image_config(tmp_path, "dataset.cache=true", "dataset.eval_fraction=0.25", "dataset.max_skipped_fraction=0.05")
+    splits = load_dataset_splits(config, TASKS["image"].sides)
+    assert splits.skipped_rows == 1 and "red/broken.png: ValueError: not an image Pillow can decode" in splits.skipped_examples[0]
+    assert len(splits.train) + len(splits.test) == 40  # nothing else lost
+    # more than max_skipped_fraction stops the run, naming examples
+    for i in range(3):
+        (tmp_path / "blue" / f"bad{i}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"4 of 44 rows \(9.1%\) .*max_skipped_fraction=0.05; e.g. .*png: ValueError: not an image Pillow can decode"):
+        load_dataset_splits(image_config(tmp_path, "dataset.cache=true", "dataset.max_skipped_fraction=0.05"),
+                            TASKS["image"].sides)
+
+
+def test_held_out_rows_are_a_seeded_fraction_kept_out_of_training(tmp_path):
+    write_imagefolder(tmp_path, 200)
+    config = image_config(tmp_path, "dataset.cache=true", "dataset.eval_fraction=0.2")
+    splits = load_dataset_splits(config, TASKS["image"].sides)
+    train, test = set(splits.train.digests()), set(splits.test.digests())
+    assert not train & test and len(train) + len(test) == 200
+    assert 0.1 < len(test) / 200 < 0.3
+    assert (splits.test.labels < len(CLASSES)).all() and splits.test.labelled  # folder names, numbered
+    again = load_dataset_splits(config, TASKS["image"].sides)
+    assert again.test.digests() == splits.test.digests() and again.train.digests() == splits.train.digests()
+    keys = np.array([f"k{i}" for i in range(10_000)], dtype=object)
+    assert abs(held_out(keys, 0, 0.1).mean() - 0.1) < 0.01 and (held_out(keys, 0, 0.1) != held_out(keys, 1, 0.1)).any()
+
+
+def test_parquet_image_bytes_and_string_labels_decode(tmp_path):
+    write_parquet(tmp_path / "train.parquet", 24)
+    config = Config.load(overrides=["task=image_text", "dataset.format=parquet", f"dataset.path={tmp_path}/train.parquet",
+                                    "dataset.columns.a=image", "dataset.columns.b=caption", "dataset.columns.label=label",
+                                    "dataset.image_size=8", "train.global_batch_size=8", "dataset.eval_fraction=0.25"])
+    table, skipped, _ = materialize(decoded_dataset(config, TASKS["image_text"].sides, "train"), labelled=True)
+    assert skipped == 0 and table.a.shape[1:] == (3, 8, 8) and table.a.dtype.is_floating_point is False
+    assert all(caption.startswith("a ") for caption in table.b)
+    assert set(table.labels.tolist()) <= {stable_id(c) for c in CLASSES}
+
+
+def shard_batches(config: Config, epoch: int = 0, start_batch: int = 0, world: int = 2, m: int | None = None):
+    """Every rank's local batches (row digests) of one epoch, through Ray Data's equal split."""
+    dataset = decoded_dataset(config, TASKS[config.task].sides, "train")
+    shards = dataset.streaming_split(world, equal=True)
+    out = [None] * world
+
+    def consume(rank):
+        stream = StreamBatches(shards[rank], config.train.global_batch_size // world, config.train.seed, rank,
+                               labelled=True, shuffle_buffer=config.dataset.shuffle_buffer, m=m)
+        out[rank] = [(b.digests(), b.labels.tolist()) for b in stream.epoch(epoch, start_batch)]
+        out[rank].append(stream.dropped_rows)
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(o is not None for o in out), "a rank's stream failed (see the thread's exception above)"
+    return out
+
+
+def test_stream_is_deterministic_equal_per_rank_and_resumes_where_it_stopped(tmp_path):
+    write_shards(tmp_path, 120, 10)
+    config = Config.load(overrides=["task=image_text", "dataset.format=webdataset", f"dataset.path={tmp_path}",
+                                    "dataset.image_size=8", "train.global_batch_size=8", "dataset.eval_fraction=0.1",
+                                    "dataset.shuffle_buffer=16"])
+    first, second = shard_batches(config), shard_batches(config)
+    assert first == second  # same seed, same batches on every rank
+    batches = [rank[:-1] for rank in first]
+    assert all(len(digests) == 4 for rank in batches for digests, _ in rank)
+    rows = [d for rank in batches for digests, _ in rank for d in digests]
+    assert len(rows) == len(set(rows))  # no row twice in an epoch
+    train_rows = 120 - len(load_dataset_splits(config, TASKS["image_text"].sides).test)
+    assert len(rows) + sum(rank[-1] for rank in first) >= train_rows - 1  # the rest is counted (the split drops < 2)
+    resumed = shard_batches(config, start_batch=3)
+    assert [rank[:-1] for rank in resumed] == [rank[3:] for rank in batches]
+    other_epoch = shard_batches(config, epoch=1)
+    assert [rank[:-1] for rank in other_epoch] != batches  # re-shuffled, deterministically, every epoch
+
+
+def test_stream_groups_give_every_batch_m_of_each_class(tmp_path):
+    write_shards(tmp_path, 160, 20)
+    config = Config.load(overrides=["task=image_text", "dataset.format=webdataset", f"dataset.path={tmp_path}",
+                                    "dataset.columns.label=cls", "dataset.image_size=8", "train.global_batch_size=16",
+                                    "dataset.shuffle_buffer=8", "dataset.eval_fraction=0.1"])
+    per_rank = shard_batches(config, m=4)
+    assert len(per_rank[0]) > 3
+    for rank in per_rank:
+        for _, labels in rank[:-1]:
+            counts = np.unique(labels, return_counts=True)[1]
+            assert len(labels) == 8 and (counts % 4 == 0).all(), labels
+
+
+def test_unlabelled_images_are_scored_by_finding_their_second_view(tmp_path):
+    write_parquet(tmp_path / "train.parquet", 64)
+    config = Config.load(overrides=["dataset.format=parquet", f"dataset.path={tmp_path}/train.parquet",
+                                    "dataset.columns.a=image", "dataset.image_size=12", "dataset.cache=true",
+                                    "dataset.eval_fraction=0.5", "train.global_batch_size=8", *TINY_MODEL])
+    task = TASKS["image"](config)
+    assert task.metric_names(config) == ("view_recall@1",) and not task.data.test.labelled
+    towers = task.build_towers(config).eval()
+    scores = task.evaluate(towers), task.evaluate(towers)
+    assert scores[0] == scores[1]  # the held-out views are fixed by their own seed
+    baseline = task.baselines()["view_recall@1_raw_pixels"]
+    assert 3 / len(task.data.test) < baseline <= 1.0  # raw pixels find a view's twin far above chance
+
+    class Blind(torch.nn.Module):  # features that ignore the image: chance or worse
+        def __init__(self):
+            super().__init__()
+            self.encoder = lambda x: torch.ones(len(x), 4)
+
+    assert task.evaluate(Blind())["view_recall@1"] <= 1 / len(task.data.test)

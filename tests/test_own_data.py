@@ -1,0 +1,171 @@
+"""Own data end to end through train.py with 2 workers: every format, held in memory and streamed
+through Ray Data, local paths and file:// URIs; a killed worker resumes a stream mid-epoch with no
+row repeated or skipped; bad rows counted; config errors exit 2 before Ray starts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import ray
+from own_data import write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards
+from test_tasks import logged_losses
+from test_train_cli import ROOT, finish, run_env, start, train_worker_pids, wait_for_registered_checkpoint
+
+from distributed_cl import trainer
+from distributed_cl.config import Config
+from distributed_cl.data.formats import held_out
+
+SMALL_CNN = ["model.width=8", "model.pool=2", "model.projection_hidden=32", "model.projection_dim=16"]
+IMAGE_TEXT = ["task=image_text", "image_text.image_tower.width=8", "image_text.image_tower.pool=2",
+              "image_text.image_tower.projection_hidden=32", "image_text.image_tower.projection_dim=16",
+              "image_text.text_tower.max_length=16", "image_text.text_tower.freeze=false"]
+RUN = ["train.num_workers=2", "train.global_batch_size=16", "train.log_every=4", "train.checkpoint_every=8",
+       "optim.warmup_steps=2", "optim.lr=0.003", "dataset.image_size=16", "dataset.eval_fraction=0.2"]
+STREAM = ["dataset.cache=false", "train.cpus_per_worker=0.5", "dataset.decode_cpus=0.5"]
+
+
+def command(tmp_path, name, overrides, max_steps=16):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--storage-path", str(tmp_path / "runs"), "--name", name,
+           "--output-json", str(tmp_path / f"{name}.json"), "--max-steps", str(max_steps)]
+    for item in [*RUN, *overrides]:
+        cmd += ["--set", item]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module's in-process runs (train.py's own path is the kill test's)."""
+    trainer.connect_ray(log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def train(tmp_path, name, overrides, capsys, max_steps=16):
+    """trainer.run as train.py calls it, in this process; returns the summary and the console output."""
+    config = Config.load(overrides=[*RUN, *overrides, f"train.max_steps={max_steps}", "train.epochs=null",
+                                    f"train.name={name}", f"train.storage_path={tmp_path}/runs"])
+    summary = trainer.run(config)
+    captured = capsys.readouterr()
+    return summary, captured.out + captured.err
+
+
+def assert_learned(summary, metric):
+    m = summary["metrics"]
+    losses = logged_losses(summary)
+    assert losses[-1] < losses[0], losses  # the loss falls on the user's rows
+    for which in ("trained", "untrained"):
+        assert 0.0 <= m[f"{metric}_{which}"] <= 1.0
+    assert m["skipped_rows"] == 0 and m["anchors_without_positive_total"] == 0
+
+
+def test_imagefolder_cached_and_streamed_through_a_file_uri_with_supcon_and_a_corrupt_image(tmp_path, local_ray, capsys):
+    write_imagefolder(tmp_path / "images", 160)
+    (tmp_path / "images" / "red" / "corrupt.png").write_bytes(b"\x89PNG broken")
+    base = ["dataset.format=imagefolder", *SMALL_CNN, "dataset.max_skipped_fraction=0.05"]
+    cached, out = train(tmp_path, "cached", [*base, f"dataset.path={tmp_path}/images", "dataset.cache=true"], capsys)
+    assert cached["metrics"]["skipped_rows"] == 1 and "skipped 1 rows" in out and "corrupt.png" in out
+    assert cached["metrics"]["knn_top1_trained"] > 0.5  # colour classes: kNN on the held-out images
+    streamed, out = train(tmp_path, "streamed", [*base, *STREAM, f"dataset.path=file://{tmp_path}/images",
+                                                 "loss.name=supcon", "loss.m=4"], capsys)
+    m = streamed["metrics"]
+    assert m["anchors_without_positive_total"] == 0  # every streamed batch held m of each of its classes
+    with open(os.path.join(streamed["run_dir"], "metrics.csv")) as f:
+        positives = [float(row["mean_positives"]) for row in csv.DictReader(f) if row["mean_positives"]]
+    assert positives and min(positives) >= 2 * 4 - 1  # both views of the 3 others of its class, and its own
+    assert m["skipped_rows"] == 1 and 0 < m["stream_rows"] <= 161  # the corrupt image, counted once per pass
+    # SupCon's value moves with how many classes a batch holds, so learning shows in the held-out kNN
+    assert m["knn_top1_trained"] >= m["knn_top1_untrained"] and m["knn_top1_trained"] > 0.5
+
+
+def test_jsonl_text_pairs(tmp_path, tiny_bert, local_ray, capsys):
+    write_jsonl(tmp_path / "pairs.jsonl", 200)
+    summary, _ = train(tmp_path, "jsonl", ["task=text", "dataset.format=jsonl", f"dataset.path={tmp_path}/pairs.jsonl",
+                                           "dataset.columns.a=anchor", "dataset.columns.b=positive",
+                                           "dataset.columns.label=label", f"text.tower.model={tiny_bert}",
+                                           "text.tower.max_length=16", "loss.name=infonce", "loss.temperature=0.1"],
+                       capsys)
+    assert_learned(summary, "recall@1")
+    assert "knn_top1_trained" in summary["metrics"] and "knn_top1_baseline" in summary["metrics"]
+
+
+def test_csv_and_parquet_image_text_cached(tmp_path, tiny_bert, local_ray, capsys):
+    write_csv(tmp_path / "csv" / "train.csv", 160)
+    write_parquet(tmp_path / "pq" / "train.parquet", 160)
+    common = [*IMAGE_TEXT, f"image_text.text_tower.model={tiny_bert}", "loss.name=clip", "loss.temperature=0.1"]
+    summary, _ = train(tmp_path, "csv", [*common, "dataset.format=csv", f"dataset.path={tmp_path}/csv/train.csv",
+                                         "dataset.columns.a=filepath", "dataset.columns.b=title"], capsys)
+    assert_learned(summary, "i2t_recall@5")
+    summary, _ = train(tmp_path, "parquet", [*common, "dataset.format=parquet", f"dataset.path=file://{tmp_path}/pq",
+                                             "dataset.columns.a=image", "dataset.columns.b=caption"], capsys)
+    assert_learned(summary, "t2i_recall@5")
+
+
+def batch_log(directory) -> dict:
+    """(epoch, batch) -> the rows each rank trained on, from the last attempt that logged it."""
+    logged = defaultdict(dict)
+    for rank in (0, 1):
+        with open(os.path.join(directory, f"rank{rank}.jsonl")) as f:
+            for line in f:
+                entry = json.loads(line)
+                logged[(entry["epoch"], entry["batch"])].setdefault(rank, []).append(entry["rows"])
+    return logged
+
+
+def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert):
+    write_shards(tmp_path / "wds", 240, 30)
+    log = tmp_path / "batches"
+    overrides = [*IMAGE_TEXT, *STREAM, f"image_text.text_tower.model={tiny_bert}", "loss.name=clip",
+                 "dataset.format=webdataset", f"dataset.path={tmp_path}/wds/train-{{000000..000007}}.tar",
+                 "dataset.columns.a=jpg;png", f"train.batch_log={log}", "dataset.shuffle_buffer=32"]
+    proc = start(command(tmp_path, "kill", overrides, max_steps=40))
+    wait_for_registered_checkpoint(proc)
+    pids = train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    out = finish(proc)
+    m = json.loads((tmp_path / "kill.json").read_text())["metrics"]
+    assert m["step"] == 40 and 8 <= m["start_step"] < 40, out
+    logged = batch_log(log)
+    epoch0 = sorted(b for (e, b) in logged if e == 0)
+    assert epoch0 == list(range(len(epoch0))) and len(epoch0) >= 8
+    rows = []
+    for batch in epoch0:
+        for rank in (0, 1):
+            attempts = logged[(0, batch)][rank]
+            assert all(a == attempts[0] for a in attempts)  # a re-run batch holds the same rows
+            assert len(attempts[0]) == 8  # the same shape on every rank
+            rows += attempts[0]
+    assert len(rows) == len(set(rows))  # no row of the epoch repeated, before or after the restart
+    keys = np.array([f"train-{i // 30:06d}.tar/{i:06d}" for i in range(240)], dtype=object)
+    train_rows = int((~held_out(keys, 0, 0.2)).sum())
+    assert train_rows - 16 < len(rows) <= train_rows  # none skipped: short of the epoch by less than a global batch
+    assert any(len(logged[(0, b)][0]) > 1 for b in epoch0)  # some batches were trained twice: the resume
+
+
+def test_dataset_errors_exit_2_before_ray_starts(tmp_path):
+    write_jsonl(tmp_path / "pairs.jsonl", 40)
+    proc = subprocess.run(command(tmp_path, "bad", ["task=text", "dataset.format=jsonl",
+                                                    f"dataset.path={tmp_path}/pairs.jsonl", "dataset.columns.a=query",
+                                                    "dataset.columns.b=positive"]),
+                          cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: dataset.columns.a: column 'query' is not in" in proc.stderr
+    assert "anchor, positive, caption, label" in proc.stderr and "Started a local Ray" not in proc.stderr
+
+
+@pytest.mark.parametrize("example", ["custom_images", "custom_text_pairs", "custom_image_text"])
+def test_example_configs_point_at_the_documented_example_data(example):
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "experiments" / f"{example}.yaml").read_text())
+    assert raw["dataset"]["path"].startswith("data/examples/")
+    assert raw["dataset"]["format"] == {"custom_images": "imagefolder", "custom_text_pairs": "jsonl",
+                                        "custom_image_text": "webdataset"}[example]
