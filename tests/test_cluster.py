@@ -147,7 +147,7 @@ def test_ray_job_submit_trains_across_two_nodes_into_shared_storage(tmp_path, tw
     assert [w["rank"] for w in workers] == [0, 1]
     assert {w["node_id"] for w in workers} == cluster_node_ids(two_nodes)  # one worker on each node
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    assert state["step"] == yaml.safe_load(DIGITS.read_text())["train"]["max_steps"]
+    assert state["progress"]["step"] == yaml.safe_load(DIGITS.read_text())["train"]["max_steps"]
 
     encoder = load_encoder(result["encoder"])  # exported beside metrics.csv in the shared run dir
     assert Path(result["encoder"]).parent == shared / "two-nodes"

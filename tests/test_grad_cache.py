@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 from reference import rel_err
-from test_tasks import CONFIGS, tiny_bert  # noqa: F401 (a fixture)
+from test_tasks import CONFIGS
 from test_train_cli import DIGITS
 from torch import nn
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -30,10 +31,10 @@ def run_env():
     return env
 
 
-def start(cmd):
+def start(cmd, mark: str = ""):
     # own session: killing the group takes the driver's local Ray with it
-    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env={**run_env(), RUN_MARK: mark}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for_registered_checkpoint(proc, timeout=120):
@@ -48,17 +49,35 @@ def wait_for_registered_checkpoint(proc, timeout=120):
     raise AssertionError("training ended before a checkpoint:\n" + "".join(seen[-50:]))
 
 
-def train_worker_pids():
+RUN_MARK = "DISTRIBUTED_CL_TEST_RUN"  # in a test run's environment, so its Ray processes can be told apart
+
+
+def train_worker_pids(mark: str) -> list[int]:
+    """The Ray Train workers of the run started with RUN_MARK=`mark` (its local Ray inherits the
+    driver's environment), not those of other runs on this machine."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().decode(errors="ignore")
+                if "RayTrainWorker" in cmdline and f"{RUN_MARK}={mark}".encode() in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            if "RayTrainWorker" in cmdline:
-                pids.append(int(entry.name))
     return pids
+
+
+def run_killing_a_worker(cmd: list[str], output_json: Path) -> tuple[dict, str]:
+    """Run `cmd`, SIGKILL one of its Ray Train workers once a checkpoint is registered, let the run
+    recover and finish; its final metrics and console output."""
+    mark = secrets.token_hex(8)
+    proc = start(cmd, mark)
+    wait_for_registered_checkpoint(proc)
+    pids = train_worker_pids(mark)
+    assert pids, "no Ray Train worker process found"
+    os.kill(pids[-1], signal.SIGKILL)
+    out = finish(proc)
+    return json.loads(output_json.read_text())["metrics"], out
 
 
 def finish(proc, timeout=240):
@@ -92,13 +111,7 @@ def test_cli_trains_two_workers_and_exports_the_encoder(tmp_path):
 
 
 def test_killed_worker_resumes_from_the_checkpointed_step(tmp_path):
-    proc = start(train_cmd(tmp_path, "kill", "--max-steps", "200"))
-    wait_for_registered_checkpoint(proc)
-    pids = train_worker_pids()
-    assert pids, "no Ray Train worker process found"
-    os.kill(pids[-1], signal.SIGKILL)
-    out = finish(proc)
-    m = json.loads((tmp_path / "kill.json").read_text())["metrics"]
+    m, out = run_killing_a_worker(train_cmd(tmp_path, "kill", "--max-steps", "200"), tmp_path / "kill.json")
     assert m["step"] == 200, out
     assert 10 <= m["start_step"] < 200  # restarted from a checkpoint, not from zero
 

@@ -300,7 +300,7 @@ class DecodePlan:
     fraction: float
     root: str
     classes: tuple[str, ...]  # imagefolder
-    webdataset: bool
+    format: str
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -324,9 +324,9 @@ def _value(batch: dict, column: str, i: int):
 
 def _keys(batch: dict, plan: DecodePlan) -> list[str]:
     paths = batch["path"]
-    if "bytes" in batch and not plan.webdataset:  # imagefolder: the file
+    if plan.format == "imagefolder":  # the file, under the root
         return [p[len(plan.root) + 1:] if p.startswith(plan.root) else p for p in paths]
-    if plan.webdataset:
+    if plan.format == "webdataset":
         return [f"{os.path.basename(u)}/{k}" for u, k in zip(batch["__url__"], batch["__key__"])]
     return [json.dumps([_jsonable(_value(batch, c, i)) for c in plan.columns.values()]) for i in range(len(paths))]
 
@@ -370,8 +370,7 @@ def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np
         for i in range(n):
             if errors[i]:
                 continue
-            value = batch["bytes"][i] if column == "image" and "bytes" in batch and not plan.webdataset \
-                else _value(batch, column, i)
+            value = batch["bytes"][i] if plan.format == "imagefolder" else _value(batch, column, i)
             try:
                 if value is None:
                     raise ValueError(f"no {column}")
@@ -436,7 +435,7 @@ def decoded_dataset(config: Config, sides: tuple[str, str | None], split: str):
         classes = _classes(fs, root) if x.format == "imagefolder" else ()
     plan = DecodePlan(sides, side_columns(x, sides), x.image_size,
                       None if x.eval_path is not None else split, config.train.seed, x.eval_fraction,
-                      root, classes, x.format == "webdataset")
+                      root, classes, x.format)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = x.deterministic
     if not config.train.verbose:  # Ray Data's progress lines would bury the trainer's
