@@ -1,7 +1,7 @@
 """The suite runs in an empty home directory, so that it cannot lean on anything an earlier run,
 benchmark or manual step left under ~ (rendered-emoji caches in ~/.cache, a Ray token in ~/.ray,
 Hugging Face caches): whatever a test needs, the test command installs or the test makes.
-Set DCL_TEST_KEEP_HOME=1 to run in the real home instead."""
+Set DCL_TEST_KEEP_HOME=1 to run in the real home instead. Also the fixtures several modules share."""
 
 import atexit
 import os
