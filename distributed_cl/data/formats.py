@@ -467,13 +467,10 @@ def materialize(dataset, labelled: bool, limit: int | None = None) -> tuple[Tabl
     return (table.head(limit) if limit is not None else table), skipped, examples
 
 
-def should_cache(config: Config, sides: tuple[str, str | None]) -> bool:
-    x = config.dataset
+def should_cache(x: DatasetConfig, sides: tuple[str, str | None], rows: int | None) -> bool:
+    """`dataset.cache`, or where it is null whether `rows` (None: unknown) fit the cache limit decoded."""
     if x.cache is not None:
         return x.cache
-    fmt = FORMATS[x.format]
-    fs, files, _ = resolve(x.path, fmt.extensions)
-    rows = fmt.count(fs, files)
     if rows is None:
         return False
     row_bytes = sum(3 * x.image_size**2 if kind == "image" else TEXT_BYTES for kind in sides if kind)
@@ -489,29 +486,23 @@ def load_dataset_splits(config: Config, sides: tuple[str, str | None]) -> Splits
     test, skipped, examples = materialize(decoded_dataset(config, sides, "eval"), labelled, x.eval_max_rows)
     if len(test) < 2:
         raise ConfigError(f"dataset: the held-out split has {len(test)} rows; raise dataset.eval_fraction or give eval_path")
-    train_rows = None
-    if should_cache(config, sides):
+    fmt = FORMATS[x.format]
+    rows = fmt.count(*resolve(x.path, fmt.extensions)[:2])  # read once: the cache decision and the epoch length
+    if should_cache(x, sides, rows):
         train, train_skipped, train_examples = materialize(decoded_dataset(config, sides, "train"), labelled)
         skipped, examples, train_rows = skipped + train_skipped, examples + train_examples, len(train)
         order = np.random.default_rng(config.train.seed).permutation(len(train))[: x.eval_bank_size]
         bank = train.take(order.tolist())
-        _check_skipped(x, skipped, skipped + len(train) + len(test), examples)
+        check_skipped(skipped, skipped + len(train) + len(test), x.max_skipped_fraction, examples)
     else:
         train = None
         bank = materialize(decoded_dataset(config, sides, "train"), labelled, x.eval_bank_size)[0] if labelled else None
-        fmt = FORMATS[x.format]
-        fs, files, _ = resolve(x.path, fmt.extensions)
-        rows = fmt.count(fs, files)
         train_rows = None if rows is None else rows if x.eval_path else int(rows * (1 - x.eval_fraction))
     return Splits(train, test, bank=bank, skipped_rows=skipped, skipped_examples=examples[:5], train_rows=train_rows)
 
 
 class TooManySkippedRows(ValueError):
     """More rows failed to decode than dataset.max_skipped_fraction allows."""
-
-
-def _check_skipped(x: DatasetConfig, skipped: int, total: int, examples: list[str]) -> None:
-    check_skipped(skipped, total, x.max_skipped_fraction, examples)
 
 
 def check_skipped(skipped: int, total: int, limit: float, examples: list[str]) -> None:
