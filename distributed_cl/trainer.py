@@ -85,19 +85,13 @@ JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH
 
 
 def connect_ray(log_to_driver: bool = True) -> None:
-    """Join the cluster this runs on (RAY_ADDRESS, or a running head under `ray submit`),
-    else start a local Ray. `log_to_driver=False` keeps the actors' own log lines (Ray Train's
-    controllers and workers) out of this console."""
-    if ray.is_initialized():
-        return
-    options = {"runtime_env": {"env_vars": JOB_ENV}, "log_to_driver": log_to_driver}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(**options)
-        return
-    try:
-        ray.init(address="auto", **options)
-    except ConnectionError:
-        ray.init(**options)
+    """Join the cluster this runs on (RAY_ADDRESS, or the head that `ray start` recorded on this
+    node, as under `ray submit`), else start a local Ray of its own. Not `address="auto"`: that
+    also joins any Ray process it finds on the machine, such as another user's notebook.
+    `log_to_driver=False` keeps the actors' own log lines (Ray Train's controllers and workers)
+    out of this console."""
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": JOB_ENV}, log_to_driver=log_to_driver)
 
 
 # Filesystems that every node of a cluster can mount at the same path (fuse covers gcsfuse,

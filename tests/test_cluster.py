@@ -113,6 +113,18 @@ def cluster_node_ids(env) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def test_train_py_on_the_head_without_ray_address_joins_the_cluster(two_nodes):
+    """`ray submit` runs train.py on the head over ssh, where no RAY_ADDRESS is set: the driver
+    must join the head that `ray start` recorded, not start a Ray of its own."""
+    env = {k: v for k, v in two_nodes.items() if k != "RAY_ADDRESS"}
+    code = ("import json, ray; from distributed_cl.trainer import connect_ray; connect_ray(log_to_driver=False); "
+            "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])) == cluster_node_ids(two_nodes)
+    assert len(cluster_node_ids(two_nodes)) == 2
+
+
 def test_the_cluster_refuses_clients_without_its_token(two_nodes):
     request = urllib.request.Request(f"{two_nodes['DASHBOARD_URL']}/api/jobs/")
     with pytest.raises(urllib.error.HTTPError) as refused:

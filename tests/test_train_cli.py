@@ -6,6 +6,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,13 @@ def train_cmd(tmp_path, name, *extra):
 
 
 def run_env():
+    """The environment of a train.py run: a Ray of its own. train.py joins any running local Ray
+    it finds (as it should under `ray submit`), and Ray finds them through the files in its temp
+    directory, so a fresh temp directory keeps the run off a Ray another test has up. The
+    directory is short: Ray's socket paths must fit in 107 bytes."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="dcl-", dir="/tmp")
     return env
 
 
