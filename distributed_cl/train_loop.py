@@ -37,7 +37,7 @@ from torch import nn
 
 from distributed_cl import distributed as dist_utils
 from distributed_cl.config import Config
-from distributed_cl.data.formats import check_skipped
+from distributed_cl.data.formats import skipped_rows_error
 from distributed_cl.data.sources import load_splits
 from distributed_cl.data.stream import StreamBatches
 from distributed_cl.grad_cache import grad_cache_backward
@@ -50,6 +50,7 @@ from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 STATE_FILE = "state.pt"
 EXPORT_DIR = "export"
 WORKERS_FILE = "workers.json"  # in every checkpoint: where each rank ran
+DATA_ERROR = "data_error"  # in the last report of a run stopped for its undecodable rows
 TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(datasets=...)
 
 
@@ -344,15 +345,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "dropped_rows": max(progress.stream_dropped_rows, dropped),
                 "anchors_without_positive_total": progress.anchors_without_positive_total}
 
-    def check_stream() -> None:
-        """Stop a run whose stream has more undecodable rows than dataset.max_skipped_fraction
-        (judged once a thousand rows of the epoch are in)."""
+    def stream_error(whole_epoch: bool) -> str | None:
+        """Why the stream has more undecodable rows than dataset.max_skipped_fraction allows, or
+        None; judged once the epoch is whole or a thousand of its rows are in. The same answer on
+        every rank: the counts are summed over all of them."""
         if batches.stream is None:
-            return
+            return None
         rows, skipped, _ = stream_counts()
-        if rows >= 1000:
-            examples = [e for ex in _all_ranks(batches.stream.skipped_examples, world) for e in ex]
-            check_skipped(skipped, rows, config.dataset.max_skipped_fraction, examples)
+        if not whole_epoch and rows < 1000:
+            return None
+        examples = [e for ex in _all_ranks(batches.stream.skipped_examples, world) for e in ex]
+        return skipped_rows_error(skipped, rows, config.dataset.max_skipped_fraction, examples)
 
     def report(metrics: dict, save: bool = False, final: bool = False) -> None:
         """Every rank reports; with `save`, rank 0 attaches a checkpoint (every rank's RNG inside)."""
@@ -374,6 +377,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 task.export(net.towers, os.path.join(d, EXPORT_DIR))
             send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    def stop_on_data_error(error: str) -> None:
+        """End the run with the reason in its last report (trainer.StopOnDataError raises it in
+        the controller). Raised here, Ray Train would restart the workers on the same rows."""
+        send({"step": progress.step, "epoch": progress.epoch, DATA_ERROR: error, **data_counts()})
+        send.flush()
+
     autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     window = MetricsWindow(device)
     while progress.step < total_steps:
@@ -386,7 +395,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window.add(loss, len(batch["labels"]))
             save = progress.step % t.checkpoint_every == 0 and progress.step < total_steps
             if save or progress.step % t.log_every == 0 or progress.step == total_steps:
-                check_stream()
+                if error := stream_error(whole_epoch=False):
+                    return stop_on_data_error(error)
                 report(window.read(net, scheduler, world), save=save)
             if progress.step >= total_steps:
                 ran_out = progress.batch_in_epoch == batches.batches_per_epoch and batches.stream is None
@@ -397,9 +407,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"epoch {progress.epoch} had no full batch of train.global_batch_size="
                                f"{t.global_batch_size}: {data_counts()}")
         if batches.stream:  # the epoch's counts are whole now: kept in the checkpoint
+            if error := stream_error(whole_epoch=True):
+                return stop_on_data_error(error)
             rows, skipped, dropped = stream_counts()
-            check_skipped(skipped, rows, config.dataset.max_skipped_fraction,
-                          [e for ex in _all_ranks(batches.stream.skipped_examples, world) for e in ex])
             progress.stream_rows = max(progress.stream_rows, rows)
             progress.stream_skipped_rows = max(progress.stream_skipped_rows, skipped)
             progress.stream_dropped_rows = max(progress.stream_dropped_rows, dropped)

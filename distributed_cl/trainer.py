@@ -21,11 +21,12 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from distributed_cl.config import Config, ConfigError
+from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
 from distributed_cl.data.sources import load_splits
 from distributed_cl.data.table import Splits
 from distributed_cl.tasks import TASKS, Task
 from distributed_cl.tasks.image import ENCODER_FILE
-from distributed_cl.train_loop import EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
+from distributed_cl.train_loop import DATA_ERROR, EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
 
 CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "samples_per_s",
                "anchors_without_positive", "mean_positives", "empty_batches", "start_step", "skipped_rows")
@@ -70,10 +71,20 @@ class ProgressLogger(UserCallback):
                       f"{m['samples_per_s']:.0f} samples/s"]
             if m.get("anchors_without_positive"):
                 parts.append(f"{m['anchors_without_positive']} anchors without positive")
-        parts += [f"{name} {m[name]:.4f}" for name in self.eval_metrics if m.get(name) == m.get(name)]  # not NaN
+        parts += [f"{name} {m[name]:.4f}" for name in self.eval_metrics if name in m and m[name] == m[name]]  # not NaN
         if saved:
             parts.append("checkpoint saved")
         return "[distributed_cl] " + " | ".join(parts)
+
+
+class StopOnDataError(UserCallback):
+    """Ends the run when the workers report that their stream has too many undecodable rows. An
+    error raised in the controller is not retried, unlike a worker's, which Ray Train would meet
+    again on the same rows after every restart; `run` raises it as TooManySkippedRows."""
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if DATA_ERROR in metrics[0]:
+            raise TooManySkippedRows(metrics[0][DATA_ERROR])
 
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
@@ -155,8 +166,6 @@ def prepare_data(config: Config) -> tuple[Splits, dict]:
     splits = load_splits(config, task)
     datasets = {}
     if splits.streamed:
-        from distributed_cl.data.formats import decoded_dataset
-
         if config.train.epochs is not None and splits.train_rows is None:
             raise ConfigError("train.epochs needs the training split's size, which this stream does not tell "
                               "before reading it all: set train.max_steps")
@@ -204,10 +213,15 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[ProgressLogger(run_dir, t.max_steps, metric_names, console), *callbacks],
+            callbacks=[StopOnDataError(), ProgressLogger(run_dir, t.max_steps, metric_names, console), *callbacks],
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as e:  # StopOnDataError's, with the workers' reason
+        if isinstance(e.controller_failure, TooManySkippedRows):
+            raise e.controller_failure from None
+        raise
     metrics = dict(result.metrics or {})
     summary: dict[str, Any] = {"name": t.name, "task": config.task, "run_dir": run_dir, "metrics": metrics,
                                "checkpoint": result.checkpoint.path if result.checkpoint else None}

@@ -20,7 +20,7 @@ from test_train_cli import ROOT, run_env, run_killing_a_worker
 
 from distributed_cl import trainer
 from distributed_cl.config import Config
-from distributed_cl.data.formats import held_out
+from distributed_cl.data.formats import TooManySkippedRows, held_out
 
 SMALL_CNN = ["model.width=8", "model.pool=2", "model.projection_hidden=32", "model.projection_dim=16"]
 IMAGE_TEXT = ["task=image_text", "image_text.image_tower.width=8", "image_text.image_tower.pool=2",
@@ -81,6 +81,23 @@ def test_imagefolder_streamed_through_a_file_uri_with_supcon_and_a_corrupt_image
     assert m["skipped_rows"] == 1 and 0 < m["stream_rows"] <= 161  # the corrupt image, counted once per pass
     # SupCon's value moves with how many classes a batch holds, so learning shows in the held-out kNN
     assert m["knn_top1_trained"] >= m["knn_top1_untrained"] and m["knn_top1_trained"] > 0.5
+
+
+def test_a_stream_with_too_many_bad_rows_stops_with_the_reason(tmp_path, local_ray, capsys):
+    """The bad rows are met by the workers (the held-out split is clean): the run stops at the end
+    of its first epoch, and the driver raises the workers' reason, not a Ray Train failure."""
+    write_imagefolder(tmp_path / "train", 48)
+    write_imagefolder(tmp_path / "test", 16, start=48)
+    for i in range(3):
+        (tmp_path / "train" / "red" / f"corrupt{i}.png").write_bytes(b"\x89PNG broken")
+    # 50 of the 51 rows: Ray Data splits a stream into equal shards, 25 rows a rank
+    with pytest.raises(TooManySkippedRows, match=r"^3 of 50 rows \(6.0%\) .*max_skipped_fraction=0.01; e.g. "
+                                                 r"red/corrupt\d.png: ValueError: not an image Pillow can decode"):
+        train(tmp_path, "bad", ["dataset.format=imagefolder", *SMALL_CNN, *STREAM, f"dataset.path={tmp_path}/train",
+                                f"dataset.eval_path={tmp_path}/test", "train.log_every=1"], capsys, max_steps=1000)
+    with open(tmp_path / "runs" / "bad" / "metrics.csv") as f:
+        reported = list(csv.DictReader(f))
+    assert {r["epoch"] for r in reported} == {"0"} and reported[-1]["step"] == "2"  # 47 good rows: 2 batches of 16
 
 
 def test_jsonl_text_pairs(tmp_path, tiny_bert, local_ray, capsys):

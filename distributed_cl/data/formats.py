@@ -505,8 +505,14 @@ class TooManySkippedRows(ValueError):
     """More rows failed to decode than dataset.max_skipped_fraction allows."""
 
 
-def check_skipped(skipped: int, total: int, limit: float, examples: list[str]) -> None:
+def skipped_rows_error(skipped: int, total: int, limit: float, examples: list[str]) -> str | None:
+    """Why `skipped` of `total` rows are too many for dataset.max_skipped_fraction=`limit`, or None."""
     if total and skipped / total > limit:
-        raise TooManySkippedRows(
-            f"{skipped} of {total} rows ({skipped / total:.1%}) did not decode or had an empty text, more than "
-            f"dataset.max_skipped_fraction={limit}; e.g. {'; '.join(examples[:5])}")
+        return (f"{skipped} of {total} rows ({skipped / total:.1%}) did not decode or had an empty text, more than "
+                f"dataset.max_skipped_fraction={limit}; e.g. {'; '.join(examples[:5])}")
+    return None
+
+
+def check_skipped(skipped: int, total: int, limit: float, examples: list[str]) -> None:
+    if error := skipped_rows_error(skipped, total, limit, examples):
+        raise TooManySkippedRows(error)
