@@ -14,6 +14,12 @@ if not os.environ.get("DCL_TEST_KEEP_HOME"):
     os.environ["HOME"] = _home
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
+# A Ray of the suite's own: Ray finds running instances through the files in its temp directory,
+# so this keeps the suite (and each pytest-xdist worker) off any other Ray on the machine. Short,
+# because Ray's socket paths must fit in 107 bytes.
+_ray_tmp = tempfile.mkdtemp(prefix="dcl-ray-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = _ray_tmp
+atexit.register(shutil.rmtree, _ray_tmp, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,4 +46,36 @@ def token_auth_cluster(tmp_dir: Path, node_cpus: tuple[float, ...] = (2,)):
                     f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}", *small)
         yield env | {"RAY_ADDRESS": f"127.0.0.1:{port}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard_port}"}
     finally:
-        ray_cli(env, "stop", "--force", check=False)
+        stop_cluster(env)
+
+
+def stop_cluster(env: dict, timeout: float = 30) -> None:
+    """What `ray stop --force` does, for this cluster only (its processes carry its token path in
+    their environment): `ray stop` would also kill every other Ray on the machine, such as a
+    parallel test's."""
+    mark = f"RAY_AUTH_TOKEN_PATH={env['RAY_AUTH_TOKEN_PATH']}".encode()
+    pids = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if pid != os.getpid() and mark in environ(pid)]
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while (pids := [pid for pid in pids if os.path.exists(f"/proc/{pid}") and not zombie(pid)]) and time.time() < deadline:
+            time.sleep(0.2)
+    from ray._common.utils import reset_ray_address  # the head `ray start` recorded: gone now
+
+    reset_ray_address()
+
+
+def environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
