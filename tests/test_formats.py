@@ -3,6 +3,7 @@ and the worker-side stream (real Ray Data splits, consumed by threads as the wor
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -10,9 +11,12 @@ import pytest
 import ray
 import torch
 from own_data import CLASSES, write_imagefolder, write_jsonl, write_parquet, write_shards
+from own_data import rows as own_rows
 
 from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import (
+    DecodePlan,
+    decode_batch,
     decoded_dataset,
     expand_braces,
     held_out,
@@ -205,3 +209,22 @@ def test_unlabelled_images_are_scored_by_finding_their_second_view(tmp_path):
             self.encoder = lambda x: torch.ones(len(x), 4)
 
     assert task.evaluate(Blind())["view_recall@1"] <= 1 / len(task.data.test)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.0])  # every row held out / none
+def test_a_batch_the_split_empties_keeps_its_column_types(fraction):
+    """Ray Data would store an empty batch's image column as pickled objects (with a warning on the
+    user's console) beside the tensor column of every other block."""
+    from ray.data.block import BlockAccessor
+
+    rows = own_rows(4)
+    batch = {"path": np.array(["/d/x.tar"] * 4), "__url__": np.array(["/d/x.tar"] * 4),
+             "__key__": np.array([r["key"] for r in rows]), "png": np.array([r["png"] for r in rows], dtype=object),
+             "txt": np.array([r["caption"].encode() for r in rows], dtype=object)}
+    plan = DecodePlan(sides=("image", "text"), columns={"a": "png", "b": "txt"}, image_size=8, split="eval",
+                      seed=0, fraction=fraction, root="/d", classes=(), format="webdataset")
+    block = BlockAccessor.batch_to_block(decode_batch(batch, plan))
+    full = BlockAccessor.batch_to_block(decode_batch(batch, dataclasses.replace(plan, split=None)))
+    assert block.num_rows == (4 if fraction == 1.0 else 0)
+    assert block.schema == full.schema and full.num_rows == 4
+    assert str(full.schema.field("a").type) == "ArrowTensorTypeV2(shape=(3, 8, 8), dtype=uint8)"

@@ -43,6 +43,8 @@ import numpy as np
 from distributed_cl.config import Config, ConfigError, DatasetConfig
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from distributed_cl.data.table import Splits, Table
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -386,7 +388,17 @@ def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np
         out[side] = values
     out["label"] = _labels(batch, plan, n, keys, errors)
     out["error"] = errors
-    return out
+    return out if n else _typed(out)
+
+
+def _typed(columns: dict[str, np.ndarray]) -> pa.Table:
+    """An empty batch (the held-out filter kept none of its rows) as a table with the column types
+    of a full one: from empty arrays alone Ray Data cannot tell an image tensor or a string."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v, type=pa.string() if v.dtype == object else None)
+                     for k, v in columns.items()})
 
 
 def _labels(batch, plan: DecodePlan, n: int, keys, errors) -> np.ndarray:
