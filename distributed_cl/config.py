@@ -42,7 +42,12 @@ class DataConfig:
 class ModelConfig:
     """An image encoder and its projection head (the image task's model; image_text's image tower)."""
 
-    encoder: str = "small_cnn"  # an encoder of distributed_cl.models.ENCODERS: small_cnn | resnet18
+    # small_cnn | resnet18_small (28x28 stems, for the built-in data: distributed_cl.models.ENCODERS),
+    # or any torchvision classification model (resnet50, convnext_tiny, vit_b_16, ...) without its classifier
+    encoder: str = "small_cnn"
+    weights: str | None = None  # torchvision only: a weights enum member (IMAGENET1K_V2, DEFAULT); null: random
+    download: bool = False  # fetch `weights` from download.pytorch.org when the torch hub cache lacks them
+    lr_mult: float = 1.0  # the encoder's learning rate relative to optim.lr (the head's stays 1)
     width: int = 32  # small_cnn channels of the first block
     pool: int = 3  # small_cnn: its feature map is pooled to pool x pool for the projection head
     projection_hidden: int = 256
@@ -57,6 +62,7 @@ class TextTowerConfig:
     download: bool = False  # allow fetching `model` from the Hugging Face Hub
     max_length: int = 64  # tokens per text (longer texts are truncated)
     freeze: bool = False  # keep the pretrained weights fixed
+    lr_mult: float = 1.0  # the tower's learning rate relative to optim.lr
 
 
 @dataclass
@@ -72,7 +78,20 @@ class TextConfig:
 
 @dataclass
 class ImageTextConfig:
-    """task: image_text. Emoji rendered from Noto Color Emoji, captioned by their CLDR names."""
+    """task: image_text. Emoji rendered from Noto Color Emoji, captioned by their CLDR names; the
+    towers trained from scratch or fine-tuned from a pretrained CLIP."""
+
+    # scratch: image_tower + text_tower below | hf_clip: a transformers CLIPModel | open_clip: an
+    # open_clip model (distributed_cl.tasks.image_text.TOWERS)
+    towers: str = "scratch"
+    # hf_clip: a directory saved by CLIPModel.save_pretrained, or a Hub name (openai/clip-vit-base-patch32);
+    # open_clip: NAME:TAG or NAME:/path/to/checkpoint.pt (ViT-B-32:laion2b_s34b_b79k), or hf-hub:org/repo
+    pretrained: str | None = None
+    download: bool = False  # allow fetching `pretrained` from the Hugging Face Hub
+    open_clip_config: str | None = None  # open_clip: a model config JSON of your own, known by its file's stem
+    lock_image: bool = False  # freeze the image tower (with a trained text tower: LiT)
+    lock_text: bool = False  # freeze the text tower
+    zeroshot_template: str = "a photo of a {}."  # labelled rows: the class prompts of zeroshot_top1
 
     font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian fonts-noto-color-emoji
     image_size: int = 32
@@ -279,11 +298,37 @@ class Config:
         # the towers: image and image_text read their image tower from `model` / `image_text`
         if self.task == "image":
             _validate_image_model("model", self.model)
-        if self.task in ("text", "image_text"):
-            tower = self.text.tower if self.task == "text" else self.image_text.text_tower
-            _validate_text_tower(f"{self.task}.{'tower' if self.task == 'text' else 'text_tower'}", tower)
+        if self.task == "text":
+            _validate_text_tower("text.tower", self.text.tower)
         if self.task == "image_text":
-            _validate_image_model("image_text.image_tower", self.image_text.image_tower)
+            self._validate_image_text_towers()
+
+    def _validate_image_text_towers(self) -> None:
+        from distributed_cl.tasks.image_text import TOWERS
+
+        x = self.image_text
+        _choice("image_text.towers", x.towers, TOWERS)
+        if "{}" not in x.zeroshot_template:
+            raise ConfigError(f"image_text.zeroshot_template must hold {{}} for the class name, got {x.zeroshot_template!r}")
+        if x.lock_image and x.lock_text:
+            raise ConfigError("image_text.lock_image and image_text.lock_text are both true: nothing would train")
+        for where, mult in (("image_tower", x.image_tower.lr_mult), ("text_tower", x.text_tower.lr_mult)):
+            if not mult > 0:
+                raise ConfigError(f"image_text.{where}.lr_mult must be > 0, got {mult}")
+        if x.towers == "scratch":
+            if x.pretrained is not None:
+                raise ConfigError("image_text.pretrained needs image_text.towers: hf_clip or open_clip (scratch "
+                                  "towers read image_text.image_tower and image_text.text_tower)")
+            _validate_image_model("image_text.image_tower", x.image_tower)
+            _validate_text_tower("image_text.text_tower", x.text_tower)
+            return
+        if not x.pretrained:
+            raise ConfigError(f"image_text.towers: {x.towers} needs image_text.pretrained (a model directory, a Hub "
+                              "name with image_text.download=true, or for open_clip NAME:TAG / NAME:/path/to/ckpt.pt)")
+        try:
+            TOWERS[x.towers].check(x)
+        except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+            raise ConfigError(str(e)) from None
 
     def _validate_image(self) -> None:
         d = self.data
@@ -327,20 +372,39 @@ class Config:
         if x.max_train is not None:
             _at_least("image_text.max_train", x.max_train, 1)
         _range("image_text.crop_scale_min", x.crop_scale_min, 0.0, 1.0, low_open=True)
-        _validate_image_model("image_text.image_tower", x.image_tower)
-        _validate_text_tower("image_text.text_tower", x.text_tower)
+        self._validate_image_text_towers()
 
 
 def _validate_image_model(where: str, m: ModelConfig) -> None:
     from distributed_cl.models import ENCODERS
+    from distributed_cl.models.image import cached_weights_file, torchvision_encoders, torchvision_weights
 
-    _choice(f"{where}.encoder", m.encoder, ENCODERS)
+    if m.encoder not in ENCODERS and m.encoder not in torchvision_encoders():
+        raise ConfigError(f"{where}.encoder must be one of {', '.join(ENCODERS)} or a torchvision classification "
+                          f"model (torchvision.models.list_models()); got {m.encoder!r}")
     for name in ("width", "pool", "projection_hidden", "projection_dim"):
         _at_least(f"{where}.{name}", getattr(m, name), 1)
+    if not m.lr_mult > 0:
+        raise ConfigError(f"{where}.lr_mult must be > 0, got {m.lr_mult}")
+    if m.weights is None:
+        return
+    if m.encoder in ENCODERS:
+        raise ConfigError(f"{where}.weights: {m.encoder} has no pretrained weights (torchvision models do)")
+    try:
+        weights = torchvision_weights(m.encoder, m.weights)
+    except ValueError as e:
+        raise ConfigError(f"{where}.weights: {e}") from None
+    if not m.download and not cached_weights_file(weights).is_file():
+        raise ConfigError(
+            f"{where}.weights: {m.encoder}'s {m.weights} weights are not in the torch hub cache "
+            f"({cached_weights_file(weights)}); set {where}.download=true to fetch them from {weights.url}, or put "
+            "the file there (TORCH_HOME moves the cache)")
 
 
 def _validate_text_tower(where: str, tower: TextTowerConfig) -> None:
     _at_least(f"{where}.max_length", tower.max_length, 2)
+    if not tower.lr_mult > 0:
+        raise ConfigError(f"{where}.lr_mult must be > 0, got {tower.lr_mult}")
     try:
         resolve_text_model(tower)
     except FileNotFoundError as e:

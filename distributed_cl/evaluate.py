@@ -79,6 +79,13 @@ def recall_at_k(queries: Tensor, keys: Tensor, ks: Sequence[int] = (1, 10), chun
 
 
 @torch.no_grad()
+def zero_shot_top1(images: Tensor, prompts: Tensor, classes: Tensor, labels: Tensor) -> float:
+    """CLIP's zero-shot classification: each image takes the class whose prompt embedding is the
+    most cosine-similar; the fraction whose class is its label. `prompts[j]` embeds `classes[j]`."""
+    nearest = (F.normalize(images.float(), dim=1) @ F.normalize(prompts.float(), dim=1).T).argmax(1)
+    return (classes.to(nearest.device)[nearest] == labels.to(nearest.device)).float().mean().item()
+
+
 def sharded_embed(embed_fn: Callable[[Sequence], Tensor], items: Sequence, rank: int, world: int,
                   device: torch.device, batch_size: int = 256) -> Tensor:
     """Every rank embeds a contiguous shard of `items` (a tensor or a list) with `embed_fn` in

@@ -1,4 +1,6 @@
-"""Optimizers a config can name (OPTIMIZERS, checked by `optim.name`) and the learning-rate schedule."""
+"""Optimizers a config can name (OPTIMIZERS, checked by `optim.name`), their parameter groups
+(no weight decay on biases, norms, embeddings and scales; per-tower learning-rate multipliers),
+and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 from distributed_cl.config import OptimConfig
 
@@ -16,7 +19,31 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, Iterable], torch.optim.Optimizer]] 
 
 
 def build_optimizer(config: OptimConfig, params: Iterable) -> torch.optim.Optimizer:
+    """`params`: tensors, or the groups of `param_groups` (each with its own lr and weight decay)."""
     return OPTIMIZERS[config.name](config, params)
+
+
+def no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    """Biases, norm weights, scalars (logit_scale), embeddings: decaying them toward zero only hurts
+    (the fine-tuning recipes of open_clip and timm exclude them the same way)."""
+    return param.ndim < 2 or isinstance(module, nn.Embedding) or "embedding" in name
+
+
+def param_groups(model: nn.Module, config: OptimConfig, lr_mults: list[tuple[list[nn.Parameter], float]] = ()) -> list[dict]:
+    """The trainable parameters in optimizer groups by (weight decay or none, learning-rate
+    multiplier): `lr_mults` gives towers' parameters their multiplier (1 for the rest)."""
+    mult = {id(p): m for params, m in lr_mults for p in params}
+    owner = {id(p): module for module in model.modules() for p in module.parameters(recurse=False)}
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not no_weight_decay(name, p, owner[id(p)])
+        m = mult.get(id(p), 1.0)
+        group = groups.setdefault((decay, m), {"params": [], "lr": config.lr * m, "lr_mult": m,
+                                               "weight_decay": config.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1] != 1.0, not k[0]))]  # a full-rate group first
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

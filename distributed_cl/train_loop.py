@@ -43,7 +43,7 @@ from distributed_cl.data.stream import StreamBatches
 from distributed_cl.grad_cache import grad_cache_backward
 from distributed_cl.losses import ClipLoss
 from distributed_cl.objectives import build_objective
-from distributed_cl.optim import build_optimizer, warmup_cosine
+from distributed_cl.optim import build_optimizer, param_groups, warmup_cosine
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 
@@ -103,7 +103,7 @@ class MetricsWindow:
         stats = net.loss_fn.last_stats
         metrics = {
             "loss": mean_loss / self.steps,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": scheduler.get_last_lr()[0] / scheduler.optimizer.param_groups[0].get("lr_mult", 1.0),  # optim.lr's
             "temperature": _temperature(net.loss_fn),
             "samples_per_s": self.samples * world / (time.perf_counter() - self.start),
             "anchors_without_positive": stats.anchors_without_positive,
@@ -320,7 +320,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loss_fn, objective = build_objective(config.loss)
     model = prepare_model(ContrastiveModel(task.build_towers(config), loss_fn, objective))
     net: ContrastiveModel = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad])
+    optimizer = build_optimizer(config.optim, param_groups(net, config.optim, net.towers.lr_mults()))
     total_steps = t.max_steps or t.epochs * batches.batches_per_epoch
     scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, total_steps)
     torch.manual_seed(t.seed * 10_000 + rank)  # augmentations differ per rank

@@ -49,13 +49,18 @@ def token_auth_cluster(tmp_dir: Path, node_cpus: tuple[float, ...] = (2,)):
         stop_cluster(env)
 
 
-def stop_cluster(env: dict, timeout: float = 30) -> None:
+def pids_with_env(mark: str) -> list[int]:
+    """The processes other than this one whose environment holds `mark` ("NAME=value")."""
+    entry = mark.encode()
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if pid != os.getpid() and entry in environ(pid)]
+
+
+def stop_cluster(env: dict, grace_s: float = 2) -> None:
     """What `ray stop --force` does, for this cluster only (its processes carry its token path in
     their environment): `ray stop` would also kill every other Ray on the machine, such as a
-    parallel test's."""
-    mark = f"RAY_AUTH_TOKEN_PATH={env['RAY_AUTH_TOKEN_PATH']}".encode()
-    pids = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if pid != os.getpid() and mark in environ(pid)]
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+    parallel test's. Some of them ignore SIGTERM for half a minute: SIGKILL after `grace_s`."""
+    pids = pids_with_env(f"RAY_AUTH_TOKEN_PATH={env['RAY_AUTH_TOKEN_PATH']}")
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

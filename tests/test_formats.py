@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from own_data import CLASSES, write_imagefolder, write_jsonl, write_parquet, write_shards
+from own_data import CLASSES, write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards
 from own_data import rows as own_rows
 
 from distributed_cl.config import Config, ConfigError
@@ -26,6 +26,7 @@ from distributed_cl.data.formats import (
     stable_id,
 )
 from distributed_cl.data.stream import StreamBatches
+from distributed_cl.data.table import Table
 from distributed_cl.tasks import TASKS
 
 TINY_MODEL = ["model.width=4", "model.pool=1", "model.projection_hidden=8", "model.projection_dim=8"]
@@ -126,15 +127,32 @@ def test_held_out_rows_are_a_seeded_fraction_kept_out_of_training(tmp_path):
     assert abs(held_out(keys, 0, 0.1).mean() - 0.1) < 0.01 and (held_out(keys, 0, 0.1) != held_out(keys, 1, 0.1)).any()
 
 
-def test_parquet_image_bytes_and_string_labels_decode(tmp_path):
-    write_parquet(tmp_path / "train.parquet", 24)
-    config = Config.load(overrides=["task=image_text", "dataset.format=parquet", f"dataset.path={tmp_path}/train.parquet",
-                                    "dataset.columns.a=image", "dataset.columns.b=caption", "dataset.columns.label=label",
-                                    "dataset.image_size=8", "train.global_batch_size=8", "dataset.eval_fraction=0.25"])
-    table, skipped, _ = materialize(decoded_dataset(config, TASKS["image_text"].sides, "train"), labelled=True)
-    assert skipped == 0 and table.a.shape[1:] == (3, 8, 8) and table.a.dtype.is_floating_point is False
-    assert all(caption.startswith("a ") for caption in table.b)
-    assert set(table.labels.tolist()) <= {stable_id(c) for c in CLASSES}
+def test_parquet_image_bytes_decode_like_the_csv_image_files_with_string_labels(tmp_path):
+    """The same rows as parquet (encoded bytes) and as csv (relative file paths): the same decoded
+    images, captions and labels. (The csv rows train end to end in test_own_data.py.)"""
+    write_parquet(tmp_path / "pq" / "train.parquet", 24)
+    write_csv(tmp_path / "csv" / "train.csv", 24)
+
+    def decoded(fmt, path, image, caption):
+        config = Config.load(overrides=["task=image_text", f"dataset.format={fmt}", f"dataset.path={path}",
+                                        f"dataset.columns.a={image}", f"dataset.columns.b={caption}",
+                                        "dataset.columns.label=label", "dataset.image_size=8",
+                                        "train.global_batch_size=8", "dataset.eval_fraction=0.25"])
+        parts = [materialize(decoded_dataset(config, TASKS["image_text"].sides, split), labelled=True)
+                 for split in ("train", "eval")]
+        assert all(skipped == 0 for _, skipped, _ in parts)
+        table = Table.concat([t for t, _, _ in parts])
+        order = sorted(range(len(table)), key=lambda i: table.b[i])  # the held-out rows differ by key
+        return table.take(order)
+
+    pq = decoded("parquet", tmp_path / "pq" / "train.parquet", "image", "caption")
+    csv = decoded("csv", tmp_path / "csv" / "train.csv", "filepath", "title")
+    assert len(pq) == 24 and pq.a.shape[1:] == (3, 8, 8) and pq.a.dtype == torch.uint8
+    assert pq.b == csv.b and all(caption.startswith("a ") for caption in pq.b)
+    torch.testing.assert_close(pq.a, csv.a, rtol=0, atol=0)
+    assert pq.labels.tolist() == csv.labels.tolist()
+    assert set(pq.labels.tolist()) == {stable_id(c) for c in CLASSES}
+    assert pq.label_names == csv.label_names == {stable_id(c): c for c in CLASSES}  # zero-shot's class prompts
 
 
 def shard_batches(config: Config, epoch: int = 0, start_batch: int = 0, world: int = 2, m: int | None = None):

@@ -149,14 +149,20 @@ def test_batch_norm_uses_each_chunks_statistics_and_updates_its_running_ones_onc
     torch.testing.assert_close(bn.running_var, ref_bn.running_var)
 
 
-@pytest.mark.parametrize("task_name", ["image", "text", "image_text"])
-def test_every_tasks_towers_take_the_whole_batch_step(task_name, tiny_bert):  # noqa: F811
+@pytest.mark.parametrize("towers", ["image", "text", "image_text", "hf_clip", "open_clip", "hf_clip tiled"])
+def test_every_tasks_towers_take_the_whole_batch_step(towers, tiny_bert, tiny_clip, tiny_open_clip):  # noqa: F811
     """The real towers: a CNN with BatchNorm (image, and image_text's image side), a transformer
-    with dropout in every layer (text, image_text's text side), CLIP's learnable temperature."""
+    with dropout in every layer (text, image_text's text side), CLIP's learnable temperature, and
+    the pretrained CLIPs, their own logit scale in the loss (one of them with the tiled loss)."""
+    image_text = CONFIGS / "image_text_tiny.yaml"
+    hf_clip = ["image_text.towers=hf_clip", f"image_text.pretrained={tiny_clip}"]
     config_file, overrides = {"image": (DIGITS, []),
                               "text": (CONFIGS / "text_tiny.yaml", [f"text.tower.model={tiny_bert}"]),
-                              "image_text": (CONFIGS / "image_text_tiny.yaml",
-                                             [f"image_text.text_tower.model={tiny_bert}"])}[task_name]
+                              "image_text": (image_text, [f"image_text.text_tower.model={tiny_bert}"]),
+                              "hf_clip": (image_text, hf_clip),
+                              "open_clip": (image_text, tiny_open_clip["overrides"]),
+                              "hf_clip tiled": (image_text, [*hf_clip, "loss.chunk_size=5"])}[towers]
+    task_name = Config.load(config_file, overrides).task
     config = Config.load(config_file, overrides)
     task = TASKS[task_name](config)
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import ray
-from own_data import write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards
+from own_data import write_csv, write_imagefolder, write_jsonl, write_shards
 from test_tasks import logged_losses
 from test_train_cli import ROOT, run_env, run_killing_a_worker
 
@@ -37,14 +37,6 @@ def command(tmp_path, name, overrides, max_steps=16):
     for item in [*RUN, *overrides]:
         cmd += ["--set", item]
     return cmd
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for this module's in-process runs (train.py's own path is the kill test's)."""
-    trainer.connect_ray(log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def train(tmp_path, name, overrides, capsys, max_steps=16):
@@ -111,16 +103,27 @@ def test_jsonl_text_pairs(tmp_path, tiny_bert, local_ray, capsys):
     assert "knn_top1_trained" in summary["metrics"] and "knn_top1_baseline" in summary["metrics"]
 
 
-def test_csv_and_parquet_image_text_cached(tmp_path, tiny_bert, local_ray, capsys):
+def test_hf_clip_fine_tunes_on_labelled_csv_rows_with_zero_shot_and_exports(tmp_path, tiny_clip, local_ray, capsys):
+    """A pretrained CLIP (transformers) on csv rows held in memory, with gradient caching; labelled,
+    so zero-shot classification is scored. (Parquet rows decode to the same table: test_formats.py.)"""
+    from transformers import CLIPModel
+
     write_csv(tmp_path / "csv" / "train.csv", 160)
-    write_parquet(tmp_path / "pq" / "train.parquet", 160)
-    common = [*IMAGE_TEXT, f"image_text.text_tower.model={tiny_bert}", "loss.name=clip", "loss.temperature=0.1"]
-    summary, _ = train(tmp_path, "csv", [*common, "dataset.format=csv", f"dataset.path={tmp_path}/csv/train.csv",
-                                         "dataset.columns.a=filepath", "dataset.columns.b=title"], capsys)
+    summary, _ = train(tmp_path, "csv", ["task=image_text", "image_text.towers=hf_clip", f"image_text.pretrained={tiny_clip}",
+                                         "loss.name=clip", "dataset.format=csv", f"dataset.path={tmp_path}/csv/train.csv",
+                                         "dataset.columns.a=filepath", "dataset.columns.b=title",
+                                         "dataset.columns.label=label", "dataset.image_size=32", "optim.lr=0.001",
+                                         "train.grad_cache_chunk=4"], capsys)
     assert_learned(summary, "i2t_recall@5")
-    summary, _ = train(tmp_path, "parquet", [*common, "dataset.format=parquet", f"dataset.path=file://{tmp_path}/pq",
-                                             "dataset.columns.a=image", "dataset.columns.b=caption"], capsys)
-    assert_learned(summary, "t2i_recall@5")
+    m = summary["metrics"]
+    with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
+        temperatures = [float(row["temperature"]) for row in csv.DictReader(f) if row["temperature"]]
+    assert temperatures[0] == pytest.approx(0.07, rel=0.05) and temperatures[-1] != temperatures[0]  # CLIP's own scale, trained
+    assert m["zeroshot_top1_baseline"] == pytest.approx(0.25, abs=0.15)  # 4 classes
+    assert 0 <= m["zeroshot_top1_untrained"] <= 1 and m["zeroshot_top1_trained"] > m["zeroshot_top1_untrained"]
+    assert {os.path.basename(p) for p in summary["exported"]} >= {"hf_clip", "towers.pt"}
+    exported = CLIPModel.from_pretrained(os.path.join(summary["run_dir"], "hf_clip"))
+    assert exported.logit_scale.item() == pytest.approx(-math.log(temperatures[-1]), rel=0.05)
 
 
 def batch_log(directory) -> dict:
@@ -140,8 +143,9 @@ def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert
     overrides = [*IMAGE_TEXT, *STREAM, f"image_text.text_tower.model={tiny_bert}", "loss.name=clip",
                  "dataset.format=webdataset", f"dataset.path={tmp_path}/wds/train-{{000000..000007}}.tar",
                  "dataset.columns.a=jpg;png", f"train.batch_log={log}", "dataset.shuffle_buffer=32"]
-    m, out = run_killing_a_worker(command(tmp_path, "kill", overrides, max_steps=40), tmp_path / "kill.json")
-    assert m["step"] == 40 and 8 <= m["start_step"] < 40, out
+    # 16 steps: the first epoch (12 batches), killed after its 8th, and 4 batches of the next
+    m, out = run_killing_a_worker(command(tmp_path, "kill", overrides, max_steps=16), tmp_path / "kill.json")
+    assert m["step"] == 16 and 8 <= m["start_step"] < 16, out
     logged = batch_log(log)
     epoch0 = sorted(b for (e, b) in logged if e == 0)
     assert epoch0 == list(range(len(epoch0))) and len(epoch0) >= 8

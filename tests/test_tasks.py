@@ -4,15 +4,15 @@
 import csv
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_train_cli import ROOT, run_env
+from test_train_cli import ROOT
 
+import train
 from distributed_cl.config import Config, ConfigError, TextTowerConfig
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed, sharded_knn_top1
@@ -196,16 +196,17 @@ def test_loader_workers_give_the_same_batches_and_leave_the_global_rng_alone(tin
 # ----------------------------------------------------------------------------- train.py, 2 workers
 
 
-def run_train(tmp_path, name, config, *overrides, max_steps=None):
+def run_train(capsys, tmp_path, name, config, *overrides, max_steps=None):
+    """train.py's main in this process, on the module's local Ray; the summary and the console."""
     out = tmp_path / f"{name}.json"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--storage-path", str(tmp_path / "runs"),
-           "--name", name, "--output-json", str(out)]
-    cmd += ["--max-steps", str(max_steps)] if max_steps else []
+    argv = ["--config", str(config), "--storage-path", str(tmp_path / "runs"), "--name", name, "--output-json", str(out)]
+    argv += ["--max-steps", str(max_steps)] if max_steps else []
     for item in overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text()), proc.stdout
+        argv += ["--set", item]
+    code = train.main(argv)
+    console = capsys.readouterr()
+    assert code == 0, console.out[-5000:] + console.err[-5000:]
+    return json.loads(out.read_text()), console.out
 
 
 def logged_losses(summary) -> list[float]:
@@ -220,53 +221,63 @@ def assert_final_metrics(metrics, task, config):
     assert math.isfinite(metrics["step"])
 
 
-def test_text_task_trains_reports_and_resumes(tiny_bert, tmp_path):
-    summary, out = run_train(tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}")
+def test_text_supcon_trains_with_the_m_per_class_sampler_exports_a_sentence_transformer_and_resumes(
+        tiny_bert, tmp_path, local_ray, capsys):
+    summary, out = run_train(capsys, tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
+                             "loss.name=supcon")
     m = summary["metrics"]
     assert m["step"] == 24 and m["start_step"] == 0
-    assert_final_metrics(m, TASKS["text"], Config.load(CONFIGS / "text_tiny.yaml"))
+    config = Config.load(CONFIGS / "text_tiny.yaml", [f"text.tower.model={tiny_bert}"])
+    assert_final_metrics(m, TASKS["text"], config)
     assert m["recall@1_baseline"] == pytest.approx(1 / 64) and m["recall@10_baseline"] == pytest.approx(10 / 64)
-    losses = logged_losses(summary)
-    assert losses[-1] < 0.9 * losses[0], losses
+    with open(Path(summary["run_dir"], "metrics.csv")) as f:
+        rows = [row for row in csv.DictReader(f) if row["loss"]]
+    assert all(row["anchors_without_positive"] == "0" for row in rows)  # every global batch: m of each class
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert "held-out text" in out and "recall@10" in out
 
-    # the exports load without Ray: the generic towers file and a plain transformers directory
-    towers = load_towers(Path(summary["run_dir"], "towers.pt"))
+    # the export loads in sentence-transformers and transformers as they are, and scores the same
+    from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    exported = AutoModel.from_pretrained(Path(summary["run_dir"], "text_encoder"))
-    tokens = TextTokenizer(TextTowerConfig(model=str(Path(summary["run_dir"], "text_encoder"))))(["a small dog"])
-    torch.testing.assert_close(exported(**tokens).last_hidden_state.mean(1), towers.tower(tokens))
+    path = Path(summary["run_dir"], "sentence_transformer")
+    assert str(path) in summary["exported"]
+    test = TASKS["text"](config).data.test
+    model = SentenceTransformer(str(path), device="cpu")
+    recall = recall_at_k(model.encode(test.a, convert_to_tensor=True), model.encode(test.b, convert_to_tensor=True), (1, 10))
+    assert (recall[1], recall[10]) == (pytest.approx(m["recall@1_trained"]), pytest.approx(m["recall@10_trained"]))
+    towers = load_towers(Path(summary["run_dir"], "towers.pt"))
+    tokens = towers.tokenize(["a small dog"])
+    torch.testing.assert_close(AutoModel.from_pretrained(path)(**tokens).last_hidden_state.mean(1), towers.tower(tokens))
 
     # the same name and storage path resume from the last checkpoint (step 24), here to step 32
-    resumed, _ = run_train(tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
-                           max_steps=32)
+    resumed, _ = run_train(capsys, tmp_path, "text", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
+                           "loss.name=supcon", max_steps=32)
     assert resumed["metrics"]["start_step"] == 24 and resumed["metrics"]["step"] == 32
 
 
-def test_text_supcon_with_the_m_per_class_sampler(tiny_bert, tmp_path):
-    summary, _ = run_train(tmp_path, "supcon", CONFIGS / "text_tiny.yaml", f"text.tower.model={tiny_bert}",
-                           "loss.name=supcon")
-    m = summary["metrics"]
-    assert_final_metrics(m, TASKS["text"], Config.load(CONFIGS / "text_tiny.yaml"))
-    with open(Path(summary["run_dir"], "metrics.csv")) as f:
-        rows = [row for row in csv.DictReader(f) if row["loss"]]
-    assert all(row["anchors_without_positive"] == "0" for row in rows)
-    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+def test_image_text_lit_fine_tunes_open_clip_on_the_emoji(tiny_open_clip, tmp_path, local_ray, capsys):
+    """open_clip's towers, the image tower locked (LiT), with gradient caching: CLIP's logit_scale
+    starts from the model's and takes its gradient from the cached loss (DDP averages it)."""
+    import open_clip
 
-
-def test_image_text_task_trains_with_a_learnable_temperature(tiny_bert, tmp_path):
-    # with gradient caching: CLIP's logit_scale takes its gradient from the cached loss, DDP averages it
-    summary, out = run_train(tmp_path, "image_text", CONFIGS / "image_text_tiny.yaml",
-                             f"image_text.text_tower.model={tiny_bert}", "train.grad_cache_chunk=4")
+    summary, out = run_train(capsys, tmp_path, "lit", CONFIGS / "image_text_tiny.yaml", *tiny_open_clip["overrides"],
+                             "image_text.lock_image=true", "optim.lr=0.001", "train.grad_cache_chunk=4")
     m = summary["metrics"]
-    assert_final_metrics(m, TASKS["image_text"], Config.load(CONFIGS / "image_text_tiny.yaml"))
+    assert_final_metrics(m, TASKS["image_text"], Config.load(CONFIGS / "image_text_tiny.yaml", tiny_open_clip["overrides"]))
     assert m["i2t_recall@5_baseline"] == pytest.approx(5 / 32)
     losses = logged_losses(summary)
     assert losses[-1] < 0.9 * losses[0], losses
     with open(Path(summary["run_dir"], "metrics.csv")) as f:
         temperatures = [float(row["temperature"]) for row in csv.DictReader(f) if row["temperature"]]
-    assert temperatures[-1] != pytest.approx(0.1)  # CLIP's logit_scale is trained (inside DDP)
+    assert temperatures[0] == pytest.approx(0.07, rel=0.05) and temperatures[-1] != temperatures[0]  # the model's scale, trained
     assert "held-out image_text" in out and "i2t_recall@5" in out
+    trained = torch.load(Path(summary["run_dir"], "open_clip.pt"), weights_only=True)
+    pretrained = torch.load(tiny_open_clip["checkpoint"], weights_only=True)
+    assert all(torch.equal(trained[k], pretrained[k]) for k in pretrained if k.startswith("visual."))  # locked
+    assert not torch.equal(trained["token_embedding.weight"], pretrained["token_embedding.weight"])  # trained
+    model, _, _ = open_clip.create_model_and_transforms(tiny_open_clip["name"],
+                                                        pretrained=str(Path(summary["run_dir"], "open_clip.pt")))
+    assert model.logit_scale.item() == pytest.approx(trained["logit_scale"].item())
     towers = load_towers(Path(summary["run_dir"], "towers.pt"))
     assert towers.embed_images(torch.rand(2, 3, 16, 16)).shape == (2, 16)

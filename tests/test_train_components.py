@@ -15,7 +15,7 @@ from distributed_cl.tasks.image import ImageTask
 
 
 @pytest.mark.parametrize("loss", ["ntxent", "infonce", "clip", "supcon"])
-@pytest.mark.parametrize("encoder", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("encoder", ["small_cnn", "resnet18_small"])
 def test_every_configured_loss_trains_through_the_model(loss, encoder):
     torch.manual_seed(0)
     config = Config(model=ModelConfig(encoder=encoder, width=8, pool=2, projection_hidden=16, projection_dim=8))

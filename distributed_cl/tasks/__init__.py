@@ -14,12 +14,24 @@ TASKS: dict[str, type[Task]] = {task.name: task for task in (ImageTask, TextTask
 
 
 def load_towers(path: str, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """The trained towers of any task from `<run_dir>/towers.pt` (no Ray needed), in eval mode."""
+    """The trained towers of any task from `<run_dir>/towers.pt`, in eval mode: no Ray, and none
+    of the training machine's files (pretrained weights, model directories) needed. Towers that
+    read text carry their tokenizer as `towers.tokenize(texts) -> tokens`:
+
+        towers = load_towers("runs/NAME/towers.pt")
+        image_z = towers.embed_images(images)                 # image_text: floats in [0, 1]
+        text_z = towers.embed_texts(towers.tokenize(["a cat"]))
+    """
     from distributed_cl.config import Config
 
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    towers = TASKS[saved["task"]].build_towers(Config.from_dict(saved["config"]))
+    config = Config.from_dict(saved["config"])
+    task = TASKS[saved["task"]]
+    towers = task.build_towers(config, saved["architecture"])
     towers.load_state_dict(saved["state_dict"])
+    tokenize = task.saved_tokenizer(config, saved["tokenizer"])
+    if tokenize is not None:
+        towers.tokenize = tokenize
     return towers.eval()
 
 

@@ -74,9 +74,12 @@ class Task(ABC):
 
     @staticmethod
     @abstractmethod
-    def build_towers(config: Config) -> nn.Module:
-        """The trainable model: `towers(a, b) -> (z_a, z_b)`. Depends on the config only, so the
-        same seed rebuilds the same untrained towers (the comparison at the end, export loading)."""
+    def build_towers(config: Config, architecture: dict | None = None) -> nn.Module:
+        """The trainable model: `towers(a, b) -> (z_a, z_b)`, with `towers.lr_mults()` (parameters
+        and their learning-rate multipliers) and `towers.architecture()`. Depends on the config
+        only, so the same seed rebuilds the same untrained (or pretrained) towers, the comparison at
+        the end. With `architecture` (what `towers.architecture()` returned), no pretrained weights
+        or files are read: a saved state dict fills the towers (export loading)."""
 
     @abstractmethod
     def evaluate(self, towers: nn.Module) -> dict[str, float]:
@@ -92,9 +95,25 @@ class Task(ABC):
         return {}
 
     def export(self, towers: nn.Module, directory: str) -> None:
-        """Files a user loads without Ray; `load_towers` reads the generic one."""
-        torch.save({"task": self.name, "config": self.config.to_dict(), "state_dict": towers.state_dict()},
-                   os.path.join(directory, TOWERS_FILE))
+        """Files a user loads without Ray. The generic one, which `load_towers` reads, is whole:
+        the towers' architecture and weights, and the tokenizer's files where there is text."""
+        saved = {"task": self.name, "config": self.config.to_dict(), "architecture": towers.architecture(),
+                 "state_dict": towers.state_dict(), "tokenizer": self.tokenizer_state()}
+        torch.save(saved, os.path.join(directory, TOWERS_FILE))
+
+    def tokenizer_state(self) -> dict | None:
+        """The text tokenizer as towers.pt keeps it (its files), or None (no text, or no files)."""
+        tokenize = getattr(self, "tokenize", None)
+        return tokenize.files() if hasattr(tokenize, "files") else None
+
+    @staticmethod
+    def saved_tokenizer(config: Config, state: dict | None) -> Callable[[list[str]], dict] | None:
+        """The tokenizer `tokenizer_state` saved (load_towers attaches it to the towers)."""
+        if state is None:
+            return None
+        from distributed_cl.models import TextTokenizer
+
+        return TextTokenizer.from_files(state)
 
     @property
     def loader_workers(self) -> int:
@@ -141,10 +160,17 @@ class _Collate:
 
 class ContrastiveModel(nn.Module):
     """Towers + loss in one module, so that DDP (and the optimizer) cover the loss's own
-    parameters, such as CLIP's logit_scale."""
+    parameters, such as CLIP's logit_scale. A pretrained CLIP's own `logit_scale` becomes the
+    loss's: training starts from the scale it learnt, goes on learning it, and exports it."""
 
     def __init__(self, towers: nn.Module, loss_fn: nn.Module, objective) -> None:
         super().__init__()
+        pretrained_scale = getattr(towers, "logit_scale", None)
+        if pretrained_scale is not None:
+            if isinstance(getattr(loss_fn, "logit_scale", None), nn.Parameter):
+                loss_fn.logit_scale = pretrained_scale  # one parameter, in both modules
+            else:  # a loss of fixed temperature: unused, and DDP must not wait for its gradient
+                pretrained_scale.requires_grad_(False)
         self.towers, self.loss_fn, self.objective = towers, loss_fn, objective
 
     def forward(self, batch: dict, embed_only: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -32,9 +32,15 @@ def image_channels(config: Config) -> int:
 class ImageTowers(nn.Module):
     """One encoder (evaluated and exported) and a projection head (seen by the loss only)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, encoder_lr_mult: float = 1.0) -> None:
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head, self.encoder_lr_mult = encoder, head, encoder_lr_mult
+
+    def lr_mults(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.encoder.parameters()), self.encoder_lr_mult)]  # the head is new: full rate
+
+    def architecture(self) -> dict:
+        return {}  # the config says it all
 
     def forward(self, view_a: Tensor, view_b: Tensor) -> tuple[Tensor, Tensor]:
         z = self.head(self.encoder(torch.cat([view_a, view_b])))  # one pass: BatchNorm sees both views
@@ -79,9 +85,9 @@ class ImageTask(Task):
         return super().train_batches(batch_sampler)
 
     @staticmethod
-    def build_towers(config: Config) -> ImageTowers:
-        encoder = build_encoder(config.model, image_channels(config))
-        return ImageTowers(encoder, build_head(encoder, config.model))
+    def build_towers(config: Config, architecture: dict | None = None) -> ImageTowers:
+        encoder = build_encoder(config.model, image_channels(config), load_weights=architecture is None)
+        return ImageTowers(encoder, build_head(encoder, config.model), config.model.lr_mult)
 
     def _knn(self, features_of) -> float:
         bank, test = self.data.bank, self.data.test

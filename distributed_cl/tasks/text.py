@@ -4,13 +4,16 @@ the held-out pairs, and by kNN over their labels where the rows have labels."""
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor, nn
 
 from distributed_cl.config import Config
 from distributed_cl.data.sources import wordnet_pairs
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed
-from distributed_cl.models import TextTokenizer, TextTower
+from distributed_cl.models import TextTokenizer, TextTower, save_sentence_transformer
+from distributed_cl.models.text import SENTENCE_TRANSFORMER_DIR
 from distributed_cl.tasks.base import Task, to_device
 
 
@@ -18,9 +21,15 @@ class SiameseText(nn.Module):
     """One tower embeds both sides (as sentence-transformers fine-tunes MiniLM): no head, so the
     embeddings the loss trains are the ones evaluated and exported."""
 
-    def __init__(self, tower: TextTower) -> None:
+    def __init__(self, tower: TextTower, lr_mult: float = 1.0) -> None:
         super().__init__()
-        self.tower = tower
+        self.tower, self.lr_mult = tower, lr_mult
+
+    def lr_mults(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(list(self.tower.parameters()), self.lr_mult)]
+
+    def architecture(self) -> dict:
+        return {"text": self.tower.architecture()}
 
     def forward(self, tokens_a: dict, tokens_b: dict) -> tuple[Tensor, Tensor]:
         return self.tower(tokens_a), self.tower(tokens_b)
@@ -54,8 +63,9 @@ class TextTask(Task):
         return {"a": self.tokenize(rows.a), "b": self.tokenize(rows.b), "labels": rows.labels}
 
     @staticmethod
-    def build_towers(config: Config) -> SiameseText:
-        return SiameseText(TextTower(config.text.tower))
+    def build_towers(config: Config, architecture: dict | None = None) -> SiameseText:
+        tower = TextTower(config.text.tower, None if architecture is None else architecture["text"])
+        return SiameseText(tower, config.text.tower.lr_mult)
 
     def _embed(self, tower: TextTower, texts: list[str]) -> Tensor:
         return sharded_embed(lambda chunk: tower(to_device(self.tokenize(chunk), self.device)), texts,
@@ -80,6 +90,5 @@ class TextTask(Task):
 
     def export(self, towers: SiameseText, directory: str) -> None:
         super().export(towers, directory)
-        # a standard transformers directory: AutoModel.from_pretrained(...) + mean pooling
-        towers.tower.transformer.save_pretrained(f"{directory}/text_encoder")
-        self.tokenize.tokenizer.save_pretrained(f"{directory}/text_encoder")
+        # SentenceTransformer(path), and a transformers directory too: AutoModel.from_pretrained(path)
+        save_sentence_transformer(towers.tower, self.tokenize, os.path.join(directory, SENTENCE_TRANSFORMER_DIR))

@@ -1,0 +1,296 @@
+"""Pretrained CLIP towers for the image-text task: a Hugging Face `CLIPModel` or an open_clip model,
+each behind the dual-encoder calling convention (`embed_images`, `embed_texts`, `towers(images,
+tokens)`), with the model's own preprocessing and tokenizer, and its trained `logit_scale`, which
+the CLIP loss starts from and goes on learning. Images arrive as float (n, 3, h, w) in [0, 1] at
+the data's size; the towers resize them to the model's size and normalise them with its mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distributed_cl.config import ImageTextConfig
+from distributed_cl.models.text import TextTokenizer
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class SigLipCheckpoint(ValueError):
+    """A sigmoid-loss checkpoint (SigLIP: a logit bias beside the scale) where a softmax CLIP is needed."""
+
+
+def _siglip_error(what: str) -> SigLipCheckpoint:
+    return SigLipCheckpoint(
+        f"image_text.pretrained: {what} is a SigLIP checkpoint (sigmoid loss, with a logit bias); the image-text "
+        "losses here are softmax ones (loss.name: clip), which would discard its bias and retrain its scale. "
+        "Use a CLIP checkpoint")
+
+
+class PretrainedClip(nn.Module):
+    """What both libraries' towers share: preprocessing, locking, and the dual-encoder calls.
+    Subclasses set `self.model` and `self.logit_scale` and name the image tower's modules; the
+    text tower is the rest of the model."""
+
+    def __init__(self, image_size: int, mean, std, config: ImageTextConfig) -> None:
+        super().__init__()
+        self.image_size, self.lock_image, self.lock_text = image_size, config.lock_image, config.lock_text
+        self.lr_mult = {"image": config.image_tower.lr_mult, "text": config.text_tower.lr_mult}
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def image_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def text_modules(self) -> list[nn.Module]:
+        image = {id(m) for m in self.image_modules()}
+        return [m for m in self.model.children() if id(m) not in image]
+
+    def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """{"image": ..., "text": ...}: every parameter of the model but the logit scale (and bias)."""
+        image = {id(p) for m in self.image_modules() for p in m.parameters()}
+        shared = {id(self.logit_scale), id(getattr(self.model, "logit_bias", None))}
+        params = [p for p in self.model.parameters() if id(p) not in shared]
+        return {"image": [p for p in params if id(p) in image], "text": [p for p in params if id(p) not in image]}
+
+    def _lock(self) -> None:
+        for tower, params in self.tower_parameters().items():
+            for p in params:
+                p.requires_grad_(not getattr(self, f"lock_{tower}"))
+
+    def lr_mults(self) -> list[tuple[list[nn.Parameter], float]]:
+        return [(params, self.lr_mult[tower]) for tower, params in self.tower_parameters().items()]
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp_(0, 1)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_image):
+            return self._image_features(self.preprocess(images))
+
+    def embed_texts(self, tokens: dict) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
+            return self._text_features(tokens)
+
+    def forward(self, images: Tensor, tokens: dict) -> tuple[Tensor, Tensor]:
+        return self.embed_images(images), self.embed_texts(tokens)
+
+    def train(self, mode: bool = True) -> PretrainedClip:
+        super().train(mode)
+        for modules, locked in ((self.image_modules(), self.lock_image), (self.text_modules(), self.lock_text)):
+            for module in modules:
+                module.train(mode and not locked)  # a locked tower runs as evaluated: no dropout
+        return self
+
+
+def _features(out) -> Tensor:
+    """transformers 5 returns the projected features as `pooler_output`; earlier versions, a tensor."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+class HFClipTowers(PretrainedClip):
+    """A transformers `CLIPModel`: from `image_text.pretrained` (a directory saved by
+    `save_pretrained`, or a Hub name with image_text.download), or, with `architecture`, its
+    config alone (weights loaded afterwards, as `load_towers` does)."""
+
+    def __init__(self, config: ImageTextConfig, architecture: dict | None = None) -> None:
+        from transformers import CLIPConfig, CLIPModel
+
+        from distributed_cl.models.text import _quiet_progress_bars
+
+        _quiet_progress_bars()
+        if architecture is None:
+            model = CLIPModel.from_pretrained(resolve_hf_clip(config), local_files_only=not config.download)
+            processor = _image_processor(resolve_hf_clip(config), config.download)
+            mean, std = processor.get("image_mean", OPENAI_MEAN), processor.get("image_std", OPENAI_STD)
+        else:
+            model = CLIPModel(CLIPConfig.from_dict(architecture["clip"]))
+            mean, std = architecture["mean"], architecture["std"]
+        super().__init__(model.config.vision_config.image_size, mean, std, config)
+        self.model = model
+        self.logit_scale = model.logit_scale  # the same parameter: the loss trains it, the export carries it
+        self._lock()
+
+    def image_modules(self) -> list[nn.Module]:
+        return [self.model.vision_model, self.model.visual_projection]
+
+    def _image_features(self, pixels: Tensor) -> Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixels))
+
+    def _text_features(self, tokens: dict) -> Tensor:
+        return _features(self.model.get_text_features(input_ids=tokens["input_ids"],
+                                                      attention_mask=tokens["attention_mask"]))
+
+    def architecture(self) -> dict:
+        return {"clip": self.model.config.to_dict(), "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist()}
+
+    def export(self, directory: str, tokenizer) -> str:
+        """hf_clip/: `CLIPModel.from_pretrained(path)` and `CLIPProcessor.from_pretrained(path)`."""
+        from transformers import CLIPImageProcessor, CLIPProcessor
+
+        path = os.path.join(directory, "hf_clip")
+        self.model.save_pretrained(path)
+        size = self.image_size
+        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                    image_mean=self.mean.flatten().tolist(), image_std=self.std.flatten().tolist())
+        CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+        return path
+
+
+def resolve_hf_clip(config: ImageTextConfig) -> str:
+    """A local CLIP directory as an absolute path, or a Hub name (fetched only with image_text.download)."""
+    path = os.path.expanduser(config.pretrained or "")
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if config.download:
+        return config.pretrained
+    raise FileNotFoundError(
+        f"image_text.pretrained: {config.pretrained!r} is not a local directory and image_text.download is false: "
+        "point it at a directory saved by CLIPModel.save_pretrained, or set image_text.download=true to fetch "
+        "it from the Hugging Face Hub")
+
+
+def _image_processor(source: str, download: bool) -> dict:
+    """The checkpoint's image preprocessing (mean, std), where it ships one."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    try:
+        return ImageProcessingMixin.get_image_processor_dict(source, local_files_only=not download)[0]
+    except OSError:
+        return {}
+
+
+def check_hf_clip(config: ImageTextConfig) -> None:
+    """Before Ray starts: the checkpoint is there and is a softmax CLIP (reads its config only)."""
+    from transformers import AutoConfig
+
+    source = resolve_hf_clip(config)
+    kind = AutoConfig.from_pretrained(source, local_files_only=not config.download).model_type
+    if kind.startswith("siglip"):
+        raise _siglip_error(config.pretrained)
+    if kind != "clip":
+        raise ValueError(f"image_text.pretrained: {config.pretrained} is a {kind!r} model, not a CLIP "
+                         "(model_type 'clip') that towers: hf_clip loads")
+
+
+def hf_clip_tokenizer(config: ImageTextConfig) -> TextTokenizer:
+    """The checkpoint's own tokenizer, truncating at the model's context length."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, local = resolve_hf_clip(config), not config.download
+    context = AutoConfig.from_pretrained(source, local_files_only=local).text_config.max_position_embeddings
+    return TextTokenizer(tokenizer=AutoTokenizer.from_pretrained(source, local_files_only=local), max_length=context)
+
+
+def open_clip_spec(config: ImageTextConfig) -> tuple[str, str | None]:
+    """`image_text.pretrained` as open_clip's (model name, pretrained tag or checkpoint path):
+    "ViT-B-32:laion2b_s34b_b79k", "ViT-B-32:/path/open_clip.pt", "hf-hub:org/repo", or a bare
+    name (random weights)."""
+    spec = config.pretrained or ""
+    if spec.startswith("hf-hub:"):
+        return spec, None
+    name, _, pretrained = spec.partition(":")
+    return name, os.path.expanduser(pretrained) or None
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise ImportError("image_text.towers: open_clip needs the open_clip package: pip install open_clip_torch") from None
+    return open_clip
+
+
+def register_open_clip_config(config: ImageTextConfig) -> None:
+    """Make `image_text.open_clip_config` (a model config JSON, open_clip's format) known under its
+    file's stem, in this process (every worker calls this before building)."""
+    if config.open_clip_config:
+        _open_clip().add_model_config(os.path.expanduser(config.open_clip_config))
+
+
+def check_open_clip(config: ImageTextConfig) -> None:
+    """Before Ray starts: the model is known, its weights reachable, and it is not a SigLIP."""
+    open_clip = _open_clip()
+    register_open_clip_config(config)
+    name, pretrained = open_clip_spec(config)
+    if not name.startswith("hf-hub:"):
+        model_config = open_clip.get_model_config(name)
+        if model_config is None:
+            raise ValueError(f"image_text.pretrained: {name!r} is not an open_clip model (known: open_clip.list_models(); "
+                             "a custom one: image_text.open_clip_config)")
+        if model_config.get("init_logit_bias") is not None:
+            raise _siglip_error(name)
+    if (name.startswith("hf-hub:") or (pretrained and not os.path.isfile(pretrained))) and not config.download:
+        raise FileNotFoundError(
+            f"image_text.pretrained: {config.pretrained!r} names weights on the Hugging Face Hub, and "
+            "image_text.download is false: set it true (the Hub cache is read first), or give a checkpoint path "
+            "(NAME:/path/to/open_clip.pt)")
+
+
+class OpenClipTowers(PretrainedClip):
+    """An open_clip model (`create_model_and_transforms(name, pretrained=...)`), or with
+    `architecture` its model config alone (weights loaded afterwards)."""
+
+    def __init__(self, config: ImageTextConfig, architecture: dict | None = None) -> None:
+        open_clip = _open_clip()
+        if architecture is None:
+            register_open_clip_config(config)
+            name, pretrained = open_clip_spec(config)
+            model = open_clip.create_model(name, pretrained=pretrained, load_weights=pretrained is not None)
+        else:
+            name = architecture["name"]
+            if open_clip.get_model_config(name) is None:
+                with tempfile.TemporaryDirectory() as d:
+                    with open(os.path.join(d, f"{name}.json"), "w") as f:
+                        json.dump(architecture["model_config"], f)
+                    open_clip.add_model_config(d)
+            model = open_clip.create_model(name, pretrained=None)
+        if getattr(model, "logit_bias", None) is not None:
+            raise _siglip_error(name)
+        preprocess = model.visual.preprocess_cfg
+        size = preprocess["size"]
+        super().__init__(size if isinstance(size, int) else size[0], preprocess["mean"], preprocess["std"], config)
+        self.model, self.name = model, name
+        self.logit_scale = model.logit_scale
+        self._lock()
+
+    def image_modules(self) -> list[nn.Module]:
+        return [self.model.visual]
+
+    def _image_features(self, pixels: Tensor) -> Tensor:
+        return self.model.encode_image(pixels)
+
+    def _text_features(self, tokens: dict) -> Tensor:
+        return self.model.encode_text(tokens["input_ids"])
+
+    def architecture(self) -> dict:
+        return {"name": self.name, "model_config": _open_clip().get_model_config(self.name)}
+
+    def export(self, directory: str, tokenizer) -> str:
+        """open_clip.pt: `open_clip.create_model_and_transforms(name, pretrained=path)` loads it."""
+        path = os.path.join(directory, "open_clip.pt")
+        torch.save(self.model.state_dict(), path)
+        return path
+
+
+class OpenClipTokenizer:
+    """open_clip's tokenizer for the model: every caption padded to its context length."""
+
+    def __init__(self, config: ImageTextConfig) -> None:
+        name = open_clip_spec(config)[0]
+        if _open_clip().get_model_config(name) is None:  # (load_towers has registered the saved one)
+            register_open_clip_config(config)
+        self.tokenizer = _open_clip().get_tokenizer(name)
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        return {"input_ids": self.tokenizer(list(texts))}
