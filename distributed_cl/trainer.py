@@ -146,9 +146,18 @@ def resolve_paths(config: Config) -> Config:
     def local_model(tower):  # a model directory, not a hub name
         return replace(tower, model=absolute(tower.model)) if Path(tower.model).expanduser().is_dir() else tower
 
+    def local_pretrained(x):  # a CLIP directory, or open_clip's NAME:/path/to/checkpoint.pt
+        spec = x.pretrained
+        if spec and x.towers == "hf_clip" and Path(spec).expanduser().is_dir():
+            spec = absolute(spec)
+        elif spec and x.towers == "open_clip" and not spec.startswith("hf-hub:"):
+            name, _, checkpoint = spec.partition(":")
+            spec = f"{name}:{absolute(checkpoint)}" if checkpoint and Path(checkpoint).expanduser().is_file() else spec
+        return replace(x, pretrained=spec, open_clip_config=x.open_clip_config and absolute(x.open_clip_config))
+
     data = replace(config.data, root=absolute(config.data.root), cache_dir=absolute(config.data.cache_dir))
     text = replace(config.text, root=absolute(config.text.root), tower=local_model(config.text.tower))
-    image_text = replace(config.image_text, font=absolute(config.image_text.font),
+    image_text = replace(local_pretrained(config.image_text), font=absolute(config.image_text.font),
                          cache_dir=absolute(config.image_text.cache_dir),
                          text_tower=local_model(config.image_text.text_tower))
     train = replace(config.train, storage_path=absolute(config.train.storage_path),

@@ -57,39 +57,18 @@ def local_ray():
 def tiny_clip(tmp_path_factory) -> str:
     """A tiny random transformers CLIP (32x32 images, 2 layers a tower) with a real CLIPTokenizer
     on a byte-level vocabulary of single characters, saved as a model directory."""
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from experiments.tiny_clip import save_tiny_hf_clip
 
-    path = tmp_path_factory.mktemp("tiny_clip")
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    tokenizer.save_pretrained(path)
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config={**tower, "vocab_size": len(vocab), "max_position_embeddings": 48,
-                                      "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
-                                      "pad_token_id": vocab["<|endoftext|>"]},
-                         vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)).save_pretrained(path)
-    return str(path)
+    return str(save_tiny_hf_clip(tmp_path_factory.mktemp("tiny_clip")))
 
 
 @pytest.fixture(scope="session")
 def tiny_open_clip(tmp_path_factory) -> dict:
     """A tiny open_clip model: its config JSON (known to open_clip by the file's stem, once
     registered) and a checkpoint of random weights; the `image_text` overrides that train it."""
-    import json
+    pytest.importorskip("open_clip")
+    from experiments.tiny_clip import save_tiny_open_clip
 
-    open_clip = pytest.importorskip("open_clip")
-    path = tmp_path_factory.mktemp("tiny_open_clip")
-    config = path / "tiny-test-clip.json"
-    config.write_text(json.dumps({
-        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    checkpoint = path / "tiny.pt"
-    torch.save(open_clip.create_model("tiny-test-clip").state_dict(), checkpoint)
-    return {"name": "tiny-test-clip", "config": str(config), "checkpoint": str(checkpoint),
-            "overrides": ["image_text.towers=open_clip", f"image_text.open_clip_config={config}",
-                          f"image_text.pretrained=tiny-test-clip:{checkpoint}"]}
+    model = save_tiny_open_clip(tmp_path_factory.mktemp("tiny_open_clip"), name="tiny-test-clip")
+    return model | {"overrides": ["image_text.towers=open_clip", f"image_text.open_clip_config={model['config']}",
+                                  f"image_text.pretrained={model['name']}:{model['checkpoint']}"]}

@@ -408,3 +408,18 @@ def test_a_torchvision_resnet_from_cached_weights_fine_tunes_with_simclr(tmp_pat
     os.remove(cached_weights_file(torchvision_weights("resnet18", "IMAGENET1K_V1")))
     encoder = load_encoder(summary["encoder"])  # no weights file needed
     assert not torch.equal(encoder.model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])  # fine-tuned
+
+
+def test_relative_pretrained_paths_are_made_absolute_for_the_workers(tiny_clip, tiny_open_clip, tmp_path, monkeypatch):
+    from distributed_cl.trainer import resolve_paths
+
+    shutil.copytree(tiny_clip, tmp_path / "clip")
+    shutil.copy(tiny_open_clip["checkpoint"], tmp_path / "oc.pt")
+    shutil.copy(tiny_open_clip["config"], tmp_path / "tiny-test-clip.json")
+    monkeypatch.chdir(tmp_path)  # workers may run elsewhere: they must not depend on the driver's directory
+    hf = resolve_paths(hf_clip_config("clip")).image_text
+    assert hf.pretrained == str(tmp_path / "clip")
+    oc = resolve_paths(Config.load(CONFIGS / "image_text_tiny.yaml", [
+        "image_text.towers=open_clip", "image_text.open_clip_config=tiny-test-clip.json",
+        "image_text.pretrained=tiny-test-clip:oc.pt"])).image_text
+    assert (oc.pretrained, oc.open_clip_config) == (f"tiny-test-clip:{tmp_path}/oc.pt", str(tmp_path / "tiny-test-clip.json"))

@@ -198,27 +198,38 @@ def run_sweep_process(cmd, env, timeout=240):
 # ASHA must stop something, deterministically: trials 3 and 4 score their kNN against a bank of
 # 10 images (worse than the whole bank, by construction), and with 2 trials at a time (all the
 # cluster's CPUs) they start only once trial 1 or 2 has finished, so the cutoff at epoch 1 is
-# already a whole-bank score. Reduction factor 3 over 2 epochs: one rung, at epoch 1.
-ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 0, 10, 10]}}
+# already a whole-bank score. Reduction factor 3 over 2 epochs: one rung, at epoch 1. Trial 5's
+# bank of -1 is not a valid config: that trial fails, with its error in the CSV, and the sweep
+# goes on (its slot freed for nothing else to wait on).
+ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 0, 10, 10, -1]}}
 
 
-def test_asha_sweep_stops_trials_early_frees_their_resources_and_writes_a_loadable_best_config(tmp_path, cluster):
-    sweep = write_sweep(tmp_path, epochs=2, space=ASHA_SPACE,
+def test_asha_sweep_stops_trials_early_records_a_failed_one_frees_their_resources_and_writes_best(tmp_path, cluster):
+    """Its storage is a URI, as on a cluster (s3://, gs://); its trials cache gradients, 8 samples
+    at a time."""
+    fixed = {"train.cpus_per_worker": 0.5, "train.log_every": 5, "train.checkpoint_every": 10,
+             "train.grad_cache_chunk": 8}
+    sweep = write_sweep(tmp_path, epochs=2, space=ASHA_SPACE, fixed=fixed,
                         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3})
-    run_sweep_process(sweep_cmd(tmp_path, sweep, "asha"), cluster)
+    out = run_sweep_process(sweep_cmd(tmp_path, sweep, "asha", storage=(tmp_path / "sweeps").as_uri()), cluster)
+    assert "Trial status:" in out and "data.eval_bank_size" in out  # Tune's table, our summary
+    assert "Started training worker group" not in out  # trials' Ray Train lines only with --verbose
     rows = results(tmp_path, "asha")
-    assert len(rows) == 4
-    assert sorted(r["data.eval_bank_size"] for r in rows) == ["0", "0", "10", "10"]
+    assert sorted(r["data.eval_bank_size"] for r in rows) == ["-1", "0", "0", "10", "10"]
+    (failed,) = [r for r in rows if r["data.eval_bank_size"] == "-1"]
+    assert failed["status"] == "failed" and "data.eval_bank_size must be >= 0" in failed["error"]
     for r in rows:
+        if r is failed:
+            continue
         whole_bank = r["data.eval_bank_size"] == "0"
         assert r["status"] == ("completed" if whole_bank else "early_stopped"), r
         assert r["early_stopped"] == str(not whole_bank)
         assert int(r["epochs"]) == (2 if whole_bank else 1) and int(r["steps"]) > 0
         assert 0 < float(r["best_knn_top1"]) <= 1 and not r["error"]
     # trials that ran their whole budget ended by themselves (ASHA leaves their last report alone):
-    # their exported model is beside their checkpoints
+    # their exported model is in their last checkpoint (storage a URI: not copied beside it)
     trials = tmp_path / "sweeps" / "asha" / "trials"
-    assert sorted(p.parent.name for p in trials.glob("*/towers.pt")) == sorted(
+    assert sorted({p.relative_to(trials).parts[0] for p in trials.glob("*/*/export/towers.pt")}) == sorted(
         r["trial_id"] for r in rows if r["status"] == "completed")
     # Ray Train removed the stopped trials' placement groups (the next test's sweep on this
     # cluster would wait for ever on their CPUs otherwise)
@@ -231,26 +242,7 @@ def test_asha_sweep_stops_trials_early_frees_their_resources_and_writes_a_loadab
     # what `train.py --config best.yaml` loads (and trainer.run trains, as the other tests show):
     # valid, with the sweep's fixed values and the best trial's parameters
     config = Config.load(sweep_dir / "best.yaml")
-    assert (config.data.eval_bank_size, config.train.epochs, config.train.cpus_per_worker) == (0, 2, 0.5)
-
-
-def test_the_next_sweep_on_the_cluster_runs_and_records_a_failing_trial(tmp_path, cluster):
-    """Right after the ASHA sweep, on the same cluster: it must not wait on anything that sweep
-    left behind. Its batch of 63 does not split over 2 workers: that trial fails, with its error in
-    the CSV, and the sweep goes on. Its storage is a URI, as on a cluster (s3://, gs://). Its
-    trials cache gradients, 8 samples at a time."""
-    space = {"train.global_batch_size": {"grid": [64, 63]}}
-    fixed = {"train.cpus_per_worker": 0.5, "train.log_every": 5, "train.checkpoint_every": 10,
-             "train.grad_cache_chunk": 8}
-    sweep = write_sweep(tmp_path, epochs=1, space=space, scheduler={"name": "fifo"}, fixed=fixed)
-    out = run_sweep_process(sweep_cmd(tmp_path, sweep, "next", storage=(tmp_path / "sweeps").as_uri()), cluster)
-    assert "Trial status:" in out and "train.global_batch_size" in out  # Tune's table, our summary
-    assert "Started training worker group" not in out  # trials' Ray Train lines only with --verbose
-    rows = {r["train.global_batch_size"]: r for r in results(tmp_path, "next")}
-    assert rows["64"]["status"] == "completed" and rows["64"]["epochs"] == "1"
-    assert rows["63"]["status"] == "failed" and "not divisible by train.num_workers=2" in rows["63"]["error"]
-    assert (tmp_path / "sweeps" / "next" / "knn_top1_vs_global_batch_size.png").read_bytes()[:8] == PNG_MAGIC
-    assert yaml.safe_load((tmp_path / "sweeps" / "next" / "best.yaml").read_text())["train"]["global_batch_size"] == 64
+    assert (config.data.eval_bank_size, config.train.epochs, config.train.grad_cache_chunk) == (0, 2, 8)
 
 
 def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkpoints(tmp_path, cluster):

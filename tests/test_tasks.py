@@ -36,17 +36,21 @@ def test_the_config_accepts_exactly_the_registered_tasks_losses_encoders_and_for
     from distributed_cl.models import ENCODERS
     from distributed_cl.objectives import OBJECTIVES
     from distributed_cl.optim import OPTIMIZERS
+    from distributed_cl.tasks.image_text import TOWERS
 
     assert all(TASKS[name].name == name for name in TASKS)
-    for field, registry in (("task", TASKS), ("loss.name", OBJECTIVES), ("optim.name", OPTIMIZERS),
-                            ("model.encoder", ENCODERS), ("dataset.format", FORMATS)):
+    torchvision = " or a torchvision classification model"  # model.encoder takes those too
+    for field, registry, context, more in (
+            ("task", TASKS, [], ""), ("loss.name", OBJECTIVES, [], ""), ("optim.name", OPTIMIZERS, [], ""),
+            ("model.encoder", ENCODERS, [], torchvision), ("dataset.format", FORMATS, [], ""),
+            ("image_text.towers", TOWERS, ["task=image_text"], "")):
         for name in registry:  # every registered name passes the choice check (other checks may follow)
             try:
-                Config.load(overrides=[f"{field}={name}"])
+                Config.load(overrides=[*context, f"{field}={name}"])
             except ConfigError as e:
                 assert f"{field} must be one of" not in str(e)
-        with pytest.raises(ConfigError, match=f"{field} must be one of {', '.join(registry)}; got 'nonexistent'"):
-            Config.load(overrides=[f"{field}=nonexistent", *(["dataset.path=/tmp"] if field == "dataset.format" else [])])
+        with pytest.raises(ConfigError, match=f"{field} must be one of {', '.join(registry)}{more}.*; got 'nonexistent'"):
+            Config.load(overrides=[*context, f"{field}=nonexistent", *(["dataset.path=/tmp"] if field == "dataset.format" else [])])
 
 
 def test_recall_at_k_matches_a_sorting_reference():

@@ -27,9 +27,9 @@ def load_towers(path: str, map_location: str | torch.device = "cpu") -> torch.nn
     saved = torch.load(path, map_location=map_location, weights_only=True)
     config = Config.from_dict(saved["config"])
     task = TASKS[saved["task"]]
-    towers = task.build_towers(config, saved["architecture"])
+    towers = task.build_towers(config, saved.get("architecture"))  # older files hold none: built from the config
     towers.load_state_dict(saved["state_dict"])
-    tokenize = task.saved_tokenizer(config, saved["tokenizer"])
+    tokenize = task.saved_tokenizer(config, saved.get("tokenizer"))
     if tokenize is not None:
         towers.tokenize = tokenize
     return towers.eval()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from distributed_cl.config import Config, ImageTextConfig
@@ -110,10 +111,11 @@ class ImageTextTask(Task):
                              self.rank, self.world, self.device)
 
     def class_prompts(self) -> tuple[list[str], Tensor]:
-        """One prompt per held-out class, from the data's label names (or the ids as text), and the
-        class ids in the same order."""
-        classes = self.data.test.labels.unique()
-        names = self.data.test.label_names
+        """One prompt per class of the held-out split and the kNN bank, from the data's label
+        names (or the ids as text), and the class ids in the same order."""
+        tables = [t for t in (self.data.test, self.data.bank) if t is not None]
+        classes = torch.cat([t.labels for t in tables]).unique()
+        names = {k: v for t in tables for k, v in t.label_names.items()}
         template = self.config.image_text.zeroshot_template
         return [template.format(names.get(int(c), str(int(c)))) for c in classes], classes
 
