@@ -8,8 +8,10 @@ the data's size; the towers resize them to the model's size and normalise them w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +205,18 @@ def open_clip_spec(config: ImageTextConfig) -> tuple[str, str | None]:
     return name, os.path.expanduser(pretrained) or None
 
 
+@contextmanager
+def _quiet_root_logger():
+    """open_clip logs every step of building a model at INFO on the root logger (worker consoles)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _open_clip():
     try:
         import open_clip
@@ -246,7 +260,8 @@ class OpenClipTowers(PretrainedClip):
         if architecture is None:
             register_open_clip_config(config)
             name, pretrained = open_clip_spec(config)
-            model = open_clip.create_model(name, pretrained=pretrained, load_weights=pretrained is not None)
+            with _quiet_root_logger():
+                model = open_clip.create_model(name, pretrained=pretrained, load_weights=pretrained is not None)
         else:
             name = architecture["name"]
             if open_clip.get_model_config(name) is None:
@@ -254,7 +269,8 @@ class OpenClipTowers(PretrainedClip):
                     with open(os.path.join(d, f"{name}.json"), "w") as f:
                         json.dump(architecture["model_config"], f)
                     open_clip.add_model_config(d)
-            model = open_clip.create_model(name, pretrained=None)
+            with _quiet_root_logger():
+                model = open_clip.create_model(name, pretrained=None)
         if getattr(model, "logit_bias", None) is not None:
             raise _siglip_error(name)
         preprocess = model.visual.preprocess_cfg
