@@ -316,6 +316,9 @@ class Config:
             if not mult > 0:
                 raise ConfigError(f"image_text.{where}.lr_mult must be > 0, got {mult}")
         if x.towers == "scratch":
+            if x.lock_image or x.lock_text:
+                raise ConfigError("image_text.lock_image / lock_text lock pretrained towers (hf_clip, open_clip); "
+                                  "scratch towers train both sides, or freeze the text one: image_text.text_tower.freeze")
             if x.pretrained is not None:
                 raise ConfigError("image_text.pretrained needs image_text.towers: hf_clip or open_clip (scratch "
                                   "towers read image_text.image_tower and image_text.text_tower)")

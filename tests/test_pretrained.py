@@ -234,6 +234,8 @@ def test_siglip_and_other_checkpoints_are_refused_before_ray_starts(tmp_path, ti
         Config.load(CONFIGS / "image_text_tiny.yaml", ["image_text.towers=hf_clip"])
     with pytest.raises(ConfigError, match=r"lock_image and image_text.lock_text are both true"):
         hf_clip_config(str(tmp_path), "image_text.lock_image=true", "image_text.lock_text=true")
+    with pytest.raises(ConfigError, match=r"image_text.lock_image / lock_text lock pretrained towers"):
+        Config.load(CONFIGS / "image_text_tiny.yaml", ["image_text.lock_text=true"])
 
 
 # ----------------------------------------------------------------------------- open_clip
