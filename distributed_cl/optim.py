@@ -24,9 +24,10 @@ def build_optimizer(config: OptimConfig, params: Iterable) -> torch.optim.Optimi
 
 
 def no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
-    """Biases, norm weights, scalars (logit_scale), embeddings: decaying them toward zero only hurts
+    """Biases, norm weights, scalars (logit_scale), embeddings (token and position tables, learnt
+    position parameters; not a patch-embedding convolution): decaying them toward zero only hurts
     (the fine-tuning recipes of open_clip and timm exclude them the same way)."""
-    return param.ndim < 2 or isinstance(module, nn.Embedding) or "embedding" in name
+    return param.ndim < 2 or isinstance(module, nn.Embedding) or "embedding" in name.rsplit(".", 1)[-1]
 
 
 def param_groups(model: nn.Module, config: OptimConfig, lr_mults: list[tuple[list[nn.Parameter], float]] = ()) -> list[dict]:

@@ -139,6 +139,7 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_scales_and_a_multiplier_
             super().__init__()
             self.embed = nn.Embedding(10, 4)
             self.positional_embedding = nn.Parameter(torch.zeros(5, 4))
+            self.patch_embedding = nn.Conv2d(3, 4, 2)  # a convolution, decayed like any
             self.body = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
             self.head = nn.Linear(4, 2)
             self.logit_scale = nn.Parameter(torch.tensor(2.0))
@@ -151,7 +152,8 @@ def test_no_weight_decay_on_biases_norms_embeddings_and_scales_and_a_multiplier_
     by_param = {id(p): g for g in groups for p in g["params"]}
     expected = {"embed.weight": (0.025, 0.0), "positional_embedding": (0.025, 0.0), "body.0.weight": (0.025, 0.05),
                 "body.0.bias": (0.025, 0.0), "body.1.weight": (0.025, 0.0), "body.1.bias": (0.025, 0.0),
-                "head.weight": (0.1, 0.05), "head.bias": (0.1, 0.0), "logit_scale": (0.1, 0.0)}
+                "head.weight": (0.1, 0.05), "head.bias": (0.1, 0.0), "logit_scale": (0.1, 0.0),
+                "patch_embedding.weight": (0.1, 0.05), "patch_embedding.bias": (0.1, 0.0)}
     named = dict(towers.named_parameters())
     assert {n: (by_param[id(named[n])]["lr"], by_param[id(named[n])]["weight_decay"]) for n in expected} == expected
     assert sum(len(g["params"]) for g in groups) == len(expected)  # frozen weights stay out
