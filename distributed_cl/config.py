@@ -85,7 +85,7 @@ class ImageTextConfig:
     # open_clip model (distributed_cl.tasks.image_text.TOWERS)
     towers: str = "scratch"
     # hf_clip: a directory saved by CLIPModel.save_pretrained, or a Hub name (openai/clip-vit-base-patch32);
-    # open_clip: NAME:TAG or NAME:/path/to/checkpoint.pt (ViT-B-32:laion2b_s34b_b79k), or hf-hub:org/repo
+    # open_clip: NAME:TAG or NAME:/path/to/checkpoint.pt (ViT-B-32:laion2b_s34b_b79k), hf-hub:org/repo, local-dir:/path
     pretrained: str | None = None
     download: bool = False  # allow fetching `pretrained` from the Hugging Face Hub
     open_clip_config: str | None = None  # open_clip: a model config JSON of your own, known by its file's stem

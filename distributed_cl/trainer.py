@@ -150,6 +150,8 @@ def resolve_paths(config: Config) -> Config:
         spec = x.pretrained
         if spec and x.towers == "hf_clip" and Path(spec).expanduser().is_dir():
             spec = absolute(spec)
+        elif spec and x.towers == "open_clip" and spec.startswith("local-dir:"):
+            spec = "local-dir:" + absolute(spec.removeprefix("local-dir:"))
         elif spec and x.towers == "open_clip" and not spec.startswith("hf-hub:"):
             name, _, checkpoint = spec.partition(":")
             spec = f"{name}:{absolute(checkpoint)}" if checkpoint and Path(checkpoint).expanduser().is_file() else spec

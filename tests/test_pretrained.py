@@ -427,3 +427,23 @@ def test_relative_pretrained_paths_are_made_absolute_for_the_workers(tiny_clip, 
         "image_text.towers=open_clip", "image_text.open_clip_config=tiny-test-clip.json",
         "image_text.pretrained=tiny-test-clip:oc.pt"])).image_text
     assert (oc.pretrained, oc.open_clip_config) == (f"tiny-test-clip:{tmp_path}/oc.pt", str(tmp_path / "tiny-test-clip.json"))
+
+
+def test_an_open_clip_local_dir_loads_its_config_and_weights_together(tiny_open_clip, tmp_path):
+    """open_clip's `local-dir:` schema (what `hf-hub:` downloads into): open_clip_config.json and
+    the weights in one directory; the same towers as NAME:/path/to/checkpoint.pt."""
+    import json
+
+    directory = tmp_path / "tiny"
+    directory.mkdir()
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": json.loads(
+        Path(tiny_open_clip["config"]).read_text())}))
+    shutil.copy(tiny_open_clip["checkpoint"], directory / "open_clip_pytorch_model.bin")
+    local = TASKS["image_text"].build_towers(Config.load(CONFIGS / "image_text_tiny.yaml", [
+        "image_text.towers=open_clip", f"image_text.pretrained=local-dir:{directory}"])).eval()
+    named = TASKS["image_text"].build_towers(open_clip_config(tiny_open_clip)).eval()
+    images = as_floats(pil_images(2, seed=3))
+    with torch.no_grad():
+        torch.testing.assert_close(local.embed_images(images), named.embed_images(images))
+    with pytest.raises(ConfigError, match="local-dir:/no/such: no such directory"):
+        Config.load(CONFIGS / "image_text_tiny.yaml", ["image_text.towers=open_clip", "image_text.pretrained=local-dir:/no/such"])

@@ -194,12 +194,15 @@ def hf_clip_tokenizer(config: ImageTextConfig) -> TextTokenizer:
     return TextTokenizer(tokenizer=AutoTokenizer.from_pretrained(source, local_files_only=local), max_length=context)
 
 
+OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # a model and its weights together, as open_clip names them
+
+
 def open_clip_spec(config: ImageTextConfig) -> tuple[str, str | None]:
     """`image_text.pretrained` as open_clip's (model name, pretrained tag or checkpoint path):
-    "ViT-B-32:laion2b_s34b_b79k", "ViT-B-32:/path/open_clip.pt", "hf-hub:org/repo", or a bare
-    name (random weights)."""
+    "ViT-B-32:laion2b_s34b_b79k", "ViT-B-32:/path/open_clip.pt", a bare name (random weights), or
+    "hf-hub:org/repo" / "local-dir:/path" (config and weights together: the name alone)."""
     spec = config.pretrained or ""
-    if spec.startswith("hf-hub:"):
+    if spec.startswith(OPEN_CLIP_SCHEMAS):
         return spec, None
     name, _, pretrained = spec.partition(":")
     return name, os.path.expanduser(pretrained) or None
@@ -237,7 +240,9 @@ def check_open_clip(config: ImageTextConfig) -> None:
     open_clip = _open_clip()
     register_open_clip_config(config)
     name, pretrained = open_clip_spec(config)
-    if not name.startswith("hf-hub:"):
+    if name.startswith("local-dir:") and not os.path.isdir(os.path.expanduser(name.removeprefix("local-dir:"))):
+        raise FileNotFoundError(f"image_text.pretrained: {name}: no such directory")
+    if not name.startswith(OPEN_CLIP_SCHEMAS):
         model_config = open_clip.get_model_config(name)
         if model_config is None:
             raise ValueError(f"image_text.pretrained: {name!r} is not an open_clip model (known: open_clip.list_models(); "
@@ -261,16 +266,18 @@ class OpenClipTowers(PretrainedClip):
             register_open_clip_config(config)
             name, pretrained = open_clip_spec(config)
             with _quiet_root_logger():
-                model = open_clip.create_model(name, pretrained=pretrained, load_weights=pretrained is not None)
+                model = open_clip.create_model(name, pretrained=pretrained,
+                                               load_weights=pretrained is not None or name.startswith(OPEN_CLIP_SCHEMAS))
         else:
             name = architecture["name"]
-            if open_clip.get_model_config(name) is None:
+            # (hf-hub: and local-dir: models keep their config beside their weights: read from there)
+            if architecture["model_config"] is not None and open_clip.get_model_config(name) is None:
                 with tempfile.TemporaryDirectory() as d:
                     with open(os.path.join(d, f"{name}.json"), "w") as f:
                         json.dump(architecture["model_config"], f)
                     open_clip.add_model_config(d)
             with _quiet_root_logger():
-                model = open_clip.create_model(name, pretrained=None)
+                model = open_clip.create_model(name, pretrained=None, load_weights=False)
         if getattr(model, "logit_bias", None) is not None:
             raise _siglip_error(name)
         preprocess = model.visual.preprocess_cfg
