@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from own_data import write_csv, write_imagefolder, write_jsonl, write_shards
-from test_tasks import logged_losses
+from test_tasks import logged
 from test_train_cli import ROOT, run_env, run_killing_a_worker
 
 from distributed_cl import trainer
@@ -50,7 +50,7 @@ def train(tmp_path, name, overrides, capsys, max_steps=16):
 
 def assert_learned(summary, metric):
     m = summary["metrics"]
-    losses = logged_losses(summary)
+    losses = logged(summary)
     assert losses[-1] < losses[0], losses  # the loss falls on the user's rows
     for which in ("trained", "untrained"):
         assert 0.0 <= m[f"{metric}_{which}"] <= 1.0
@@ -116,8 +116,7 @@ def test_hf_clip_fine_tunes_on_labelled_csv_rows_with_zero_shot_and_exports(tmp_
                                          "train.grad_cache_chunk=4"], capsys)
     assert_learned(summary, "i2t_recall@5")
     m = summary["metrics"]
-    with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
-        temperatures = [float(row["temperature"]) for row in csv.DictReader(f) if row["temperature"]]
+    temperatures = logged(summary, "temperature")
     assert temperatures[0] == pytest.approx(0.07, rel=0.05) and temperatures[-1] != temperatures[0]  # CLIP's own scale, trained
     assert m["zeroshot_top1_baseline"] == pytest.approx(0.25, abs=0.15)  # 4 classes
     assert 0 <= m["zeroshot_top1_untrained"] <= 1 and m["zeroshot_top1_trained"] > m["zeroshot_top1_untrained"]

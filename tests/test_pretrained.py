@@ -5,7 +5,6 @@ each library loads as it is; then fine-tuning runs of 2 Ray Train workers."""
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_tasks import logged
 from torch import nn
 
 from distributed_cl.config import Config, ConfigError
@@ -394,18 +394,13 @@ def train(tmp_path, name, config_file, overrides, capsys, max_steps=16) -> dict:
     return summary
 
 
-def logged(summary, column) -> list[float]:
-    with open(Path(summary["run_dir"], "metrics.csv")) as f:
-        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
-
-
 def test_a_torchvision_resnet_from_cached_weights_fine_tunes_with_simclr(tmp_path, local_ray, capsys):
     """Digits are 8x8 and gray: upsampled to 32 and through a summed stem."""
     state = write_cached_weights("resnet18", "IMAGENET1K_V1")
     summary = train(tmp_path, "resnet", DIGITS, ["model.encoder=resnet18", "model.weights=IMAGENET1K_V1",
                                                  "model.lr_mult=0.1", "optim.lr=0.001", "data.eval_bank_size=300",
                                                  "data.eval_test_size=100", "train.log_every=5"], capsys, max_steps=10)
-    losses = logged(summary, "loss")
+    losses = logged(summary)
     assert losses[-1] < losses[0], losses
     m = summary["metrics"]
     assert m["knn_top1_untrained"] != m["knn_top1_trained"]  # "untrained": the pretrained start

@@ -213,9 +213,10 @@ def run_train(capsys, tmp_path, name, config, *overrides, max_steps=None):
     return json.loads(out.read_text()), console.out
 
 
-def logged_losses(summary) -> list[float]:
+def logged(summary, column: str = "loss") -> list[float]:
+    """A column of the run's metrics.csv, on the rows that report it."""
     with open(Path(summary["run_dir"], "metrics.csv")) as f:
-        return [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+        return [float(row[column]) for row in csv.DictReader(f) if row.get(column)]
 
 
 def assert_final_metrics(metrics, task, config):
@@ -270,10 +271,9 @@ def test_image_text_lit_fine_tunes_open_clip_on_the_emoji(tiny_open_clip, tmp_pa
     m = summary["metrics"]
     assert_final_metrics(m, TASKS["image_text"], Config.load(CONFIGS / "image_text_tiny.yaml", tiny_open_clip["overrides"]))
     assert m["i2t_recall@5_baseline"] == pytest.approx(5 / 32)
-    losses = logged_losses(summary)
+    losses = logged(summary)
     assert losses[-1] < 0.9 * losses[0], losses
-    with open(Path(summary["run_dir"], "metrics.csv")) as f:
-        temperatures = [float(row["temperature"]) for row in csv.DictReader(f) if row["temperature"]]
+    temperatures = logged(summary, "temperature")
     assert temperatures[0] == pytest.approx(0.07, rel=0.05) and temperatures[-1] != temperatures[0]  # the model's scale, trained
     assert "held-out image_text" in out and "i2t_recall@5" in out
     trained = torch.load(Path(summary["run_dir"], "open_clip.pt"), weights_only=True)
