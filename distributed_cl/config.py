@@ -137,13 +137,25 @@ class DatasetConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "ntxent"  # a loss of distributed_cl.objectives.OBJECTIVES: ntxent | supcon | infonce | clip
-    temperature: float = 0.5
+    name: str = "ntxent"  # a loss of distributed_cl.objectives.OBJECTIVES: ntxent | supcon | infonce | clip | siglip
+    temperature: float = 0.5  # siglip: unused, it starts from init_scale
     m: int = 4  # samples per class in each global batch (label-based losses)
     # compute the loss in (chunk_size x chunk_size) tiles of logits, recomputed in backward
     # (losses/tiled.py): the same values in O(chunk^2) memory instead of O(local x global batch);
     # turn it on when the logits no longer fit (e.g. 4096 on a GPU past a 32k global batch)
     chunk_size: int | None = None
+    # ntxent, infonce: leave the positive out of the denominator (DCL), and weight each negative
+    # by e^(beta * logit) normalised to mean 1 (HCL; 0: every negative counts the same)
+    decoupled: bool = False
+    hard_negative_beta: float = 0.0
+    # siglip: the learnt scale and bias start here (the SigLIP paper's); neighbour_exchange passes
+    # the texts around the ring of workers instead of gathering them (no worker holds all N)
+    init_scale: float = 10.0
+    init_bias: float = -10.0
+    neighbour_exchange: bool = False
+    # ntxent, infonce, clip, supcon: keep the last queue_size keys of each side as extra
+    # negatives (0: none); with train.momentum the keys come from a momentum encoder (queue.py)
+    queue_size: int = 0
 
 
 @dataclass
@@ -180,6 +192,9 @@ class TrainConfig:
     # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
     # batch whose activations do not fit still takes one exact step; null: one pass (faster)
     grad_cache_chunk: int | None = None
+    # > 0 (e.g. 0.99): the queue's keys come from an exponential moving average of the towers,
+    # updated after each optimizer step with this decay (MoCo's momentum encoder); needs loss.queue_size
+    momentum: float = 0.0
     # a directory where each worker of a streamed run appends one line per batch (epoch, batch,
     # a digest of every row): what each rank trained on, to audit determinism and resumes
     batch_log: str | None = None
@@ -232,6 +247,20 @@ class Config:
         _choice("loss.name", lo.name, OBJECTIVES)
         if not lo.temperature > 0 or not math.isfinite(lo.temperature):
             raise ConfigError(f"loss.temperature must be > 0, got {lo.temperature}")
+        defaults, own = LossConfig(), OBJECTIVES[lo.name].options
+        for option in sorted({o for objective in OBJECTIVES.values() for o in objective.options} - set(own)):
+            if getattr(lo, option) != getattr(defaults, option):
+                users = ", ".join(name for name, objective in OBJECTIVES.items() if option in objective.options)
+                raise ConfigError(f"loss.{option} applies to {users}, not to loss.name={lo.name}")
+        if not (math.isfinite(lo.hard_negative_beta) and lo.hard_negative_beta >= 0):
+            raise ConfigError(f"loss.hard_negative_beta must be a finite number >= 0, got {lo.hard_negative_beta}")
+        _at_least("loss.queue_size", lo.queue_size, 0)
+        if not 0 <= t.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {t.momentum}")
+        if t.momentum and not lo.queue_size:
+            raise ConfigError("train.momentum makes the keys of the negative queue: set loss.queue_size too")
+        if not (math.isfinite(lo.init_scale) and lo.init_scale > 0) or not math.isfinite(lo.init_bias):
+            raise ConfigError(f"loss.init_scale must be > 0 and loss.init_bias finite, got {lo.init_scale}, {lo.init_bias}")
         _choice("optim.name", o.name, OPTIMIZERS)
         if not o.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
@@ -329,7 +358,7 @@ class Config:
             raise ConfigError(f"image_text.towers: {x.towers} needs image_text.pretrained (a model directory, a Hub "
                               "name with image_text.download=true, or for open_clip NAME:TAG / NAME:/path/to/ckpt.pt)")
         try:
-            TOWERS[x.towers].check(x)
+            TOWERS[x.towers].check(x, self.loss.name)
         except (ValueError, FileNotFoundError, ImportError, OSError) as e:
             raise ConfigError(str(e)) from None
 

@@ -86,7 +86,7 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
     z_a, z_b = (torch.cat(cached).detach().requires_grad_() for cached in (cached_a, cached_b))
     del cached_a, cached_b  # the chunks' copies: memory per sample is what sets the largest batch
     with autocast():
-        loss = net.objective(net.loss_fn, z_a, z_b, batch["labels"])
+        loss = net.loss(z_a, z_b, batch)
     loss.backward()  # d loss / d embeddings, and the loss's own parameters' gradients
 
     start = 0

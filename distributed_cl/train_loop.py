@@ -41,9 +41,9 @@ from distributed_cl.data.formats import skipped_rows_error
 from distributed_cl.data.sources import load_splits
 from distributed_cl.data.stream import StreamBatches
 from distributed_cl.grad_cache import grad_cache_backward
-from distributed_cl.losses import ClipLoss
 from distributed_cl.objectives import build_objective
 from distributed_cl.optim import build_optimizer, param_groups, warmup_cosine
+from distributed_cl.queue import NegativeQueue
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 
@@ -59,10 +59,13 @@ TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(da
 
 def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.Optimizer, batch: dict,
                autocast: Callable[[], AbstractContextManager], scheduler=None, grad_cache_chunk: int | None = None,
-               grad_clip: float = 0.0) -> torch.Tensor:
+               grad_clip: float = 0.0, negatives: NegativeQueue | None = None) -> torch.Tensor:
     """One optimizer step on a batch already on the device; returns the loss (not synced to the host).
-    `model` is `net` or its DDP wrapper; gradient caching gives the same step in chunks of activations.
+    `model` is `net` or its DDP wrapper; gradient caching gives the same step in chunks of activations;
+    `negatives` adds the queue's past keys to the loss, and enqueues this step's after it.
     The loop and the benchmarks both step through here."""
+    if negatives is not None:
+        batch = {**batch, "memory": negatives.memory()}
     optimizer.zero_grad(set_to_none=True)
     if grad_cache_chunk:
         loss = grad_cache_backward(model, net, batch, grad_cache_chunk, autocast)
@@ -75,12 +78,10 @@ def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.O
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
+    if negatives is not None:
+        with autocast():
+            negatives.after_step(net.towers, batch, net.step_keys, grad_cache_chunk)
     return loss.detach()
-
-
-def _temperature(loss_fn: nn.Module) -> float:
-    """The temperature in use: CLIP learns its own."""
-    return 1 / loss_fn.scale.item() if isinstance(loss_fn, ClipLoss) else loss_fn.temperature
 
 
 class MetricsWindow:
@@ -104,7 +105,7 @@ class MetricsWindow:
         metrics = {
             "loss": mean_loss / self.steps,
             "lr": scheduler.get_last_lr()[0] / scheduler.optimizer.param_groups[0].get("lr_mult", 1.0),  # optim.lr's
-            "temperature": _temperature(net.loss_fn),
+            **net.loss_fn.logged(),  # the temperature in use (CLIP and SigLIP learn theirs)
             "samples_per_s": self.samples * world / (time.perf_counter() - self.start),
             "anchors_without_positive": stats.anchors_without_positive,
             "mean_positives": stats.mean_positives,
@@ -148,16 +149,20 @@ class Progress:
     stream_dropped_rows: int = 0
 
 
-def save_state(directory: str, net: ContrastiveModel, optimizer, scheduler, progress: Progress, rng_states: list) -> None:
+def save_state(directory: str, net: ContrastiveModel, optimizer, scheduler, progress: Progress, rng_states: list,
+               negatives: NegativeQueue | None = None) -> None:
     torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": vars(progress), "rng": rng_states}, os.path.join(directory, STATE_FILE))
+                "progress": vars(progress), "rng": rng_states,
+                "negatives": negatives.state_dict() if negatives else None}, os.path.join(directory, STATE_FILE))
 
 
 def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optimizer, scheduler, rank: int,
-                  device: torch.device) -> Progress:
+                  device: torch.device, negatives: NegativeQueue | None = None) -> Progress:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
     net.load_state_dict(state["model"])
+    if negatives is not None:
+        negatives.load_state_dict(state["negatives"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rank])
@@ -321,12 +326,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = prepare_model(ContrastiveModel(task.build_towers(config), loss_fn, objective))
     net: ContrastiveModel = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     optimizer = build_optimizer(config.optim, param_groups(net, config.optim, net.towers.lr_mults()))
+    negatives = NegativeQueue(config.loss.queue_size, t.momentum, net.towers) if config.loss.queue_size else None
     total_steps = t.max_steps or t.epochs * batches.batches_per_epoch
     scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, total_steps)
     torch.manual_seed(t.seed * 10_000 + rank)  # augmentations differ per rank
 
     checkpoint = ray.train.get_checkpoint()
-    progress = restore_state(checkpoint, net, optimizer, scheduler, rank, device) if checkpoint else Progress()
+    progress = restore_state(checkpoint, net, optimizer, scheduler, rank, device, negatives) if checkpoint else Progress()
     start_step = progress.step
     last_eval = dict.fromkeys(task.metric_names(config), float("nan"))
     send = Reporter()
@@ -369,7 +375,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             send(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            save_state(d, net, optimizer, scheduler, progress, rng_states)
+            save_state(d, net, optimizer, scheduler, progress, rng_states, negatives)
             with open(os.path.join(d, WORKERS_FILE), "w") as f:
                 json.dump(workers, f, indent=1)
             if final:
@@ -389,7 +395,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ran_out, epoch_start = True, progress.step  # ran_out: the epoch's batches did (not stopped at total_steps)
         for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
             loss = train_step(model, net, optimizer, batch, autocast, scheduler, t.grad_cache_chunk,
-                              config.optim.grad_clip)
+                              config.optim.grad_clip, negatives)
             progress.step, progress.batch_in_epoch = progress.step + 1, progress.batch_in_epoch + 1
             progress.anchors_without_positive_total += net.loss_fn.last_stats.anchors_without_positive
             window.add(loss, len(batch["labels"]))

@@ -28,7 +28,7 @@ from distributed_cl.tasks import TASKS, Task
 from distributed_cl.tasks.image import ENCODER_FILE
 from distributed_cl.train_loop import DATA_ERROR, EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
 
-CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "samples_per_s",
+CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "logit_bias", "samples_per_s",
                "anchors_without_positive", "mean_positives", "empty_batches", "start_step", "skipped_rows")
 
 
@@ -67,8 +67,10 @@ class ProgressLogger(UserCallback):
         total = f"/{self.total_steps}" if self.total_steps else ""
         parts = [f"step {m['step']}{total}", f"epoch {m['epoch']}"]
         if "loss" in m:
-            parts += [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"T {m['temperature']:.3f}",
-                      f"{m['samples_per_s']:.0f} samples/s"]
+            parts += [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"T {m['temperature']:.3f}"]
+            if "logit_bias" in m:
+                parts.append(f"bias {m['logit_bias']:.2f}")
+            parts.append(f"{m['samples_per_s']:.0f} samples/s")
             if m.get("anchors_without_positive"):
                 parts.append(f"{m['anchors_without_positive']} anchors without positive")
         parts += [f"{name} {m[name]:.4f}" for name in self.eval_metrics if name in m and m[name] == m[name]]  # not NaN

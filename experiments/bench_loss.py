@@ -2,6 +2,7 @@
 
     python experiments/bench_loss.py            # n=1024 per rank, d=128, 2 ranks
     python experiments/bench_loss.py --device cuda --dim 512   # one GPU: plain, chunked, peers, bf16
+    python experiments/bench_loss.py --siglip   # SigLIP vs open_clip's, global batch 2,048 to 65,536
 
 Each method runs in its own fresh set of rank processes. Time: median step on rank 0.
 Memory, measured after the timed steps: glibc is switched to a fixed mmap threshold (so freed
@@ -88,6 +89,22 @@ def make_step(method: str, n: int, d: int, rank: int, world: int, device: str = 
             loss_fn(F.normalize(a, dim=1), F.normalize(b, dim=1), logit_scale.exp()).backward()
 
         return step
+    if method.startswith("ours SigLIP"):
+        from distributed_cl.losses import SigLipLoss
+
+        loss_fn = SigLipLoss(chunk_size=chunk, neighbour_exchange="neighbour" in method).to(device)
+        return lambda: loss_fn(a, b).backward()
+    if method == "open_clip SigLIP":  # its default: bidirectional neighbour exchange, autograd through it
+        from open_clip.loss import SigLipLoss as OpenClipSigLip
+
+        loss_fn = OpenClipSigLip(rank=rank, world_size=world)
+        logit_scale = torch.tensor(10.0, device=device).log().requires_grad_()
+        logit_bias = torch.tensor(-10.0, device=device, requires_grad=True)
+
+        def step():
+            loss_fn(F.normalize(a, dim=1), F.normalize(b, dim=1), logit_scale.exp(), logit_bias).backward()
+
+        return step
     if method.startswith("GEMM floor"):
         rows = 2 * n if "NTXent" in method else n  # NTXent: 2n anchors x 2N candidates
         q = torch.randn(rows, d, generator=g).to(device, dtype)
@@ -104,8 +121,8 @@ def make_step(method: str, n: int, d: int, rank: int, world: int, device: str = 
     raise ValueError(method)
 
 
-def _rank_main(rank, world, method, n, d, steps, warmup):
-    step = make_step(method, n, d, rank, world)
+def _rank_main(rank, world, method, n, d, steps, warmup, chunk_size=2048):
+    step = make_step(method, n, d, rank, world, chunk_size=chunk_size)
     for _ in range(warmup):
         step()
     times = []
@@ -120,8 +137,49 @@ def _rank_main(rank, world, method, n, d, steps, warmup):
     return statistics.median(times), float(peak)
 
 
-def run(method, n, d, world, steps, warmup):
-    return run_on_local_ranks(_rank_main, world, method, n, d, steps, warmup)
+def run(method, n, d, world, steps, warmup, chunk_size=2048):
+    return run_on_local_ranks(_rank_main, world, method, n, d, steps, warmup, chunk_size, timeout=3600)
+
+
+SIGLIP_METHODS = ["ours SigLIP", "ours SigLIP chunked", "ours SigLIP neighbour", "ours SigLIP neighbour chunked",
+                  "open_clip SigLIP", "GEMM floor (SigLIP)"]
+
+
+def siglip_logits_gib(method: str, n: int, world: int, chunk: int) -> float:
+    """The largest logits-sized buffers a method holds at once, per rank, in GiB (fp32): ours holds
+    one tile and its softplus; open_clip's autograd keeps about four (n x n) blocks per neighbour."""
+    if "chunked" in method:
+        return 2 * min(chunk, n) ** 2 * 4 / 2**30
+    if method == "open_clip SigLIP":
+        return 4 * world * n * n * 4 / 2**30
+    if "neighbour" in method:
+        return 2 * n * n * 4 / 2**30
+    return 2 * n * n * world * 4 / 2**30
+
+
+def siglip_main(args) -> None:
+    """Time and peak memory against the global batch, every method in fresh rank processes. A
+    method whose logits alone would pass --max-gib per rank is not run (the machine would swap)."""
+    print(f"SigLIP, {args.world} gloo ranks x 1 thread, d={args.dim}, chunk_size {args.chunk_size}, "
+          f"median of {args.steps} steps; torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    print("| global batch | method | step (ms) | peak memory (MiB) | vs open_clip (time) | vs open_clip (memory) |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for total in args.siglip_batches:
+        n = total // args.world
+        results = {}
+        for m in SIGLIP_METHODS:
+            need = siglip_logits_gib(m, n, args.world, args.chunk_size)
+            results[m] = None if need > args.max_gib else run(m, n, args.dim, args.world, args.steps, args.warmup,
+                                                              args.chunk_size)
+            peer = results.get("open_clip SigLIP")
+        for m in SIGLIP_METHODS:
+            if results[m] is None:
+                need = siglip_logits_gib(m, n, args.world, args.chunk_size)
+                print(f"| {total:,} | {m} | not run: needs ~{need:.0f} GiB a rank | | | |", flush=True)
+                continue
+            t, mem = results[m]
+            vs = (f"{t / peer[0]:.2f}x", f"{mem / peer[1]:.3f}x") if peer and m != "open_clip SigLIP" else ("", "")
+            print(f"| {total:,} | {m} | {t * 1e3:.0f} | {mem:.0f} | {vs[0]} | {vs[1]} |", flush=True)
 
 
 CUDA_GROUPS = [["ours CLIP", "ours CLIP chunked", "open_clip CLIP", "GEMM floor (CLIP)"],
@@ -182,8 +240,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cuda-n", type=int, nargs="+", default=[32768, 65536], help="batch sizes on the GPU")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="chunk_size of the chunked losses on the GPU")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="chunk_size of the chunked losses")
+    parser.add_argument("--siglip", action="store_true", help="SigLIP against open_clip's over --siglip-batches")
+    parser.add_argument("--siglip-batches", type=int, nargs="+", default=[2048, 8192, 32768, 65536],
+                        help="global batch sizes of the SigLIP table")
+    parser.add_argument("--max-gib", type=float, default=7.0, help="SigLIP: skip methods whose logits need more per rank")
     args = parser.parse_args()
+    if args.siglip:
+        siglip_main(args)
+        return
     if args.device == "cuda":
         cuda_main(args)
         return

@@ -1,10 +1,12 @@
 """Write tiny random CLIPs, for checking the pretrained-tower paths offline (no weights can be
-downloaded here): the transformers one as a model directory, the open_clip one as a model config
-JSON and a checkpoint. They check the plumbing, not quality.
+downloaded here): the transformers CLIP and SigLIP as model directories, the open_clip one as a
+model config JSON and a checkpoint. They check the plumbing, not quality.
 
     python experiments/tiny_clip.py [--out data/tiny_clip]
     bash scripts/train.sh --config experiments/image_text_emoji.yaml \
         --set image_text.towers=hf_clip --set image_text.pretrained=data/tiny_clip/hf_clip
+    bash scripts/train.sh --config experiments/image_text_emoji.yaml --set loss.name=siglip \
+        --set image_text.towers=hf_clip --set image_text.pretrained=data/tiny_clip/hf_siglip
     bash scripts/train.sh --config experiments/image_text_emoji.yaml --set image_text.towers=open_clip \
         --set image_text.open_clip_config=data/tiny_clip/open_clip/tiny-clip.json \
         --set image_text.pretrained=tiny-clip:data/tiny_clip/open_clip/tiny-clip.pt
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,20 +24,44 @@ import torch
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
-def save_tiny_hf_clip(path: Path, image_size: int = 32, seed: int = 0) -> Path:
-    """A transformers CLIPModel (2 layers of width 32 a tower, 8-pixel patches) and a real
-    CLIPTokenizer on a byte-level vocabulary of single characters (no merges)."""
+def _byte_tokenizer(path: Path) -> dict:
+    """A real CLIPTokenizer on a byte-level vocabulary of single characters (no merges), saved at
+    `path`; the text config entries that match it."""
     from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
-    text = {**TOWER, "vocab_size": len(vocab), "max_position_embeddings": 48, "bos_token_id": vocab["<|startoftext|>"],
+    return {**TOWER, "vocab_size": len(vocab), "max_position_embeddings": 48, "bos_token_id": vocab["<|startoftext|>"],
             "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+
+
+def save_tiny_hf_clip(path: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A transformers CLIPModel (2 layers of width 32 a tower, 8-pixel patches) and its tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = _byte_tokenizer(path)
     torch.manual_seed(seed)
     CLIPModel(CLIPConfig(text_config=text, vision_config={**TOWER, "image_size": image_size, "patch_size": 8},
                          projection_dim=16)).save_pretrained(path)
+    return path
+
+
+def save_tiny_hf_siglip(path: Path, image_size: int = 32, seed: int = 0) -> Path:
+    """A transformers SiglipModel of the same size (its scale and bias at SigLIP's init), its
+    SigLIP image processor (mean and std 0.5) and the byte-level tokenizer."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    text = _byte_tokenizer(path)
+    text["projection_size"] = TOWER["hidden_size"]
+    SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config={**TOWER, "image_size": image_size, "patch_size": 8}))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(path)
     return path
 
 
@@ -61,6 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/tiny_clip"))
     args = parser.parse_args()
     print(save_tiny_hf_clip(args.out / "hf_clip"))
+    print(save_tiny_hf_siglip(args.out / "hf_siglip"))
     print(save_tiny_open_clip(args.out / "open_clip"))
 
 

@@ -63,6 +63,15 @@ def tiny_clip(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> str:
+    """The same tiny model as a transformers SiglipModel (scale 10, bias -10), with its SigLIP
+    image processor and the byte-level tokenizer, saved as a model directory."""
+    from experiments.tiny_clip import save_tiny_hf_siglip
+
+    return str(save_tiny_hf_siglip(tmp_path_factory.mktemp("tiny_siglip")))
+
+
+@pytest.fixture(scope="session")
 def tiny_open_clip(tmp_path_factory) -> dict:
     """A tiny open_clip model: its config JSON (known to open_clip by the file's stem, once
     registered) and a checkpoint of random weights; the `image_text` overrides that train it."""

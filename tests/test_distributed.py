@@ -17,7 +17,16 @@ from torch import nn
 
 from distributed_cl import distributed as dist_utils
 from distributed_cl.distributed import run_on_local_ranks
-from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SupConLoss, pair_labels
+from distributed_cl.losses import (
+    ClipLoss,
+    ContrastiveLoss,
+    InfoNCELoss,
+    NTXentLoss,
+    SigLipLoss,
+    SupConLoss,
+    pair_labels,
+)
+from distributed_cl.losses.core import Memory
 
 D = 8
 SIZES = {2: [5, 3], 3: [4, 1, 6], 4: [3, 0, 5, 2]}  # world 4 has a rank with an empty batch
@@ -35,7 +44,14 @@ def _labels(name, n, classes):
 
 # Every gathered loss also runs in tiles of 2 x 2 logits (chunk_size), against the untiled reference.
 CHUNKED = ("ntxent", "ntxent_two_views_labels", "ntxent_labels", "supcon", "supcon_sparse_labels", "infonce_in_batch",
-           "infonce_unpaired", "clip")
+           "infonce_unpaired", "clip", "siglip", "siglip_ring", "ntxent_decoupled_hard", "ntxent_labels_decoupled",
+           "ntxent_labels_hard", "infonce_decoupled_hard", "infonce_unpaired_hard", "ntxent_memory",
+           "ntxent_labels_memory", "supcon_memory", "infonce_memory", "clip_memory")
+
+
+def MEMORY():
+    """Past keys, the same on every rank (the queue's): extra candidates, no gradient."""
+    return Memory(_rand("ma", 5, D), _rand("mb", 5, D), _labels("ml", 5, 4))
 
 
 # A case: (loss module, global inputs, per-input local sizes, call). Inputs are split by rank.
@@ -72,6 +88,42 @@ def CASES(sizes):
             lambda m, q, k, neg: m(q, k, neg),
         ),
         "clip": (ClipLoss(0.1), [_rand("i", n, D), _rand("t", n, D)], [sizes] * 2, lambda m, i, t: m(i, t)),
+        "siglip": (SigLipLoss(5.0, -2.0), [_rand("i", n, D), _rand("t", n, D)], [sizes] * 2, lambda m, i, t: m(i, t)),
+        "siglip_ring": (  # neighbour exchange: texts pass around the ring; its reference is the gathered loss
+            SigLipLoss(5.0, -2.0, neighbour_exchange=True), [_rand("i", n, D), _rand("t", n, D)], [sizes] * 2,
+            lambda m, i, t: m(i, t),
+        ),
+        "ntxent_decoupled_hard": (
+            NTXentLoss(0.2, decoupled=True, hard_negative_beta=0.5), [_rand("a", n, D), _rand("b", n, D)], [sizes] * 2,
+            lambda m, a, b: m(a, b),
+        ),
+        "ntxent_labels_decoupled": (
+            NTXentLoss(0.1, decoupled=True), [_rand("z", n, D), _labels("y", n, 4)], [sizes] * 2, lambda m, z, y: m(z, labels=y),
+        ),
+        "ntxent_labels_hard": (
+            NTXentLoss(0.1, hard_negative_beta=0.7), [_rand("z", n, D), _labels("y", n, 4)], [sizes] * 2,
+            lambda m, z, y: m(z, labels=y),
+        ),
+        "infonce_decoupled_hard": (
+            InfoNCELoss(0.1, decoupled=True, hard_negative_beta=0.5), [_rand("q", n, D), _rand("k", n, D)], [sizes] * 2,
+            lambda m, q, k: m(q, k),
+        ),
+        "ntxent_memory": (NTXentLoss(0.2), [_rand("a", n, D), _rand("b", n, D)], [sizes] * 2,
+                          lambda m, a, b: m(a, b, memory=MEMORY())),
+        "ntxent_labels_memory": (NTXentLoss(0.1, hard_negative_beta=0.5), [_rand("z", n, D), _labels("y", n, 4)],
+                                 [sizes] * 2, lambda m, z, y: m(z, labels=y, memory=MEMORY())),
+        "supcon_memory": (SupConLoss(0.1), [_rand("z", n, D), _labels("y2", n, 6)], [sizes] * 2,
+                          lambda m, z, y: m(z, y, memory=MEMORY())),
+        "infonce_memory": (InfoNCELoss(0.1), [_rand("q", n, D), _rand("k", n, D)], [sizes] * 2,
+                           lambda m, q, k: m(q, k, memory=MEMORY())),
+        "clip_memory": (ClipLoss(0.1), [_rand("i", n, D), _rand("t", n, D)], [sizes] * 2,
+                        lambda m, i, t: m(i, t, memory=MEMORY())),
+        "infonce_unpaired_hard": (
+            InfoNCELoss(0.1, hard_negative_beta=0.5),
+            [_rand("q", n, D), _rand("k", n, D), _rand("neg", sum(neg_sizes), D)],
+            [sizes, sizes, neg_sizes],
+            lambda m, q, k, neg: m(q, k, neg),
+        ),
         "pairs_margin": (
             ContrastiveLoss(0.7),
             [_rand("x1", n, D), _rand("x2", n, D), _labels("same", n, 2)],
@@ -163,7 +215,8 @@ def ranks(request, tmp_path_factory):
 def test_gradients_equal_single_process(ranks, name):
     world, sizes, results = ranks
     _, inputs, in_sizes, call = CASES(sizes)[name]
-    module = CASES(sizes)[name.removesuffix("_chunked")][0]  # the reference is always untiled
+    reference = name.removesuffix("_chunked").replace("siglip_ring", "siglip")
+    module = CASES(sizes)[reference][0]  # the reference is always untiled and gathered
     ref_loss, ref_grads, ref_param_grads, ref_stats = _run_case(module, inputs, call)
 
     mean_loss = sum(r[name][0] for r in results) / world

@@ -19,7 +19,7 @@ from torch import nn
 from distributed_cl.config import Config
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.grad_cache import grad_cache_backward, split_batch
-from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 from distributed_cl.objectives import build_objective, pair_views, supervised_views
 from distributed_cl.samplers import DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel
@@ -30,6 +30,8 @@ LOSSES = {
     "infonce": (lambda: InfoNCELoss(0.2), pair_views),
     "clip": (lambda: ClipLoss(0.1), pair_views),  # its logit_scale gradient comes from the cached loss
     "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), pair_views),
+    "siglip": (lambda: SigLipLoss(5.0, -2.0), pair_views),  # logit_scale and logit_bias from the cached loss
+    "ntxent_decoupled_hard": (lambda: NTXentLoss(0.2, decoupled=True, hard_negative_beta=0.5), pair_views),
 }
 
 

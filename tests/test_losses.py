@@ -6,9 +6,27 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import clip_loop, contrastive_pairs_loop, ntxent_loop, rel_err, supcon_loop
+from reference import (
+    clip_loop,
+    contrastive_pairs_loop,
+    hcl_simclr,
+    ntxent_loop,
+    ntxent_weighted_loop,
+    rel_err,
+    siglip_loop,
+    supcon_loop,
+    weighted_negatives_loop,
+)
 
-from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SupConLoss, pair_labels
+from distributed_cl.losses import (
+    ClipLoss,
+    ContrastiveLoss,
+    InfoNCELoss,
+    NTXentLoss,
+    SigLipLoss,
+    SupConLoss,
+    pair_labels,
+)
 
 
 def leaves(*shapes, seed=0, dtype=torch.float32):
@@ -187,6 +205,89 @@ def test_pair_labels_make_positives_only_where_same():
     torch.testing.assert_close(loss, supcon_loop(z, labels, 0.2))
 
 
+# ------------------------------------------------------------------------------- SigLIP
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_siglip_matches_open_clip_including_scale_and_bias_grads(chunk_size):
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = leaves((10, 8), (10, 8), seed=21)
+    ours = SigLipLoss(chunk_size=chunk_size)
+    loss = ours(img, txt)
+    grads = torch.autograd.grad(loss, [img, txt, ours.logit_scale, ours.logit_bias])
+    log_scale, bias = torch.tensor(math.log(10.0), requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    ref = open_clip_loss.SigLipLoss()(F.normalize(img, dim=1), F.normalize(txt, dim=1), log_scale.exp(), bias)
+    ref_grads = torch.autograd.grad(ref, [img, txt, log_scale, bias])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+
+
+def test_siglip_matches_closed_form_away_from_its_initial_point():
+    img, txt = leaves((6, 4), (6, 4), seed=22)
+    loss = SigLipLoss(init_scale=3.0, init_bias=1.5)
+    got = loss(img, txt)
+    ref = siglip_loop(img, txt, torch.tensor(3.0), torch.tensor(1.5))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert loss.logged() == pytest.approx({"temperature": 1 / 3.0, "logit_bias": 1.5})
+
+
+def test_siglip_backward_twice_is_refused():
+    img, txt = leaves((4, 8), (4, 8))
+    loss = SigLipLoss()(img, txt)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same loss twice"):
+        loss.backward()
+
+
+# ------------------------------------------------------------------------------- DCL and HCL
+
+
+def test_decoupled_ntxent_matches_lightly_dcl():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    a, b = leaves((16, 32), (16, 32), seed=23)
+    assert_same(NTXentLoss(0.2, decoupled=True), lightly_loss.DCLLoss(temperature=0.2), [a, b])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_hard_negative_ntxent_matches_robinson_et_al(beta):
+    a, b = leaves((12, 8), (12, 8), seed=24)
+    assert_same(NTXentLoss(0.3, hard_negative_beta=beta), lambda x, y: hcl_simclr(x, y, 0.3, beta), [a, b])
+
+
+@pytest.mark.parametrize("decoupled,beta", [(True, 0.0), (False, 0.7), (True, 0.7)])
+def test_labelled_ntxent_options_match_the_loop(decoupled, beta):
+    (z,) = leaves((14, 8), seed=25)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0, 4, 2, 5, 6, 6])  # 4 and 5 have no positive
+    loss = NTXentLoss(0.2, decoupled=decoupled, hard_negative_beta=beta)
+    assert_same(lambda x: loss(x, labels=labels), lambda x: ntxent_weighted_loop(x, labels, 0.2, beta, decoupled), [z])
+
+
+def _infonce_loop(q, k, *extra, mode, temperature, beta, decoupled):
+    def negatives(i):
+        return {"in_batch": lambda: [k[j] for j in range(len(k)) if j != i], "unpaired": lambda: list(extra[0]),
+                "paired": lambda: list(extra[0][i])}[mode]()
+    pos = [[F.normalize(q[i], dim=0) @ F.normalize(k[i], dim=0) / temperature] for i in range(len(q))]
+    neg = [[F.normalize(q[i], dim=0) @ F.normalize(n, dim=0) / temperature for n in negatives(i)] for i in range(len(q))]
+    return weighted_negatives_loop(q, pos, neg, beta, decoupled)
+
+
+@pytest.mark.parametrize("decoupled,beta", [(True, 0.0), (False, 0.7), (True, 0.7)])
+@pytest.mark.parametrize("mode", ["in_batch", "unpaired", "paired"])
+def test_infonce_options_match_the_loop(mode, decoupled, beta):
+    q, k, pool, paired = leaves((9, 8), (9, 8), (5, 8), (9, 3, 8), seed=26)
+    loss = InfoNCELoss(0.25, negative_mode="paired" if mode == "paired" else "unpaired", decoupled=decoupled,
+                       hard_negative_beta=beta)
+    extra = {"in_batch": [], "unpaired": [pool], "paired": [paired]}[mode]
+    assert_same(lambda *x: loss(*x), lambda *x: _infonce_loop(*x, mode=mode, temperature=0.25, beta=beta, decoupled=decoupled),
+                [q, k, *extra])
+
+
+def test_plain_options_give_the_plain_loss():
+    a, b = leaves((12, 8), (12, 8), seed=27)
+    assert_same(NTXentLoss(0.3, decoupled=False, hard_negative_beta=0.0), lambda x, y: ntxent_loop(x, y, 0.3), [a, b])
+
+
 # ------------------------------------------------------------------------------- precision and errors
 
 
@@ -197,6 +298,8 @@ def test_pair_labels_make_positives_only_where_same():
         lambda a, b: SupConLoss()(torch.cat([a, b]), torch.arange(len(a)).repeat(2)),
         lambda a, b: InfoNCELoss()(a, b),
         lambda a, b: ClipLoss()(a, b),
+        lambda a, b: SigLipLoss()(a, b),
+        lambda a, b: NTXentLoss(decoupled=True, hard_negative_beta=0.5)(a, b),
     ],
 )
 def test_bf16_inputs_are_finite_and_close_to_fp32(make):
@@ -219,6 +322,11 @@ EVERY_LOSS = {
     "infonce_unpaired": lambda a, b: InfoNCELoss()(a, b, b.roll(1, 0)[:16] * 2),
     "infonce_paired": lambda a, b: InfoNCELoss(negative_mode="paired")(a, b, torch.stack([b.roll(1, 0), b.roll(2, 0)], 1)),
     "clip": lambda a, b: ClipLoss()(a, b),
+    "siglip": lambda a, b: SigLipLoss()(a, b),
+    "siglip_chunked": lambda a, b: SigLipLoss(chunk_size=24)(a, b),
+    "ntxent_decoupled_hard": lambda a, b: NTXentLoss(decoupled=True, hard_negative_beta=0.5)(a, b),
+    "ntxent_labels_hard": lambda a, b: NTXentLoss(hard_negative_beta=0.5)(a, b, labels=torch.arange(len(a)) % 8),
+    "infonce_decoupled_hard": lambda a, b: InfoNCELoss(decoupled=True, hard_negative_beta=0.5)(a, b),
     "contrastive": lambda a, b: ContrastiveLoss()(a, b, torch.arange(len(a)) % 2),
 }
 
@@ -260,6 +368,11 @@ def test_every_loss_under_cpu_autocast_is_finite_and_close_to_fp32(name, input_d
         (lambda: InfoNCELoss(negative_mode="paired")(torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 2, 8)), "paired"),
         (lambda: InfoNCELoss()(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 2, 8)), "unpaired"),
         (lambda: ContrastiveLoss()(torch.randn(3, 8), torch.randn(3, 8), torch.tensor([0, 2, 1])), "is_same"),
+        (lambda: SigLipLoss(init_scale=0), "init_scale must be"),
+        (lambda: SigLipLoss(init_bias=float("nan")), "init_bias must be"),
+        (lambda: SigLipLoss()(torch.randn(4, 8), torch.randn(3, 8)), "4 rows but text_emb has 3"),
+        (lambda: NTXentLoss(hard_negative_beta=-1), "hard_negative_beta must be"),
+        (lambda: InfoNCELoss(decoupled="yes"), "decoupled must be"),
     ],
 )
 def test_bad_input_raises_a_named_error(call, match):

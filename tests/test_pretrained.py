@@ -198,6 +198,31 @@ def test_the_clip_loss_starts_from_the_pretrained_logit_scale_and_trains_it(tiny
     assert not towers.model.logit_scale.requires_grad
 
 
+def test_hf_siglip_towers_embed_as_siglipmodel_and_the_loss_trains_its_scale_and_bias(tiny_siglip):
+    from transformers import AutoProcessor, SiglipModel
+
+    config = hf_clip_config(tiny_siglip, "loss.name=siglip")
+    towers = TASKS["image_text"].build_towers(config).eval()
+    reference = SiglipModel.from_pretrained(tiny_siglip).eval()
+    processor = AutoProcessor.from_pretrained(tiny_siglip)
+    images = pil_images(3)
+    # as SigLIP was trained: texts padded to the context length, no attention mask
+    inputs = processor(images=images, text=CAPTIONS, padding="max_length", max_length=48, return_tensors="pt")
+    task = ImageTextTask(config)
+    with torch.no_grad():
+        torch.testing.assert_close(towers.embed_images(as_floats(images)),
+                                   reference.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(towers.embed_texts(task.tokenize(CAPTIONS)),
+                                   reference.get_text_features(input_ids=inputs["input_ids"]).pooler_output,
+                                   atol=1e-5, rtol=1e-4)
+    net = ContrastiveModel(towers.train(), *build_objective(config.loss))
+    assert net.loss_fn.scale.item() == pytest.approx(10.0) and net.loss_fn.logit_bias.item() == -10.0
+    assert net.loss_fn.logit_bias is towers.model.logit_bias
+    net(task.augment(task.collate(task.data.train.head(8)))).backward()
+    assert towers.model.logit_scale.grad.abs().item() > 0 and towers.model.logit_bias.grad.abs().item() > 0
+
+
 @pytest.mark.parametrize("locked", ["image", "text"])
 def test_a_locked_tower_keeps_its_weights_while_the_other_trains(tiny_clip, locked):
     config = hf_clip_config(tiny_clip, f"image_text.lock_{locked}=true", "loss.name=clip")
@@ -221,13 +246,15 @@ def test_a_locked_tower_keeps_its_weights_while_the_other_trains(tiny_clip, lock
     assert all(not m.training for m in locked_modules)  # evaluated as it is: no dropout
 
 
-def test_siglip_and_other_checkpoints_are_refused_before_ray_starts(tmp_path, tiny_bert):
+def test_a_siglip_with_a_softmax_loss_and_other_checkpoints_are_refused_before_ray_starts(tmp_path, tiny_bert):
     from transformers import SiglipConfig
 
     SiglipConfig().save_pretrained(tmp_path / "siglip")
-    with pytest.raises(ConfigError, match=r"image_text.pretrained: .*siglip is a SigLIP checkpoint \(sigmoid loss"):
-        hf_clip_config(str(tmp_path / "siglip"))
-    with pytest.raises(ConfigError, match=r"is a 'bert' model, not a CLIP"):
+    with pytest.raises(ConfigError, match=r"image_text.pretrained: .*siglip is a SigLIP checkpoint \(sigmoid loss, "
+                                          r"with a logit bias\): train it with loss.name: siglip"):
+        hf_clip_config(str(tmp_path / "siglip"), "loss.name=clip")
+    hf_clip_config(str(tmp_path / "siglip"), "loss.name=siglip")  # accepted
+    with pytest.raises(ConfigError, match=r"is a 'bert' model; towers: hf_clip loads model_type 'clip' or 'siglip'"):
         hf_clip_config(tiny_bert)
     with pytest.raises(ConfigError, match=r"'openai/clip-vit-base-patch32' is not a local directory and "
                                           r"image_text.download is false"):
@@ -266,14 +293,21 @@ def test_open_clip_towers_embed_as_open_clip_with_its_transforms_and_tokenizer(t
     assert towers.logit_scale is towers.model.logit_scale
 
 
-def test_an_open_clip_siglip_config_is_refused(tmp_path, tiny_open_clip):
+def test_an_open_clip_siglip_trains_with_the_sigmoid_loss_only(tmp_path, tiny_open_clip):
     import json
 
     config = json.loads(Path(tiny_open_clip["config"]).read_text()) | {"init_logit_bias": -10}
     (tmp_path / "tiny-siglip.json").write_text(json.dumps(config))
+    overrides = ["image_text.towers=open_clip", "image_text.pretrained=tiny-siglip",
+                 f"image_text.open_clip_config={tmp_path}/tiny-siglip.json"]
     with pytest.raises(ConfigError, match="tiny-siglip is a SigLIP checkpoint"):
-        Config.load(CONFIGS / "image_text_tiny.yaml", ["image_text.towers=open_clip", "image_text.pretrained=tiny-siglip",
-                                                       f"image_text.open_clip_config={tmp_path}/tiny-siglip.json"])
+        Config.load(CONFIGS / "image_text_tiny.yaml", [*overrides, "loss.name=clip"])
+    siglip = Config.load(CONFIGS / "image_text_tiny.yaml", [*overrides, "loss.name=siglip"])
+    towers = TASKS["image_text"].build_towers(siglip)
+    net = ContrastiveModel(towers, *build_objective(siglip.loss))
+    assert net.loss_fn.logit_bias is towers.model.logit_bias and net.loss_fn.logit_scale is towers.model.logit_scale
+    with pytest.raises(ValueError, match="the pretrained towers are a SigLIP"):  # (hf-hub: ones meet this in the worker)
+        ContrastiveModel(towers, *build_objective(Config.load(overrides=["loss.name=clip"]).loss))
     with pytest.raises(ConfigError, match="names weights on the Hugging Face Hub, and image_text.download is false"):
         Config.load(CONFIGS / "image_text_tiny.yaml", ["image_text.towers=open_clip",
                                                        "image_text.pretrained=ViT-B-32:laion2b_s34b_b79k"])
@@ -335,6 +369,31 @@ def test_the_hf_clip_export_loads_in_transformers_as_the_trained_towers(tiny_cli
                                    ours_texts, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ours_images, towers.embed_images(as_floats(images)))
     assert model.logit_scale.item() == pytest.approx(towers.logit_scale.item())  # the trained scale went along
+
+
+def test_the_hf_siglip_export_loads_in_transformers_as_the_trained_towers(tiny_siglip, tmp_path):
+    from transformers import AutoModel, AutoProcessor
+
+    model_dir = shutil.copytree(tiny_siglip, tmp_path / "siglip")
+    config = hf_clip_config(str(model_dir), "loss.name=siglip")
+    task = ImageTextTask(config)
+    towers = task.build_towers(config).eval()
+    perturb(towers)
+    directory = export_moved(task, towers, tmp_path)
+    shutil.rmtree(model_dir)
+    model = AutoModel.from_pretrained(directory / "hf_clip").eval()
+    assert type(model).__name__ == "SiglipModel"
+    processor = AutoProcessor.from_pretrained(directory / "hf_clip")
+    loaded = load_towers(str(directory / "towers.pt"))
+    images = pil_images(4, seed=1)
+    inputs = processor(images=images, text=CAPTIONS, padding="max_length", max_length=48, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output,
+                                   loaded.embed_images(as_floats(images)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.get_text_features(input_ids=inputs["input_ids"]).pooler_output,
+                                   loaded.embed_texts(loaded.tokenize(CAPTIONS)), atol=1e-5, rtol=1e-4)
+    assert model.logit_bias.item() == pytest.approx(towers.logit_bias.item())  # the trained bias went along
+    assert model.logit_bias.item() != -10.0
 
 
 def test_the_open_clip_export_loads_in_open_clip_as_the_trained_towers(tiny_open_clip, tmp_path):

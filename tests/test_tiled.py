@@ -11,7 +11,7 @@ from reference import ntxent_loop, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SupConLoss
+from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 
 
 def paired_negatives(b):
@@ -31,7 +31,14 @@ GATHERED = {
     "infonce_unpaired": (InfoNCELoss, {}, lambda m, a, b: m(a, b, b.roll(1, 0) * 2)),
     "infonce_paired": (InfoNCELoss, {"negative_mode": "paired"}, lambda m, a, b: m(a, b, paired_negatives(b))),
     "clip": (ClipLoss, {"temperature": 0.05}, lambda m, a, b: m(a, b)),
+    "siglip": (SigLipLoss, {"init_scale": 5.0, "init_bias": -2.0}, lambda m, a, b: m(a, b)),
+    "ntxent_decoupled_hard": (NTXentLoss, {"decoupled": True, "hard_negative_beta": 0.5}, lambda m, a, b: m(a, b)),
+    "ntxent_labels_decoupled": (NTXentLoss, {"decoupled": True}, lambda m, a, b: m(a, b, labels=torch.arange(len(a)) % 5)),
+    "ntxent_labels_hard": (NTXentLoss, {"hard_negative_beta": 1.0}, lambda m, a, b: m(a, b, labels=torch.arange(len(a)) % 5)),
+    "infonce_decoupled_hard": (InfoNCELoss, {"decoupled": True, "hard_negative_beta": 0.5}, lambda m, a, b: m(a, b)),
+    "infonce_unpaired_hard": (InfoNCELoss, {"hard_negative_beta": 0.5}, lambda m, a, b: m(a, b, b.roll(1, 0) * 2)),
 }
+LEARNT = {"clip": 1, "siglip": 2}  # the losses' own parameters: logit_scale (and SigLIP's logit_bias)
 
 
 def run(name, inputs, chunk_size=None, autocast=False):
@@ -56,7 +63,7 @@ def test_chunked_equals_untiled_in_fp32(name, chunk_size):
     ref_loss, ref_grads = run(name, inputs)
     loss, grads = run(name, inputs, chunk_size)
     assert rel_err(loss, ref_loss) < 1e-6
-    assert len(grads) == len(ref_grads) == 2 + (name == "clip")  # CLIP's logit_scale
+    assert len(grads) == len(ref_grads) == 2 + LEARNT.get(name, 0)
     for g, ref in zip(grads, ref_grads):
         assert rel_err(g, ref) < 1e-6
 
@@ -127,7 +134,7 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("name", GATHERED)
 def test_chunked_never_makes_an_n_by_n_matrix(name):
-    n, d, chunk = 256, 8, 32
+    n, d, chunk = 128, 8, 32
     inputs = leaves(n, d, seed=2)
     sizes = {}
     for chunk_size in (None, chunk):

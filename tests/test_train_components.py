@@ -7,19 +7,26 @@ import pytest
 import torch
 
 from distributed_cl.config import Config, LossConfig, ModelConfig
-from distributed_cl.objectives import build_objective
+from distributed_cl.objectives import OBJECTIVES, build_objective
 from distributed_cl.optim import warmup_cosine
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import ContrastiveModel
 from distributed_cl.tasks.image import ImageTask
 
+LOSS_CONFIGS = {name: {} for name in OBJECTIVES} | {
+    "ntxent_decoupled_hard": {"name": "ntxent", "decoupled": True, "hard_negative_beta": 0.5},
+    "infonce_decoupled": {"name": "infonce", "decoupled": True},
+    "siglip_tiled": {"name": "siglip", "chunk_size": 3, "init_scale": 5.0, "init_bias": -1.0},
+}
 
-@pytest.mark.parametrize("loss", ["ntxent", "infonce", "clip", "supcon"])
+
+@pytest.mark.parametrize("loss", LOSS_CONFIGS)
 @pytest.mark.parametrize("encoder", ["small_cnn", "resnet18_small"])
 def test_every_configured_loss_trains_through_the_model(loss, encoder):
     torch.manual_seed(0)
     config = Config(model=ModelConfig(encoder=encoder, width=8, pool=2, projection_hidden=16, projection_dim=8))
-    loss_fn, objective = build_objective(LossConfig(name=loss, temperature=0.2))
+    options = {"name": loss, "temperature": 0.2} | LOSS_CONFIGS[loss]
+    loss_fn, objective = build_objective(LossConfig(**options))
     model = ContrastiveModel(ImageTask.build_towers(config), loss_fn, objective)
     batch = {"a": torch.rand(8, 1, 28, 28), "b": torch.rand(8, 1, 28, 28), "labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
     loss_value = model(batch)

@@ -16,13 +16,15 @@ from torch import Tensor, nn
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    Memory,
     autocast_off,
     check_embeddings,
     check_same_length,
     normalized_fp32,
+    with_memory,
 )
-from distributed_cl.losses.fused import ClipBlock
-from distributed_cl.losses.tiled import row_and_column_logsumexp
+from distributed_cl.losses.fused import ClipBlock, RowCrossEntropy
+from distributed_cl.losses.tiled import row_and_column_logsumexp, row_logsumexp
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -44,8 +46,13 @@ class ClipLoss(GatheredLoss):
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
 
+    def logged(self) -> dict[str, float]:
+        return {"temperature": 1 / self.scale.item()}
+
     @autocast_off
-    def forward(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    def forward(self, image_emb: Tensor, text_emb: Tensor, *, memory: Memory | None = None) -> Tensor:
+        """`memory`: past images and texts; image rows get the texts as extra negatives, text rows
+        the images."""
         check_embeddings("image_emb", image_emb)
         check_embeddings("text_emb", text_emb, dim=image_emb.shape[1])
         check_same_length("image_emb", image_emb, "text_emb", text_emb)
@@ -53,6 +60,8 @@ class ClipLoss(GatheredLoss):
         text = normalized_fp32(text_emb)
         layout = BatchLayout.exchange(len(image), image.device, self.gather)
         text_all = layout.gather(text)
+        if memory is not None:
+            return self._finish_single_positive(self._with_memory(image, text, text_all, layout, memory) / 2, layout)
         if self.chunk_size:
             # column j's log-sum-exp runs over every rank's rows: combine the ranks' partial ones
             row_lse, col_lse_partial = row_and_column_logsumexp(image, text_all, self.chunk_size)
@@ -62,3 +71,14 @@ class ClipLoss(GatheredLoss):
         else:
             loss_sum = ClipBlock.apply(image, text_all, layout)  # image->text + text->image
         return self._finish_single_positive(loss_sum / 2, layout)
+
+    def _with_memory(self, image: Tensor, text: Tensor, text_all: Tensor, layout: BatchLayout, memory: Memory) -> Tensor:
+        """Both directions as row cross-entropies (the images gathered too): image rows over every
+        text and the memory's texts, text rows over every image and the memory's images."""
+        images = torch.cat([layout.gather(image), normalized_fp32(memory.a) * self.scale])
+        texts = with_memory(text_all, memory.b)
+        if self.chunk_size:
+            rows = row_logsumexp(image, texts, self.chunk_size).sum() + row_logsumexp(text, images, self.chunk_size).sum()
+            return rows - 2 * (image * text).sum()
+        targets = layout.offset + torch.arange(len(image), device=image.device)
+        return RowCrossEntropy.apply(image, texts, targets, None) + RowCrossEntropy.apply(text, images, targets, None)

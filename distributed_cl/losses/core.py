@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -31,6 +32,26 @@ class LossStats:
     anchors: int
     anchors_without_positive: int
     mean_positives: float  # over anchors that have at least one positive
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Keys of past batches, extra candidates beyond the global batch (a queue, MoCo / XBM). The
+    same on every rank, so never gathered, and constants: no gradient reaches them. `a` and `b`:
+    (Q, d) keys of each side, `labels`: (Q,) their classes (used by the labelled losses)."""
+
+    a: Tensor
+    b: Tensor
+    labels: Tensor
+
+    def both(self) -> tuple[Tensor, Tensor]:
+        """Both sides as one set of candidates and their labels (NT-Xent, SupCon)."""
+        return torch.cat([self.a, self.b]), torch.cat([self.labels, self.labels])
+
+
+def with_memory(candidates: Tensor, extra: Tensor | None) -> Tensor:
+    """The gathered candidates with the memory's after them (in-batch indices are unchanged)."""
+    return candidates if extra is None or not len(extra) else torch.cat([candidates, normalized_fp32(extra)])
 
 
 @dataclass(frozen=True)
@@ -229,6 +250,42 @@ def multi_positive_row_losses(logits: Tensor, positives: Tensor, denominator: st
     return pair_sum / num_pos.clamp(min=1), num_pos
 
 
+def negative_log_mass(lse: Callable[[float], Tensor], count: Tensor | float, beta: float) -> Tensor:
+    """log of an anchor's negative term, from `lse(c)` = log sum_j e^(c * l_j) over its negatives.
+
+    beta = 0: log sum_j e^l_j, the usual denominator's negatives. beta > 0 (HCL, Robinson et al.
+    2021): each negative weighted by e^(beta l_j) / mean_j e^(beta l_j), so harder negatives (more
+    similar to the anchor) count more: log(M sum_j e^((1+beta) l_j) / sum_j e^(beta l_j)).
+    """
+    if beta == 0:
+        return lse(1.0)
+    hard, easy = lse(1.0 + beta), lse(beta)
+    count = torch.as_tensor(count, dtype=hard.dtype, device=hard.device)
+    return torch.where(count > 0, hard - easy + count.clamp(min=1).log(), MASKED)  # no negatives: MASKED
+
+
+def anchor_losses(positive_logit: Tensor, log_mass: Tensor, decoupled: bool) -> Tensor:
+    """-log(e^p / (e^p + Ng)), or with `decoupled` (DCL, Yeh et al. 2022) -log(e^p / Ng): the
+    positive left out of the denominator."""
+    if decoupled:  # an anchor without negatives (a one-class batch) has no DCL term
+        return torch.where(log_mass > MASKED / 2, log_mass - positive_logit, 0.0)
+    return F.softplus(log_mass - positive_logit)
+
+
+def check_negative_options(decoupled: bool, hard_negative_beta: float) -> tuple[bool, float]:
+    if not isinstance(decoupled, bool):
+        raise ValueError(f"decoupled must be True or False, got {decoupled!r}")
+    beta = hard_negative_beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"hard_negative_beta must be a finite number >= 0, got {beta!r}")
+    return decoupled, float(beta)
+
+
+def negative_options_repr(loss) -> str:
+    return (", decoupled=True" if loss.decoupled else "") + (
+        f", hard_negative_beta={loss.hard_negative_beta}" if loss.hard_negative_beta else "")
+
+
 # ----------------------------------------------------------------------------- module base
 
 
@@ -248,6 +305,10 @@ class GatheredLoss(nn.Module):
         self.chunk_size = check_chunk_size(chunk_size)
         self.last_stats: LossStats | None = None
         self.empty_batches = 0  # calls whose whole global batch had no positive pair
+
+    def logged(self) -> dict[str, float]:
+        """What the console and metrics.csv show of the loss (a learnt scale shows as its temperature)."""
+        return {"temperature": self.temperature}
 
     def extra_repr(self) -> str:
         chunk = f", chunk_size={self.chunk_size}" if self.chunk_size else ""

@@ -8,12 +8,14 @@ from torch import Tensor
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    Memory,
     as_labels,
     autocast_off,
     check_embeddings,
     masked_logits,
     multi_positive_row_losses,
     normalized_fp32,
+    with_memory,
 )
 from distributed_cl.losses.tiled import Logits, class_index, class_sums, positive_counts, row_logsumexp
 
@@ -26,27 +28,33 @@ class SupConLoss(GatheredLoss):
         super().__init__(temperature, gather, chunk_size)
 
     @autocast_off
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, *, memory: Memory | None = None) -> Tensor:
+        """`memory`: past keys of both sides with their labels, extra candidates; same-label ones
+        are positives (XBM, Wang et al. 2020)."""
         check_embeddings("embeddings", embeddings)
         labels = as_labels(labels, len(embeddings), embeddings.device)
         z = normalized_fp32(embeddings)
         layout = BatchLayout.exchange(len(z), z.device, self.gather)
+        extra, extra_labels = memory.both() if memory is not None else (None, None)
+        candidates = with_memory(layout.gather(z), extra)
+        labels_all = layout.gather_labels(labels)
+        if extra is not None:
+            labels_all = torch.cat([labels_all, extra_labels.to(labels_all)])
         if self.chunk_size:
-            return self._tiled(z, labels, layout)
-        positives = labels[:, None] == layout.gather_labels(labels)[None, :]
+            return self._tiled(z, labels, candidates, labels_all, layout)
+        positives = labels[:, None] == labels_all[None, :]
         positives.diagonal(offset=layout.offset).fill_(False)
-        logits = masked_logits(z / self.temperature, layout.gather(z), self_offset=layout.offset)
+        logits = masked_logits(z / self.temperature, candidates, self_offset=layout.offset)
         losses, num_pos = multi_positive_row_losses(logits, positives, denominator="all")
         return self._finish_labelled(losses, num_pos, layout)
 
-    def _tiled(self, z: Tensor, labels: Tensor, layout: BatchLayout) -> Tensor:
+    def _tiled(self, z: Tensor, labels: Tensor, candidates: Tensor, labels_all: Tensor, layout: BatchLayout) -> Tensor:
         # -mean_p log softmax_ip = lse_i - q_i . mean_p z_p: the positives' logits through their class sum
-        z_all, labels_all = layout.gather(z), layout.gather_labels(labels)
-        lse = row_logsumexp(z, z_all, self.chunk_size, Logits(1 / self.temperature, layout.offset))
+        lse = row_logsumexp(z, candidates, self.chunk_size, Logits(1 / self.temperature, layout.offset))
         index = class_index(labels_all)
         own = index[layout.offset : layout.offset + len(z)]
         num_pos = positive_counts(index, layout.offset, len(z))
-        sums = class_sums(z_all, index)
+        sums = class_sums(candidates, index)
         positive_logits = (z * (sums[own] - z)).sum(1) / self.temperature  # the class sum less the anchor
         losses = torch.where(num_pos > 0, lse - positive_logits / num_pos.clamp(min=1), 0.0)
         return self._finish_labelled(losses, num_pos, layout)

@@ -1,8 +1,9 @@
-"""Pretrained CLIP towers for the image-text task: a Hugging Face `CLIPModel` or an open_clip model,
-each behind the dual-encoder calling convention (`embed_images`, `embed_texts`, `towers(images,
-tokens)`), with the model's own preprocessing and tokenizer, and its trained `logit_scale`, which
-the CLIP loss starts from and goes on learning. Images arrive as float (n, 3, h, w) in [0, 1] at
-the data's size; the towers resize them to the model's size and normalise them with its mean and std.
+"""Pretrained CLIP towers for the image-text task: a Hugging Face `CLIPModel` or `SiglipModel`, or
+an open_clip model, each behind the dual-encoder calling convention (`embed_images`, `embed_texts`,
+`towers(images, tokens)`), with the model's own preprocessing and tokenizer, and its trained
+`logit_scale` (and a SigLIP's `logit_bias`), which the loss starts from and goes on learning.
+Images arrive as float (n, 3, h, w) in [0, 1] at the data's size; the towers resize them to the
+model's size and normalise them with its mean and std.
 """
 
 from __future__ import annotations
@@ -25,14 +26,30 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class SigLipCheckpoint(ValueError):
-    """A sigmoid-loss checkpoint (SigLIP: a logit bias beside the scale) where a softmax CLIP is needed."""
+    """A sigmoid-loss checkpoint (SigLIP: a logit bias beside the scale) with a softmax loss."""
 
 
 def _siglip_error(what: str) -> SigLipCheckpoint:
     return SigLipCheckpoint(
-        f"image_text.pretrained: {what} is a SigLIP checkpoint (sigmoid loss, with a logit bias); the image-text "
-        "losses here are softmax ones (loss.name: clip), which would discard its bias and retrain its scale. "
-        "Use a CLIP checkpoint")
+        f"image_text.pretrained: {what} is a SigLIP checkpoint (sigmoid loss, with a logit bias): train it with "
+        "loss.name: siglip, which starts from its scale and bias; a softmax loss would discard the bias and "
+        "retrain the scale")
+
+
+# The transformers dual encoders `towers: hf_clip` loads, by config model_type: (config class, model
+# class, the modules of the image tower, whether the text tower reads an attention mask).
+HF_DUAL_ENCODERS = {
+    "clip": ("CLIPConfig", "CLIPModel", ("vision_model", "visual_projection"), True),
+    # SigLIP was trained on texts padded to its context length and pools the last position, unmasked
+    "siglip": ("SiglipConfig", "SiglipModel", ("vision_model",), False),
+}
+
+
+def _hf_classes(model_type: str):
+    import transformers
+
+    config_class, model_class, _, _ = HF_DUAL_ENCODERS[model_type]
+    return getattr(transformers, config_class), getattr(transformers, model_class)
 
 
 class PretrainedClip(nn.Module):
@@ -100,52 +117,62 @@ def _features(out) -> Tensor:
 
 
 class HFClipTowers(PretrainedClip):
-    """A transformers `CLIPModel`: from `image_text.pretrained` (a directory saved by
-    `save_pretrained`, or a Hub name with image_text.download), or, with `architecture`, its
+    """A transformers `CLIPModel` or `SiglipModel`: from `image_text.pretrained` (a directory saved
+    by `save_pretrained`, or a Hub name with image_text.download), or, with `architecture`, its
     config alone (weights loaded afterwards, as `load_towers` does)."""
 
     def __init__(self, config: ImageTextConfig, architecture: dict | None = None) -> None:
-        from transformers import CLIPConfig, CLIPModel
-
         from distributed_cl.models.text import _quiet_progress_bars
 
         _quiet_progress_bars()
         if architecture is None:
-            model = CLIPModel.from_pretrained(resolve_hf_clip(config), local_files_only=not config.download)
-            processor = _image_processor(resolve_hf_clip(config), config.download)
+            source = resolve_hf_clip(config)
+            self.model_type = hf_model_type(source, config.download)
+            model = _hf_classes(self.model_type)[1].from_pretrained(source, local_files_only=not config.download)
+            processor = _image_processor(source, config.download)
             mean, std = processor.get("image_mean", OPENAI_MEAN), processor.get("image_std", OPENAI_STD)
         else:
-            model = CLIPModel(CLIPConfig.from_dict(architecture["clip"]))
+            self.model_type = architecture.get("model_type", "clip")
+            config_class, model_class = _hf_classes(self.model_type)
+            model = model_class(config_class.from_dict(architecture["clip"]))
             mean, std = architecture["mean"], architecture["std"]
         super().__init__(model.config.vision_config.image_size, mean, std, config)
         self.model = model
         self.logit_scale = model.logit_scale  # the same parameter: the loss trains it, the export carries it
+        if self.model_type == "siglip":
+            self.logit_bias = model.logit_bias
         self._lock()
 
     def image_modules(self) -> list[nn.Module]:
-        return [self.model.vision_model, self.model.visual_projection]
+        return [getattr(self.model, name) for name in HF_DUAL_ENCODERS[self.model_type][2]]
 
     def _image_features(self, pixels: Tensor) -> Tensor:
         return _features(self.model.get_image_features(pixel_values=pixels))
 
     def _text_features(self, tokens: dict) -> Tensor:
-        return _features(self.model.get_text_features(input_ids=tokens["input_ids"],
-                                                      attention_mask=tokens["attention_mask"]))
+        mask = tokens["attention_mask"] if HF_DUAL_ENCODERS[self.model_type][3] else None
+        return _features(self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=mask))
 
     def architecture(self) -> dict:
-        return {"clip": self.model.config.to_dict(), "mean": self.mean.flatten().tolist(),
-                "std": self.std.flatten().tolist()}
+        return {"model_type": self.model_type, "clip": self.model.config.to_dict(),
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     def export(self, directory: str, tokenizer) -> str:
-        """hf_clip/: `CLIPModel.from_pretrained(path)` and `CLIPProcessor.from_pretrained(path)`."""
-        from transformers import CLIPImageProcessor, CLIPProcessor
+        """hf_clip/: `CLIPModel` / `SiglipModel.from_pretrained(path)` (or AutoModel), and the
+        processor (`AutoProcessor.from_pretrained(path)`)."""
+        import transformers
 
         path = os.path.join(directory, "hf_clip")
         self.model.save_pretrained(path)
-        size = self.image_size
-        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                    image_mean=self.mean.flatten().tolist(), image_std=self.std.flatten().tolist())
-        CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+        size, mean, std = self.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist()
+        if self.model_type == "siglip":
+            images = transformers.SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+            processor = transformers.SiglipProcessor(image_processor=images, tokenizer=tokenizer)
+        else:
+            images = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                                     image_mean=mean, image_std=std)
+            processor = transformers.CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+        processor.save_pretrained(path)
         return path
 
 
@@ -172,26 +199,34 @@ def _image_processor(source: str, download: bool) -> dict:
         return {}
 
 
-def check_hf_clip(config: ImageTextConfig) -> None:
-    """Before Ray starts: the checkpoint is there and is a softmax CLIP (reads its config only)."""
+def hf_model_type(source: str, download: bool) -> str:
+    """The checkpoint's config model_type (reads its config only)."""
     from transformers import AutoConfig
 
-    source = resolve_hf_clip(config)
-    kind = AutoConfig.from_pretrained(source, local_files_only=not config.download).model_type
-    if kind.startswith("siglip"):
+    return AutoConfig.from_pretrained(source, local_files_only=not download).model_type
+
+
+def check_hf_clip(config: ImageTextConfig, loss_name: str) -> None:
+    """Before Ray starts: the checkpoint is there, is a dual encoder transformers has, and a SigLIP
+    one trains with the sigmoid loss."""
+    kind = hf_model_type(resolve_hf_clip(config), config.download)
+    if kind not in HF_DUAL_ENCODERS:
+        raise ValueError(f"image_text.pretrained: {config.pretrained} is a {kind!r} model; towers: hf_clip loads "
+                         f"model_type {' or '.join(map(repr, HF_DUAL_ENCODERS))}")
+    if kind == "siglip" and loss_name != "siglip":
         raise _siglip_error(config.pretrained)
-    if kind != "clip":
-        raise ValueError(f"image_text.pretrained: {config.pretrained} is a {kind!r} model, not a CLIP "
-                         "(model_type 'clip') that towers: hf_clip loads")
 
 
 def hf_clip_tokenizer(config: ImageTextConfig) -> TextTokenizer:
-    """The checkpoint's own tokenizer, truncating at the model's context length."""
+    """The checkpoint's own tokenizer, truncating at the model's context length (SigLIP's texts
+    padded to it, as it was trained)."""
     from transformers import AutoConfig, AutoTokenizer
 
     source, local = resolve_hf_clip(config), not config.download
-    context = AutoConfig.from_pretrained(source, local_files_only=local).text_config.max_position_embeddings
-    return TextTokenizer(tokenizer=AutoTokenizer.from_pretrained(source, local_files_only=local), max_length=context)
+    model_config = AutoConfig.from_pretrained(source, local_files_only=local)
+    context = model_config.text_config.max_position_embeddings
+    return TextTokenizer(tokenizer=AutoTokenizer.from_pretrained(source, local_files_only=local), max_length=context,
+                         pad_to_max_length=not HF_DUAL_ENCODERS[model_config.model_type][3])
 
 
 OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # a model and its weights together, as open_clip names them
@@ -235,8 +270,9 @@ def register_open_clip_config(config: ImageTextConfig) -> None:
         _open_clip().add_model_config(os.path.expanduser(config.open_clip_config))
 
 
-def check_open_clip(config: ImageTextConfig) -> None:
-    """Before Ray starts: the model is known, its weights reachable, and it is not a SigLIP."""
+def check_open_clip(config: ImageTextConfig, loss_name: str) -> None:
+    """Before Ray starts: the model is known, its weights reachable, and a SigLIP one trains with
+    the sigmoid loss."""
     open_clip = _open_clip()
     register_open_clip_config(config)
     name, pretrained = open_clip_spec(config)
@@ -247,7 +283,7 @@ def check_open_clip(config: ImageTextConfig) -> None:
         if model_config is None:
             raise ValueError(f"image_text.pretrained: {name!r} is not an open_clip model (known: open_clip.list_models(); "
                              "a custom one: image_text.open_clip_config)")
-        if model_config.get("init_logit_bias") is not None:
+        if model_config.get("init_logit_bias") is not None and loss_name != "siglip":
             raise _siglip_error(name)
     if (name.startswith("hf-hub:") or (pretrained and not os.path.isfile(pretrained))) and not config.download:
         raise FileNotFoundError(
@@ -278,13 +314,13 @@ class OpenClipTowers(PretrainedClip):
                     open_clip.add_model_config(d)
             with _quiet_root_logger():
                 model = open_clip.create_model(name, pretrained=None, load_weights=False)
-        if getattr(model, "logit_bias", None) is not None:
-            raise _siglip_error(name)
         preprocess = model.visual.preprocess_cfg
         size = preprocess["size"]
         super().__init__(size if isinstance(size, int) else size[0], preprocess["mean"], preprocess["std"], config)
         self.model, self.name = model, name
         self.logit_scale = model.logit_scale
+        if getattr(model, "logit_bias", None) is not None:  # a SigLIP
+            self.logit_bias = model.logit_bias
         self._lock()
 
     def image_modules(self) -> list[nn.Module]:

@@ -25,21 +25,24 @@ def _quiet_progress_bars() -> None:
 class TextTokenizer:
     """`tokenizer(texts)` -> {"input_ids", "attention_mask"}, padded to the longest text in the
     batch (not to max_length, so short texts stay cheap) and truncated at max_length. From the
-    tower's config, or around a loaded Hugging Face `tokenizer`."""
+    tower's config, or around a loaded Hugging Face `tokenizer`. `pad_to_max_length`: every text
+    padded to max_length, for models that read a fixed position (SigLIP pools the last token)."""
 
-    def __init__(self, config: TextTowerConfig | None = None, *, tokenizer=None, max_length: int | None = None) -> None:
+    def __init__(self, config: TextTowerConfig | None = None, *, tokenizer=None, max_length: int | None = None,
+                 pad_to_max_length: bool = False) -> None:
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(config), local_files_only=not config.download)
         self.tokenizer, self.max_length = tokenizer, max_length or config.max_length
+        self.pad_to_max_length = pad_to_max_length
 
     def files(self) -> dict:
         """What `from_files` rebuilds this from (saved inside towers.pt)."""
         with tempfile.TemporaryDirectory() as d:
             self.tokenizer.save_pretrained(d)
             files = {name: Path(d, name).read_bytes() for name in os.listdir(d) if Path(d, name).is_file()}
-        return {"files": files, "max_length": self.max_length}
+        return {"files": files, "max_length": self.max_length, "pad_to_max_length": self.pad_to_max_length}
 
     @classmethod
     def from_files(cls, saved: dict) -> TextTokenizer:
@@ -48,11 +51,12 @@ class TextTokenizer:
         with tempfile.TemporaryDirectory() as d:
             for name, content in saved["files"].items():
                 Path(d, name).write_bytes(content)
-            return cls(tokenizer=AutoTokenizer.from_pretrained(d), max_length=saved["max_length"])
+            return cls(tokenizer=AutoTokenizer.from_pretrained(d), max_length=saved["max_length"],
+                       pad_to_max_length=saved.get("pad_to_max_length", False))
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
-        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        out = self.tokenizer(list(texts), padding="max_length" if self.pad_to_max_length else True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt", return_attention_mask=True)
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 

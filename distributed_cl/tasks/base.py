@@ -160,18 +160,25 @@ class _Collate:
 
 class ContrastiveModel(nn.Module):
     """Towers + loss in one module, so that DDP (and the optimizer) cover the loss's own
-    parameters, such as CLIP's logit_scale. A pretrained CLIP's own `logit_scale` becomes the
-    loss's: training starts from the scale it learnt, goes on learning it, and exports it."""
+    parameters, such as CLIP's logit_scale. A pretrained CLIP's own `logit_scale` (and a SigLIP's
+    `logit_bias`) becomes the loss's: training starts from the value it learnt, goes on learning
+    it, and exports it."""
 
     def __init__(self, towers: nn.Module, loss_fn: nn.Module, objective) -> None:
         super().__init__()
-        pretrained_scale = getattr(towers, "logit_scale", None)
-        if pretrained_scale is not None:
-            if isinstance(getattr(loss_fn, "logit_scale", None), nn.Parameter):
-                loss_fn.logit_scale = pretrained_scale  # one parameter, in both modules
+        if getattr(towers, "logit_bias", None) is not None and not hasattr(loss_fn, "logit_bias"):
+            raise ValueError(f"the pretrained towers are a SigLIP (a logit bias beside the scale): train them with "
+                             f"loss.name: siglip, not {type(loss_fn).__name__}")
+        for name in ("logit_scale", "logit_bias"):
+            pretrained = getattr(towers, name, None)
+            if pretrained is None:
+                continue
+            if isinstance(getattr(loss_fn, name, None), nn.Parameter):
+                setattr(loss_fn, name, pretrained)  # one parameter, in both modules
             else:  # a loss of fixed temperature: unused, and DDP must not wait for its gradient
-                pretrained_scale.requires_grad_(False)
+                pretrained.requires_grad_(False)
         self.towers, self.loss_fn, self.objective = towers, loss_fn, objective
+        self.step_keys: tuple[Tensor, Tensor] | None = None  # the last loss's embeddings, detached (the queue's keys)
 
     def forward(self, batch: dict, embed_only: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         z_a, z_b = self.towers(batch["a"], batch["b"])
@@ -179,7 +186,12 @@ class ContrastiveModel(nn.Module):
             # The loss's parameters took their gradient from the cached loss; a zero use here puts
             # them in this backward, so that DDP averages them with the towers' gradients.
             return z_a + sum((p.flatten()[0] * 0 for p in self.loss_fn.parameters() if p.requires_grad), 0.0), z_b
-        return self.objective(self.loss_fn, z_a, z_b, batch["labels"])
+        return self.loss(z_a, z_b, batch)
+
+    def loss(self, z_a: Tensor, z_b: Tensor, batch: dict) -> Tensor:
+        """The objective on a batch's embeddings; `batch["memory"]`, if any, holds past keys (the queue)."""
+        self.step_keys = (z_a.detach(), z_b.detach())
+        return self.objective(self.loss_fn, z_a, z_b, batch["labels"], batch.get("memory"))
 
 
 def to_device(batch, device: torch.device):

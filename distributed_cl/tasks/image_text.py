@@ -69,7 +69,7 @@ class TowerChoice:
 
     build: Callable[[ImageTextConfig, dict | None], nn.Module]
     tokenizer: Callable[[ImageTextConfig], Callable[[list[str]], dict]]
-    check: Callable[[ImageTextConfig], None] | None = None
+    check: Callable[[ImageTextConfig, str], None] | None = None  # (image_text section, loss.name)
 
 
 TOWERS: dict[str, TowerChoice] = {
