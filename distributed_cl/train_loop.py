@@ -169,6 +169,15 @@ def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optim
     return Progress(**state["progress"])
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """This worker's peak memory so far: the CUDA allocator's peak, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _all_ranks(obj, world: int) -> list:
     """Every rank's `obj`, in rank order."""
     if world == 1:
@@ -430,5 +439,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     untrained = evaluate_towers(task, task.build_towers(config).to(device))
     final = {f"{name}_trained": value for name, value in last_eval.items()}
     final |= {f"{name}_untrained": value for name, value in untrained.items()}
+    final["peak_memory_mib"] = max(_all_ranks(peak_memory_mib(device), world))  # the largest worker's
     report(final | task.baselines(), save=True, final=True)
     send.flush()  # every rank's last report is in before the worker returns

@@ -262,4 +262,6 @@ def final_table(metrics: dict[str, Any], task: type[Task], metric_names: tuple[s
         cells = [metrics.get(f"{name}_{which}") for which in columns]
         lines.append(f"{name:<20}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in cells))
     lines.append(f"{'skipped rows':<20}{metrics.get('skipped_rows', 0):>12}")
+    if "peak_memory_mib" in metrics:  # the largest worker's (the GPU allocator's peak with --use-gpu)
+        lines.append(f"{'peak memory (MiB)':<20}{metrics['peak_memory_mib']:>12.0f}")
     return "\n".join(lines)

@@ -139,7 +139,9 @@ def batch_log(directory) -> dict:
 def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert):
     write_shards(tmp_path / "wds", 240, 30)
     log = tmp_path / "batches"
-    overrides = [*IMAGE_TEXT, *STREAM, f"image_text.text_tower.model={tiny_bert}", "loss.name=clip",
+    # SigLIP with neighbour exchange: the texts pass between the two workers by point-to-point sends
+    overrides = [*IMAGE_TEXT, *STREAM, f"image_text.text_tower.model={tiny_bert}", "loss.name=siglip",
+                 "loss.neighbour_exchange=true",
                  "dataset.format=webdataset", f"dataset.path={tmp_path}/wds/train-{{000000..000007}}.tar",
                  "dataset.columns.a=jpg;png", f"train.batch_log={log}", "dataset.shuffle_buffer=32"]
     # 16 steps: the first epoch (12 batches), killed after its 8th, and 4 batches of the next

@@ -92,13 +92,17 @@ def finish(proc, timeout=240):
 
 
 def test_cli_trains_two_workers_survives_a_killed_worker_and_exports_the_encoder(tmp_path):
-    # 100 steps: the kill (right after the step-10 checkpoint) lands long before the run ends
-    m, out = run_killing_a_worker(train_cmd(tmp_path, "cli", "--max-steps", "100"), tmp_path / "cli.json")
+    # 100 steps: the kill (right after the step-10 checkpoint) lands long before the run ends; the
+    # queue and its momentum encoder come back from the checkpoint with the weights
+    queue = ["--set", "loss.queue_size=128", "--set", "train.momentum=0.9"]
+    m, out = run_killing_a_worker(train_cmd(tmp_path, "cli", "--max-steps", "100", *queue), tmp_path / "cli.json")
     summary = json.loads((tmp_path / "cli.json").read_text())
     assert m["step"] == 100, out
     assert 10 <= m["start_step"] < 100  # restarted from a checkpoint, not from zero
     for key in ("knn_top1_trained", "knn_top1_untrained", "knn_top1_raw_pixels"):
         assert 0.0 <= m[key] <= 1.0
+    assert m["knn_top1_trained"] > m["knn_top1_untrained"]
+    assert 100 < m["peak_memory_mib"] < 8000
     assert "[distributed_cl] step 10/100" in out
     assert "Reporting training result" not in out and "Checkpoint successfully created" not in out  # quiet by default
     table = out[out.index("held-out image") :].splitlines()
