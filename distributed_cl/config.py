@@ -111,6 +111,12 @@ class ColumnsConfig:
     a: str | None = None  # image: the image; text: the anchor; image_text: the image
     b: str | None = None  # text: the positive; image_text: the caption
     label: str | None = None  # optional: an int or a string per row (imagefolder: the folder names)
+    # text, image_text: one hard negative per row, of side b's kind (a text / a caption), which
+    # every query of the global batch meets as a negative (loss.name: infonce)
+    negative: str | None = None
+    # text, image_text: 0/1 per row, whether a and b match (pair-labelled rows): positives only
+    # where 1 (loss.name: supcon or ntxent, through pair labels; contrastive: the margin loss)
+    is_same: str | None = None
 
 
 @dataclass
@@ -137,7 +143,8 @@ class DatasetConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "ntxent"  # a loss of distributed_cl.objectives.OBJECTIVES: ntxent | supcon | infonce | clip | siglip
+    # a loss of distributed_cl.objectives.OBJECTIVES: ntxent | supcon | infonce | clip | siglip | contrastive
+    name: str = "ntxent"
     temperature: float = 0.5  # siglip: unused, it starts from init_scale
     m: int = 4  # samples per class in each global batch (label-based losses)
     # compute the loss in (chunk_size x chunk_size) tiles of logits, recomputed in backward
@@ -153,6 +160,9 @@ class LossConfig:
     init_scale: float = 10.0
     init_bias: float = -10.0
     neighbour_exchange: bool = False
+    # contrastive (pair-labelled rows, dataset.columns.is_same): the margin loss's margin and distance
+    margin: float = 0.5
+    distance: str = "cosine"  # cosine | euclidean
     # ntxent, infonce, clip, supcon: keep the last queue_size keys of each side as extra
     # negatives (0: none); with train.momentum the keys come from a momentum encoder (queue.py)
     queue_size: int = 0
@@ -259,6 +269,10 @@ class Config:
             raise ConfigError(f"train.momentum must be in [0, 1), got {t.momentum}")
         if t.momentum and not lo.queue_size:
             raise ConfigError("train.momentum makes the keys of the negative queue: set loss.queue_size too")
+        if not (math.isfinite(lo.margin) and lo.margin > 0):
+            raise ConfigError(f"loss.margin must be > 0, got {lo.margin}")
+        _choice("loss.distance", lo.distance, ("cosine", "euclidean"))
+        self._validate_pair_rows(OBJECTIVES[lo.name])
         if not (math.isfinite(lo.init_scale) and lo.init_scale > 0) or not math.isfinite(lo.init_bias):
             raise ConfigError(f"loss.init_scale must be > 0 and loss.init_bias finite, got {lo.init_scale}, {lo.init_bias}")
         _choice("optim.name", o.name, OPTIMIZERS)
@@ -302,11 +316,34 @@ class Config:
             check_dataset(self, TASKS[self.task].sides, self.labelled_loss)
 
     @property
+    def pair_labelled(self) -> bool:
+        """Whether the rows carry 0/1 pair labels (dataset.columns.is_same)."""
+        return self.dataset is not None and self.dataset.columns.is_same is not None
+
+    @property
     def labelled_loss(self) -> bool:
-        """Whether the loss needs class labels (then every global batch holds m samples per class)."""
+        """Whether the loss needs class labels (then every global batch holds m samples per class).
+        Pair labels are not classes: the positives of a pair-labelled row are in the row itself."""
         from distributed_cl.objectives import OBJECTIVES
 
-        return OBJECTIVES[self.loss.name].labelled
+        return OBJECTIVES[self.loss.name].labelled and not self.pair_labelled
+
+    def _validate_pair_rows(self, objective) -> None:
+        """A hard-negative or pair-label column with a loss that uses it, and a pair loss with its labels."""
+        columns = self.dataset.columns if self.dataset is not None else None
+        for row in ("negative", "is_same"):
+            if columns is not None and getattr(columns, row) is not None and row not in objective.rows:
+                from distributed_cl.objectives import OBJECTIVES
+
+                users = ", ".join(name for name, o in OBJECTIVES.items() if row in o.rows)
+                raise ConfigError(f"dataset.columns.{row}: loss.name={self.loss.name} does not use it "
+                                  f"(the losses that do: {users})")
+        if objective.needs_is_same and not self.pair_labelled:
+            raise ConfigError(f"loss.name={self.loss.name} trains on pair-labelled rows: set dataset.columns.is_same "
+                              "(a 0/1 column of your data)")
+        if self.pair_labelled and self.loss.queue_size:
+            raise ConfigError("loss.queue_size with dataset.columns.is_same: pair labels name pairs within a batch, "
+                              "so past keys would match today's by accident; use a queue with class labels")
 
     def _validate_dataset(self) -> None:
         from distributed_cl.data.formats import FORMATS

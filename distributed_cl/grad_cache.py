@@ -73,20 +73,18 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
     `model` is DDP) and return the loss. `net` is the ContrastiveModel inside `model`;
     `autocast` is a fresh context for each use (e.g. `functools.partial(torch.autocast, ...)`)."""
     chunks = split_batch(batch, chunk_size)
-    states, cached_a, cached_b = [], [], []
+    states, cached = [], []
     with torch.no_grad(), _buffers_kept(net.towers):
         for chunk in chunks:
             states.append(_rng_state())
             with autocast():
-                z_a, z_b = net.towers(chunk["a"], chunk["b"])
-            cached_a.append(z_a)
-            cached_b.append(z_b)
+                cached.append(net.embed(chunk))
     end_state = _rng_state()
 
-    z_a, z_b = (torch.cat(cached).detach().requires_grad_() for cached in (cached_a, cached_b))
-    del cached_a, cached_b  # the chunks' copies: memory per sample is what sets the largest batch
+    embeddings = [torch.cat(side).detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives)
+    del cached  # the chunks' copies: memory per sample is what sets the largest batch
     with autocast():
-        loss = net.loss(z_a, z_b, batch)
+        loss = net.loss(embeddings, batch)
     loss.backward()  # d loss / d embeddings, and the loss's own parameters' gradients
 
     start = 0
@@ -94,9 +92,9 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
         last = i == len(chunks) - 1
         _set_rng_state(state)
         with model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext(), autocast():
-            chunk_a, chunk_b = model(chunk, embed_only=True)
-        rows = slice(start, start + len(chunk_a))
-        torch.autograd.backward([chunk_a, chunk_b], [z_a.grad[rows], z_b.grad[rows]])
+            outputs = model(chunk, embed_only=True)
+        rows = slice(start, start + len(outputs[0]))
+        torch.autograd.backward(list(outputs), [e.grad[rows] for e in embeddings])
         start = rows.stop
     _set_rng_state(end_state)
     return loss.detach()

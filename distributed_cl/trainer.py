@@ -67,7 +67,9 @@ class ProgressLogger(UserCallback):
         total = f"/{self.total_steps}" if self.total_steps else ""
         parts = [f"step {m['step']}{total}", f"epoch {m['epoch']}"]
         if "loss" in m:
-            parts += [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}", f"T {m['temperature']:.3f}"]
+            parts += [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
+            if "temperature" in m:  # (a margin loss has none)
+                parts.append(f"T {m['temperature']:.3f}")
             if "logit_bias" in m:
                 parts.append(f"bias {m['logit_bias']:.2f}")
             parts.append(f"{m['samples_per_s']:.0f} samples/s")

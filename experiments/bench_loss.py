@@ -121,8 +121,33 @@ def make_step(method: str, n: int, d: int, rank: int, world: int, device: str = 
     raise ValueError(method)
 
 
-def _rank_main(rank, world, method, n, d, steps, warmup, chunk_size=2048):
+def candidate_rows(step, d: int) -> int:
+    """The most rows of any (rows x d) tensor one step makes: how many candidate embeddings (or
+    their gradients) a rank holds at once. Logits tiles have other widths."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Rows(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == d:
+                    Rows.most = max(Rows.most, t.shape[0])
+            return out
+
+    with Rows():
+        step()
+    return Rows.most
+
+
+def _rank_main(rank, world, method, n, d, steps, warmup, chunk_size=2048, count_rows=False):
     step = make_step(method, n, d, rank, world, chunk_size=chunk_size)
+    if count_rows:
+        most = torch.tensor([candidate_rows(step, d)])
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most)
     for _ in range(warmup):
         step()
     times = []
@@ -137,8 +162,8 @@ def _rank_main(rank, world, method, n, d, steps, warmup, chunk_size=2048):
     return statistics.median(times), float(peak)
 
 
-def run(method, n, d, world, steps, warmup, chunk_size=2048):
-    return run_on_local_ranks(_rank_main, world, method, n, d, steps, warmup, chunk_size, timeout=3600)
+def run(method, n, d, world, steps, warmup, chunk_size=2048, count_rows=False):
+    return run_on_local_ranks(_rank_main, world, method, n, d, steps, warmup, chunk_size, count_rows, timeout=3600)
 
 
 SIGLIP_METHODS = ["ours SigLIP", "ours SigLIP chunked", "ours SigLIP neighbour", "ours SigLIP neighbour chunked",
@@ -168,12 +193,12 @@ def siglip_main(args) -> None:
     for total in args.siglip_batches:
         n = total // args.world
         results = {}
-        for m in SIGLIP_METHODS:
+        for m in SIGLIP_METHODS if not args.rows_only else ():
             need = siglip_logits_gib(m, n, args.world, args.chunk_size)
             results[m] = None if need > args.max_gib else run(m, n, args.dim, args.world, args.steps, args.warmup,
                                                               args.chunk_size)
-            peer = results.get("open_clip SigLIP")
-        for m in SIGLIP_METHODS:
+        peer = results.get("open_clip SigLIP")
+        for m in results:
             if results[m] is None:
                 need = siglip_logits_gib(m, n, args.world, args.chunk_size)
                 print(f"| {total:,} | {m} | not run: needs ~{need:.0f} GiB a rank | | | |", flush=True)
@@ -181,6 +206,10 @@ def siglip_main(args) -> None:
             t, mem = results[m]
             vs = (f"{t / peer[0]:.2f}x", f"{mem / peer[1]:.3f}x") if peer and m != "open_clip SigLIP" else ("", "")
             print(f"| {total:,} | {m} | {t * 1e3:.0f} | {mem:.0f} | {vs[0]} | {vs[1]} |", flush=True)
+        if total in args.rows_at:
+            print(f"| {total:,} | candidate rows held at once (rows x {args.dim} tensors, max over ranks): "
+                  + ", ".join(f"{m} {run(m, n, args.dim, args.world, 1, 0, args.chunk_size, True):,}"
+                              for m in SIGLIP_METHODS[:5]) + " | | | | |", flush=True)
 
 
 CUDA_GROUPS = [["ours CLIP", "ours CLIP chunked", "open_clip CLIP", "GEMM floor (CLIP)"],
@@ -246,6 +275,9 @@ def main() -> None:
     parser.add_argument("--siglip-batches", type=int, nargs="+", default=[2048, 8192, 16384, 32768, 65536],
                         help="global batch sizes of the SigLIP table")
     parser.add_argument("--max-gib", type=float, default=7.0, help="SigLIP: skip methods whose logits need more per rank")
+    parser.add_argument("--rows-at", type=int, nargs="*", default=[2048, 16384],
+                        help="SigLIP: global batches at which to count the candidate rows each method holds")
+    parser.add_argument("--rows-only", action="store_true", help="SigLIP: count the candidate rows, time nothing")
     args = parser.parse_args()
     if args.siglip:
         siglip_main(args)

@@ -38,6 +38,24 @@ def rows(n: int, start: int = 0) -> list[dict]:
     return out
 
 
+def write_text_rows(path: Path, n: int, start: int = 0, bad_is_same: int = 0, mismatched: bool = True) -> Path:
+    """JSONL rows for the pair columns: anchor, positive, a hard `negative` (row i's answer with
+    another colour), and `is_same` (with `mismatched`, 0 on every third row, whose `positive` is
+    then another row's answer); the first `bad_is_same` rows get is_same 2."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows(n, start):
+            i, label = int(r["key"]), r["label"]
+            other = CLASSES[(i + 1) % len(CLASSES)]
+            same = i % 3 != 0 or not mismatched
+            record = {"anchor": r["anchor"], "positive": r["positive"] if same else f"answer {i + 7} is {other}",
+                      "negative": f"answer {i} is {other}", "is_same": int(same), "label": label}
+            if i - start < bad_is_same:
+                record["is_same"] = 2  # (an int still: Arrow's JSON reader wants one type a column)
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 def write_imagefolder(root: Path, n: int, start: int = 0) -> Path:
     for r in rows(n, start):
         (root / r["label"]).mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def _labels(name, n, classes):
 CHUNKED = ("ntxent", "ntxent_two_views_labels", "ntxent_labels", "supcon", "supcon_sparse_labels", "infonce_in_batch",
            "infonce_unpaired", "clip", "siglip", "siglip_ring", "ntxent_decoupled_hard", "ntxent_labels_decoupled",
            "ntxent_labels_hard", "infonce_decoupled_hard", "infonce_unpaired_hard", "ntxent_memory",
-           "ntxent_labels_memory", "supcon_memory", "infonce_memory", "clip_memory")
+           "ntxent_labels_memory", "supcon_memory", "infonce_memory", "clip_memory", "infonce_hard_negatives")
 
 
 def MEMORY():
@@ -107,6 +107,10 @@ def CASES(sizes):
         "infonce_decoupled_hard": (
             InfoNCELoss(0.1, decoupled=True, hard_negative_beta=0.5), [_rand("q", n, D), _rand("k", n, D)], [sizes] * 2,
             lambda m, q, k: m(q, k),
+        ),
+        "infonce_hard_negatives": (  # every query meets every rank's positives and hard negatives
+            InfoNCELoss(0.1), [_rand("q", n, D), _rand("k", n, D), _rand("h", n, D)], [sizes] * 3,
+            lambda m, q, k, h: m(q, k, hard_negatives=h),
         ),
         "ntxent_memory": (NTXentLoss(0.2), [_rand("a", n, D), _rand("b", n, D)], [sizes] * 2,
                           lambda m, a, b: m(a, b, memory=MEMORY())),

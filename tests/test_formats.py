@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from own_data import CLASSES, write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards
+from own_data import CLASSES, write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards, write_text_rows
 from own_data import rows as own_rows
 
 from distributed_cl.config import Config, ConfigError
@@ -86,6 +86,59 @@ def test_config_errors_name_the_field_and_what_the_data_has(tmp_path):
     for message, overrides in cases.items():
         with pytest.raises(ConfigError, match=message):
             Config.load(overrides=[*text, *overrides])
+
+
+PAIR_ROWS = ["task=text", "dataset.format=jsonl", "dataset.columns.a=anchor", "dataset.columns.b=positive",
+             "train.global_batch_size=8", "dataset.cache=true"]
+
+
+def test_rows_carry_their_hard_negative_and_pair_label_and_a_bad_label_is_skipped(tmp_path, tiny_bert):
+    write_text_rows(tmp_path / "rows.jsonl", 60, bad_is_same=2)
+    base = [*PAIR_ROWS, f"dataset.path={tmp_path}/rows.jsonl", f"text.tower.model={tiny_bert}",
+            "dataset.max_skipped_fraction=0.1"]
+    pairs = Config.load(overrides=[*base, "dataset.columns.is_same=is_same", "loss.name=supcon"])
+    assert not pairs.labelled_loss  # pair labels, not classes: no M-per-class batches
+    config = Config.load(overrides=[*base, "dataset.columns.negative=negative", "loss.name=infonce"])
+    config.dataset.columns.is_same = "is_same"  # both columns at once (no loss takes both), to decode them together
+    splits = load_dataset_splits(config, TASKS["text"].sides)
+    assert splits.skipped_rows == 2 and "is_same 2 is not 0/1" in splits.skipped_examples[0]
+    table = Table.concat([splits.train, splits.test])
+    assert len(table) == 58
+    for anchor, positive, negative, same in zip(table.a, table.b, table.negative, table.is_same.tolist()):
+        i = int(anchor.split()[1])
+        assert negative.startswith(f"answer {i} is ") and negative != positive
+        assert same == int(i % 3 != 0) and (positive.startswith(f"answer {i} ") == bool(same))
+    # scored on the matching rows only: retrieval has no target for a mismatched pair
+    assert len(splits.test.matching()) == int(splits.test.is_same.sum()) < len(splits.test)
+    task = TASKS["text"](config, data=splits)
+    batch = task.collate(splits.train.head(4))
+    assert batch["negative"]["input_ids"].shape[0] == 4 and batch["is_same"].tolist() == splits.train.is_same[:4].tolist()
+
+
+def test_pair_columns_need_a_loss_that_uses_them(tmp_path):
+    write_text_rows(tmp_path / "rows.jsonl", 40)
+    base = [*PAIR_ROWS, f"dataset.path={tmp_path}/rows.jsonl"]
+    cases = {
+        r"dataset.columns.negative: loss.name=supcon does not use it \(the losses that do: infonce\)":
+            ["dataset.columns.negative=negative", "loss.name=supcon"],
+        r"dataset.columns.is_same: loss.name=infonce does not use it \(the losses that do: ntxent, supcon, contrastive\)":
+            ["dataset.columns.is_same=is_same", "loss.name=infonce"],
+        "loss.name=contrastive trains on pair-labelled rows: set dataset.columns.is_same": ["loss.name=contrastive"],
+        "loss.queue_size with dataset.columns.is_same": ["dataset.columns.is_same=is_same", "loss.name=supcon",
+                                                         "loss.queue_size=64"],
+        r"dataset.columns.negative: column 'hard' is not in .*rows.jsonl \(its columns: anchor, positive, negative":
+            ["dataset.columns.negative=hard", "loss.name=infonce"],
+        "dataset.columns.is_same belongs to rows of two sides": ["task=image", "dataset.format=imagefolder",
+                                                                  "dataset.columns.is_same=same"],
+        "loss.margin applies to contrastive": ["loss.margin=0.3"],
+        "loss.distance must be one of cosine, euclidean": ["dataset.columns.is_same=is_same", "loss.name=contrastive",
+                                                           "loss.distance=manhattan"],
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            Config.load(overrides=[*base, *overrides])
+    # supcon learns from pair labels without a label column
+    assert Config.load(overrides=[*base, "dataset.columns.is_same=is_same", "loss.name=supcon"]).pair_labelled
 
 
 def test_webdataset_extensions_are_checked_with_their_alternatives(tmp_path):

@@ -19,8 +19,8 @@ from torch import nn
 from distributed_cl.config import Config
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.grad_cache import grad_cache_backward, split_batch
-from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
-from distributed_cl.objectives import build_objective, pair_views, supervised_views
+from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
+from distributed_cl.objectives import build_objective, margin_views, pair_views, supervised_views
 from distributed_cl.samplers import DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel
 
@@ -32,6 +32,10 @@ LOSSES = {
     "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), pair_views),
     "siglip": (lambda: SigLipLoss(5.0, -2.0), pair_views),  # logit_scale and logit_bias from the cached loss
     "ntxent_decoupled_hard": (lambda: NTXentLoss(0.2, decoupled=True, hard_negative_beta=0.5), pair_views),
+    # rows that carry a hard negative (embedded by side b's tower) or pair labels
+    "infonce_hard_negatives": (lambda: InfoNCELoss(0.2), pair_views, ("negative",)),
+    "supcon_pair_labels": (lambda: SupConLoss(0.2), supervised_views, ("is_same",)),
+    "contrastive_pairs": (lambda: ContrastiveLoss(0.5), margin_views, ("is_same",)),
 }
 
 
@@ -50,17 +54,26 @@ class Towers(nn.Module):
     def forward(self, x_a, x_b):
         return self.a(x_a), self.b(x_b)
 
+    def embed_b(self, x_b):
+        return self.b(x_b)
+
 
 def model(loss="ntxent", seed=0, **towers):
     torch.manual_seed(seed)
-    make_loss, objective = LOSSES[loss]
+    make_loss, objective, *_ = LOSSES[loss]
     return ContrastiveModel(Towers(**towers), make_loss(), objective)
 
 
-def batch(n=24, seed=1):
+def batch(n=24, seed=1, loss="ntxent"):
     g = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(n, 6, generator=g), "b": torch.randn(n, 5, generator=g),
+    data = {"a": torch.randn(n, 6, generator=g), "b": torch.randn(n, 5, generator=g),
             "labels": torch.randint(0, 4, (n,), generator=g)}
+    extras = LOSSES[loss][2] if len(LOSSES[loss]) > 2 else ()
+    if "negative" in extras:
+        data["negative"] = torch.randn(n, 5, generator=g)
+    if "is_same" in extras:
+        data["is_same"] = torch.randint(0, 2, (n,), generator=g)
+    return data
 
 
 def no_autocast():
@@ -71,9 +84,8 @@ def whole_batch_loss(net, batch, chunk_size, autocast=no_autocast):
     """The whole batch's loss, its towers run chunk by chunk with autograd (dropout masks drawn
     in chunk order, as gradient caching draws them)."""
     with autocast():
-        parts = [net.towers(c["a"], c["b"]) for c in split_batch(batch, chunk_size)]
-        z_a, z_b = (torch.cat(zs) for zs in zip(*parts))
-        return net.objective(net.loss_fn, z_a, z_b, batch["labels"])
+        parts = [net.embed(c) for c in split_batch(batch, chunk_size)]
+        return net.loss([torch.cat(zs) for zs in zip(*parts)], batch)
 
 
 def grads(net):
@@ -88,7 +100,7 @@ def assert_same_grads(got, ref, tol=1e-5):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_one_step_equals_the_whole_batch_step_with_dropout(loss):
-    cached, reference, data = model(loss), model(loss), batch()
+    cached, reference, data = model(loss), model(loss), batch(loss=loss)
     torch.manual_seed(7)
     cached_loss = grad_cache_backward(cached, cached, data, 5, no_autocast)  # chunks of 5, 5, 5, 5, 4
     torch.manual_seed(7)

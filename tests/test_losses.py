@@ -283,6 +283,21 @@ def test_infonce_options_match_the_loop(mode, decoupled, beta):
                 [q, k, *extra])
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_infonce_hard_negatives_are_every_querys_negatives_as_sentence_transformers_mnrl(chunk_size):
+    """MultipleNegativesRankingLoss with hard negatives: each query's softmax over every row's
+    positive and every row's hard negative, its own positive the target."""
+    q, k, h = leaves((7, 8), (7, 8), (7, 8), seed=28)
+
+    def mnrl(q, k, h):
+        scores = F.normalize(q, dim=1) @ F.normalize(torch.cat([k, h]), dim=1).T / 0.05
+        return F.cross_entropy(scores, torch.arange(len(q)))
+
+    assert_same(lambda *x: InfoNCELoss(0.05, chunk_size=chunk_size)(x[0], x[1], hard_negatives=x[2]), mnrl, [q, k, h])
+    with pytest.raises(ValueError, match="negative_keys or hard_negatives, not both"):
+        InfoNCELoss()(q, k, k, hard_negatives=h)
+
+
 def test_plain_options_give_the_plain_loss():
     a, b = leaves((12, 8), (12, 8), seed=27)
     assert_same(NTXentLoss(0.3, decoupled=False, hard_negative_beta=0.0), lambda x, y: ntxent_loop(x, y, 0.3), [a, b])

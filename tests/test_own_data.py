@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-from own_data import write_csv, write_imagefolder, write_jsonl, write_shards
+from own_data import write_csv, write_imagefolder, write_jsonl, write_shards, write_text_rows
 from test_tasks import logged
 from test_train_cli import ROOT, run_env, run_killing_a_worker
 
@@ -101,6 +101,35 @@ def test_jsonl_text_pairs(tmp_path, tiny_bert, local_ray, capsys):
                        capsys)
     assert_learned(summary, "recall@1")
     assert "knn_top1_trained" in summary["metrics"] and "knn_top1_baseline" in summary["metrics"]
+
+
+TEXT_ROWS = ["task=text", "dataset.format=jsonl", "dataset.columns.a=anchor", "dataset.columns.b=positive",
+             "text.tower.max_length=16"]
+
+
+def test_triplet_rows_train_infonce_with_every_rows_hard_negative(tmp_path, tiny_bert, local_ray, capsys):
+    """(anchor, positive, negative) rows, as sentence-transformers trains with hard negatives."""
+    write_text_rows(tmp_path / "triplets.jsonl", 200, mismatched=False)
+    summary, _ = train(tmp_path, "triplets", [*TEXT_ROWS, f"dataset.path={tmp_path}/triplets.jsonl",
+                                              "dataset.columns.negative=negative", f"text.tower.model={tiny_bert}",
+                                              "loss.name=infonce", "loss.temperature=0.1"], capsys)
+    assert_learned(summary, "recall@1")
+    # each query meets 16 positives and 16 hard negatives: near the start the loss sits near log(32), above log(16)
+    assert logged(summary)[0] > math.log(16) + 0.3
+
+
+def test_pair_labelled_rows_train_the_margin_loss(tmp_path, tiny_bert, local_ray, capsys):
+    """(x1, x2, is_same) rows: pulled together where 1, pushed apart where 0; scored on the matching rows."""
+    write_text_rows(tmp_path / "pairs.jsonl", 240)
+    summary, _ = train(tmp_path, "pairs", [*TEXT_ROWS, f"dataset.path={tmp_path}/pairs.jsonl",
+                                             "dataset.columns.is_same=is_same", f"text.tower.model={tiny_bert}",
+                                             "loss.name=contrastive", "loss.margin=0.5", "optim.lr=0.001"], capsys)
+    losses = logged(summary)
+    assert losses[-1] < losses[0], losses
+    m = summary["metrics"]
+    held_out_matching = round(1 / m["recall@1_baseline"])
+    assert 0 < held_out_matching < 0.2 * 240 * 0.9  # a third of the held-out rows do not match: not scored
+    assert m["recall@1_trained"] > m["recall@1_untrained"]
 
 
 def test_hf_clip_fine_tunes_on_labelled_csv_rows_with_zero_shot_and_exports(tmp_path, tiny_clip, local_ray, capsys):

@@ -29,6 +29,8 @@ def test_every_configured_loss_trains_through_the_model(loss, encoder):
     loss_fn, objective = build_objective(LossConfig(**options))
     model = ContrastiveModel(ImageTask.build_towers(config), loss_fn, objective)
     batch = {"a": torch.rand(8, 1, 28, 28), "b": torch.rand(8, 1, 28, 28), "labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
+    if OBJECTIVES[options["name"]].needs_is_same:
+        batch["is_same"] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1])
     loss_value = model(batch)
     loss_value.backward()
     assert torch.isfinite(loss_value) and loss_value > 0

@@ -235,8 +235,12 @@ WEBDATASET_DEFAULTS = {"image": "jpg;jpeg;png;webp", "text": "txt"}
 # ----------------------------------------------------------------------------- the config check
 
 
+PAIR_COLUMNS = ("negative", "is_same")  # per-row extras of tasks with a side b
+
+
 def side_columns(x: DatasetConfig, sides: tuple[str, str | None]) -> dict[str, str]:
-    """{"a": column, "b": column, "label": column} that feed this task, defaults filled in."""
+    """{"a": column, "b": column, "label": column, "negative": column, "is_same": column} that
+    feed this task, defaults filled in (label, negative and is_same only where the data has them)."""
     chosen = {}
     for side, kind in zip(("a", "b"), sides):
         column = getattr(x.columns, side)
@@ -253,6 +257,14 @@ def side_columns(x: DatasetConfig, sides: tuple[str, str | None]) -> dict[str, s
         chosen["label"] = "label"
     elif x.columns.label is not None:
         chosen["label"] = x.columns.label
+    for extra in PAIR_COLUMNS:
+        column = getattr(x.columns, extra)
+        if column is None:
+            continue
+        if sides[1] is None or x.format == "imagefolder":
+            raise ConfigError(f"dataset.columns.{extra} belongs to rows of two sides (task: text or image_text, "
+                              "from csv, jsonl, parquet or webdataset); the image task makes both views of one image")
+        chosen[extra] = column
     return chosen
 
 
@@ -268,8 +280,9 @@ def check_dataset(config: Config, sides: tuple[str, str | None], labelled_loss: 
     fs, files, _ = resolve(x.path, fmt.extensions)
     found = fmt.columns(fs, files)
     chosen = side_columns(x, sides)
-    if labelled_loss and "label" not in chosen:
-        raise ConfigError(f"dataset.columns.label is required: loss.name={config.loss.name} learns from class labels")
+    if labelled_loss and "label" not in chosen and "is_same" not in chosen:
+        raise ConfigError(f"dataset.columns.label is required: loss.name={config.loss.name} learns from class labels "
+                          "(or dataset.columns.is_same: pair-labelled rows)")
     kind = "extension" if x.format == "webdataset" else "column"
     for side, column in chosen.items():
         if _missing(column, found):
@@ -365,7 +378,8 @@ def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np
     n, size, fs_cache = len(keys), plan.image_size, {}
     errors = np.full(n, "", dtype=object)
     out: dict[str, np.ndarray] = {}
-    for side, kind in zip(("a", "b"), plan.sides):
+    negative_kind = plan.sides[1] if "negative" in plan.columns else None  # a hard negative is side b's kind
+    for side, kind in zip(("a", "b", "negative"), (*plan.sides, negative_kind)):
         if kind is None:
             continue
         column = plan.columns[side]
@@ -388,6 +402,8 @@ def decode_batch(batch: dict[str, np.ndarray], plan: DecodePlan) -> dict[str, np
                 errors[i] = f"{keys[i]}: {type(e).__name__}: {e}"[:300]
         out[side] = values
     out["label"], out["label_name"] = _labels(batch, plan, n, keys, errors)
+    if "is_same" in plan.columns:
+        out["is_same"] = _is_same(batch, plan.columns["is_same"], n, keys, errors)
     out["error"] = errors
     return out if n else _typed(out)
 
@@ -425,6 +441,26 @@ def _labels(batch, plan: DecodePlan, n: int, keys, errors) -> tuple[np.ndarray, 
         except Exception as e:
             errors[i] = errors[i] or f"{keys[i]}: {type(e).__name__}: {e}"[:300]
     return labels, names
+
+
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def _is_same(batch, column: str, n: int, keys, errors) -> np.ndarray:
+    """0/1 per row from 0/1, booleans or their strings; anything else makes the row an error."""
+    flags = np.zeros(n, np.int64)
+    for i in range(n):
+        value = _value(batch, column, i)
+        value = value.item() if isinstance(value, np.generic) else value
+        if isinstance(value, (bool, int, float)):
+            text = str(int(value)) if value in (0, 1) else repr(value)
+        else:
+            text = (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip().lower()
+        if text in TRUE:
+            flags[i] = 1
+        elif text not in FALSE:
+            errors[i] = errors[i] or f"{keys[i]}: ValueError: {column} {value!r} is not 0/1"[:300]
+    return flags
 
 
 # ----------------------------------------------------------------------------- datasets and splits
@@ -488,7 +524,8 @@ def should_cache(x: DatasetConfig, sides: tuple[str, str | None], rows: int | No
         return x.cache
     if rows is None:
         return False
-    row_bytes = sum(3 * x.image_size**2 if kind == "image" else TEXT_BYTES for kind in sides if kind)
+    kinds = [*sides, sides[1] if x.columns.negative else None]
+    row_bytes = sum(3 * x.image_size**2 if kind == "image" else TEXT_BYTES for kind in kinds if kind)
     return rows * row_bytes <= x.cache_limit_mb * 2**20
 
 

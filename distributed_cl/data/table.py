@@ -23,7 +23,8 @@ def take(column: Column | None, index: Tensor | Sequence[int]) -> Column | None:
 
 @dataclass
 class Table:
-    """Rows with a side `a`, an optional side `b` and an int64 class label per row.
+    """Rows with a side `a`, an optional side `b` and an int64 class label per row; where the data
+    has them, a hard negative of side b's kind (`negative`) and a 0/1 `is_same` per row.
 
     `labelled` says whether the labels are classes a loss or kNN may use; where they are not,
     each row is its own class (labels = arange), which no loss reads as a positive."""
@@ -33,19 +34,27 @@ class Table:
     labels: Tensor | None = None
     labelled: bool = False
     label_names: dict[int, str] = field(default_factory=dict)  # where known: id -> the data's own name
+    negative: Column | None = None
+    is_same: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.labels is None:
             self.labels = torch.arange(len(self.a))
-        for side in (self.a, self.b):
+        for side in (self.a, self.b, self.negative, self.is_same):
             if side is not None and len(side) != len(self.labels):
-                raise ValueError(f"{len(self.labels)} labels but a side of {len(side)} rows")
+                raise ValueError(f"{len(self.labels)} labels but a column of {len(side)} rows")
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: Tensor | Sequence[int]) -> Table:
-        return replace(self, a=take(self.a, index), b=take(self.b, index), labels=take(self.labels, index))
+        return replace(self, a=take(self.a, index), b=take(self.b, index), labels=take(self.labels, index),
+                       negative=take(self.negative, index), is_same=take(self.is_same, index))
+
+    def matching(self) -> Table:
+        """The rows whose sides match (is_same 1): the pairs retrieval is scored on. All rows where
+        the data has no is_same."""
+        return self if self.is_same is None else self.take(self.is_same.nonzero().squeeze(1))
 
     def head(self, n: int) -> Table:
         return self.take(range(min(n, len(self))))
@@ -53,10 +62,11 @@ class Table:
     def to(self, device: torch.device | str) -> Table:
         """Image columns moved to `device` (texts stay lists)."""
         move = lambda c: c.to(device) if isinstance(c, Tensor) else c  # noqa: E731
-        return replace(self, a=move(self.a), b=move(self.b), labels=self.labels.to(device))
+        return replace(self, a=move(self.a), b=move(self.b), labels=self.labels.to(device), negative=move(self.negative),
+                       is_same=move(self.is_same))
 
     def digests(self) -> list[str]:
-        """A short digest of each row's content (both sides), to tell rows apart in logs."""
+        """A short digest of each row's content (both sides, and the negative), to tell rows apart in logs."""
         import hashlib
 
         def cell(column, i) -> bytes:
@@ -64,8 +74,8 @@ class Table:
                 return b""
             return column[i].cpu().numpy().tobytes() if isinstance(column, Tensor) else str(column[i]).encode()
 
-        return [hashlib.blake2b(cell(self.a, i) + b"|" + cell(self.b, i), digest_size=6).hexdigest()
-                for i in range(len(self))]
+        return [hashlib.blake2b(cell(self.a, i) + b"|" + cell(self.b, i) + b"|" + cell(self.negative, i),
+                                digest_size=6).hexdigest() for i in range(len(self))]
 
     @staticmethod
     def concat(parts: Sequence[Table]) -> Table:
@@ -77,11 +87,13 @@ class Table:
         first = parts[0]
         return replace(first, a=cat([p.a for p in parts]), b=cat([p.b for p in parts]),
                        labels=torch.cat([p.labels for p in parts]),
-                       label_names={k: v for p in parts for k, v in p.label_names.items()})
+                       label_names={k: v for p in parts for k, v in p.label_names.items()},
+                       negative=cat([p.negative for p in parts]), is_same=cat([p.is_same for p in parts]))
 
     @staticmethod
     def from_numpy(batch: dict[str, np.ndarray], labelled: bool) -> Table:
-        """A decoded batch of a Ray Data stream (columns a, b, label) as a Table."""
+        """A decoded batch of a Ray Data stream (columns a, b, label, and negative, is_same where
+        the data has them) as a Table."""
 
         def column(x):
             if x is None:
@@ -90,7 +102,9 @@ class Table:
 
         labels = torch.from_numpy(batch["label"].astype(np.int64))
         names = {int(i): str(n) for i, n in zip(batch["label"], batch.get("label_name", ())) if n} if labelled else {}
-        return Table(column(batch["a"]), column(batch.get("b")), labels, labelled=labelled, label_names=names)
+        is_same = torch.from_numpy(batch["is_same"].astype(np.int64)) if "is_same" in batch else None
+        return Table(column(batch["a"]), column(batch.get("b")), labels, labelled=labelled, label_names=names,
+                     negative=column(batch.get("negative")), is_same=is_same)
 
 
 @dataclass

@@ -53,8 +53,11 @@ class InfoNCELoss(GatheredLoss):
 
     @autocast_off
     def forward(self, query: Tensor, positive_key: Tensor, negative_keys: Tensor | None = None, *,
-                memory: Memory | None = None) -> Tensor:
-        """`memory`: past positive keys (its side b), extra negatives for every query (MoCo's queue)."""
+                memory: Memory | None = None, hard_negatives: Tensor | None = None) -> Tensor:
+        """`memory`: past positive keys (its side b), extra negatives for every query (MoCo's queue).
+        `hard_negatives` (n, d): one hard negative key per query, gathered with the positive keys,
+        so that every query meets every row's positive and hard negative (sentence-transformers'
+        MultipleNegativesRankingLoss with hard negatives)."""
         check_embeddings("query", query)
         check_embeddings("positive_key", positive_key, dim=query.shape[1])
         check_same_length("query", query, "positive_key", positive_key)
@@ -64,8 +67,15 @@ class InfoNCELoss(GatheredLoss):
 
         plain = not self.decoupled and self.hard_negative_beta == 0
         extra = None if memory is None else memory.b
+        in_batch = layout.gather(k)
+        if hard_negatives is not None:
+            if negative_keys is not None:
+                raise ValueError("InfoNCELoss takes negative_keys or hard_negatives, not both")
+            check_embeddings("hard_negatives", hard_negatives, dim=query.shape[1])
+            check_same_length("query", query, "hard_negatives", hard_negatives)
+            in_batch = torch.cat([in_batch, layout.gather(normalized_fp32(hard_negatives))])  # positives stay first
         if negative_keys is None and plain:
-            keys = with_memory(layout.gather(k), extra)
+            keys = with_memory(in_batch, extra)
             if self.chunk_size:
                 loss_sum = row_logsumexp(q, keys, self.chunk_size).sum() - (q * k).sum()
             else:
@@ -75,7 +85,7 @@ class InfoNCELoss(GatheredLoss):
         # -log(e^pos / (e^pos + Ng)) (or / Ng, decoupled), without materialising [pos, negs]
         pos_logit = (q * k).sum(dim=1)
         if negative_keys is None:  # the other queries' keys
-            keys = with_memory(layout.gather(k), extra)
+            keys = with_memory(in_batch, extra)
             lse, count = self._in_batch_lse(q, keys, layout), len(keys) - 1
         else:
             lse, count = self._negative_lse(q, negative_keys)

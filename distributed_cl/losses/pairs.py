@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distributed_cl.losses.core import BatchLayout, autocast_off, check_embeddings, check_same_length, normalized_fp32
+from distributed_cl.losses.core import (
+    BatchLayout,
+    LossStats,
+    autocast_off,
+    check_embeddings,
+    check_same_length,
+    normalized_fp32,
+)
 
 
 def _as_is_same(is_same, n: int, device: torch.device) -> Tensor:
@@ -49,6 +56,11 @@ class ContrastiveLoss(nn.Module):
         if distance not in ("cosine", "euclidean"):
             raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
         self.margin, self.distance, self.gather = float(margin), distance, gather
+        self.last_stats: LossStats | None = None  # anchors: the global pairs; none lacks its target
+        self.empty_batches = 0
+
+    def logged(self) -> dict[str, float]:
+        return {}  # no temperature: the margin is fixed
 
     @autocast_off
     def forward(self, x1: Tensor, x2: Tensor, is_same) -> Tensor:
@@ -65,4 +77,5 @@ class ContrastiveLoss(nn.Module):
         layout = BatchLayout.exchange(len(x1), x1.device, self.gather)
         if layout.total == 0:
             raise ValueError("ContrastiveLoss got an empty global batch")
+        self.last_stats = LossStats(anchors=layout.total, anchors_without_positive=0, mean_positives=1.0)
         return losses.sum() * (layout.world / layout.total)

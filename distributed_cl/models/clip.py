@@ -103,6 +103,10 @@ class PretrainedClip(nn.Module):
     def forward(self, images: Tensor, tokens: dict) -> tuple[Tensor, Tensor]:
         return self.embed_images(images), self.embed_texts(tokens)
 
+    def embed_b(self, tokens: dict) -> Tensor:
+        """Captions (the rows' hard negatives)."""
+        return self.embed_texts(tokens)
+
     def train(self, mode: bool = True) -> PretrainedClip:
         super().train(mode)
         for modules, locked in ((self.image_modules(), self.lock_image), (self.text_modules(), self.lock_text)):

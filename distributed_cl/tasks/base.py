@@ -121,6 +121,17 @@ class Task(ABC):
         return (2 if self.device.type == "cuda" else 0) if workers is None else workers
 
 
+def pair_extras(rows: Table, encode_b: Callable[[list], dict]) -> dict:
+    """What a batch carries beyond its two sides, where the data has it: the rows' hard negatives
+    (encoded as side b is) and their 0/1 pair labels."""
+    extras = {}
+    if rows.negative is not None:
+        extras["negative"] = encode_b(rows.negative)
+    if rows.is_same is not None:
+        extras["is_same"] = rows.is_same
+    return extras
+
+
 class CachedBatches:
     """A table in memory served for a batch sampler. Image columns live on the device (a few
     hundred MB as uint8 at most: the cache limit) and are gathered there by the batch's indices;
@@ -180,18 +191,27 @@ class ContrastiveModel(nn.Module):
         self.towers, self.loss_fn, self.objective = towers, loss_fn, objective
         self.step_keys: tuple[Tensor, Tensor] | None = None  # the last loss's embeddings, detached (the queue's keys)
 
-    def forward(self, batch: dict, embed_only: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def embed(self, batch: dict) -> tuple[Tensor, ...]:
+        """(z_a, z_b), and the rows' hard negatives' embeddings (side b's tower) where the batch has them."""
         z_a, z_b = self.towers(batch["a"], batch["b"])
+        return (z_a, z_b) if "negative" not in batch else (z_a, z_b, self.towers.embed_b(batch["negative"]))
+
+    def forward(self, batch: dict, embed_only: bool = False) -> Tensor | tuple[Tensor, ...]:
+        embeddings = self.embed(batch)
         if embed_only:  # gradient caching's second pass (grad_cache.py)
             # The loss's parameters took their gradient from the cached loss; a zero use here puts
             # them in this backward, so that DDP averages them with the towers' gradients.
-            return z_a + sum((p.flatten()[0] * 0 for p in self.loss_fn.parameters() if p.requires_grad), 0.0), z_b
-        return self.loss(z_a, z_b, batch)
+            z_a, *rest = embeddings
+            return z_a + sum((p.flatten()[0] * 0 for p in self.loss_fn.parameters() if p.requires_grad), 0.0), *rest
+        return self.loss(embeddings, batch)
 
-    def loss(self, z_a: Tensor, z_b: Tensor, batch: dict) -> Tensor:
-        """The objective on a batch's embeddings; `batch["memory"]`, if any, holds past keys (the queue)."""
+    def loss(self, embeddings: tuple[Tensor, ...], batch: dict) -> Tensor:
+        """The objective on a batch's embeddings (`embed`'s); `batch["memory"]`, if any, holds past
+        keys (the queue), `batch["is_same"]` the rows' pair labels."""
+        z_a, z_b, *negative = embeddings
         self.step_keys = (z_a.detach(), z_b.detach())
-        return self.objective(self.loss_fn, z_a, z_b, batch["labels"], batch.get("memory"))
+        return self.objective(self.loss_fn, z_a, z_b, batch["labels"], batch.get("memory"),
+                              negative[0] if negative else None, batch.get("is_same"))
 
 
 def to_device(batch, device: torch.device):

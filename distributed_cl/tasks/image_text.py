@@ -30,7 +30,7 @@ from distributed_cl.models.clip import (
     check_open_clip,
     hf_clip_tokenizer,
 )
-from distributed_cl.tasks.base import Task, to_device
+from distributed_cl.tasks.base import Task, pair_extras, to_device
 
 
 class DualEncoder(nn.Module):
@@ -52,6 +52,10 @@ class DualEncoder(nn.Module):
 
     def forward(self, images: Tensor, tokens: dict) -> tuple[Tensor, Tensor]:
         return self.embed_images(images), self.embed_texts(tokens)
+
+    def embed_b(self, tokens: dict) -> Tensor:
+        """Captions (the rows' hard negatives)."""
+        return self.embed_texts(tokens)
 
     def lr_mults(self) -> list[tuple[list[nn.Parameter], float]]:
         # the projections are new layers: only the encoders' pretrained weights take a multiplier
@@ -97,7 +101,7 @@ class ImageTextTask(Task):
         return retrieval + (("zeroshot_top1",) if cls.labelled(config) else ())
 
     def collate(self, rows: Table) -> dict:
-        return {"a": rows.a, "b": self.tokenize(rows.b), "labels": rows.labels}
+        return {"a": rows.a, "b": self.tokenize(rows.b), "labels": rows.labels, **pair_extras(rows, self.tokenize)}
 
     def augment(self, batch: dict) -> dict:
         return batch | {"a": self.crop.view(to_float(batch["a"]))}
@@ -120,7 +124,7 @@ class ImageTextTask(Task):
         return [template.format(names.get(int(c), str(int(c)))) for c in classes], classes
 
     def evaluate(self, towers: nn.Module) -> dict[str, float]:
-        test = self.data.test
+        test = self.data.test.matching()
         images = sharded_embed(lambda x: towers.embed_images(to_float(x).to(self.device)), test.a,
                                self.rank, self.world, self.device)
         texts = self._embed_texts(towers, test.b)
@@ -132,7 +136,7 @@ class ImageTextTask(Task):
         return metrics
 
     def baselines(self) -> dict[str, float]:
-        test = self.data.test
+        test = self.data.test.matching()
         n = len(test)
         chance = {f"{d}_recall@{k}_baseline": min(1.0, k / n) for d in ("i2t", "t2i") for k in (1, 5)}
         if self.labelled(self.config):  # every image given the most common class

@@ -14,7 +14,7 @@ from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed
 from distributed_cl.models import TextTokenizer, TextTower, save_sentence_transformer
 from distributed_cl.models.text import SENTENCE_TRANSFORMER_DIR
-from distributed_cl.tasks.base import Task, to_device
+from distributed_cl.tasks.base import Task, pair_extras, to_device
 
 
 class SiameseText(nn.Module):
@@ -33,6 +33,10 @@ class SiameseText(nn.Module):
 
     def forward(self, tokens_a: dict, tokens_b: dict) -> tuple[Tensor, Tensor]:
         return self.tower(tokens_a), self.tower(tokens_b)
+
+    def embed_b(self, tokens: dict) -> Tensor:
+        """Texts of side b's kind (the rows' hard negatives)."""
+        return self.tower(tokens)
 
 
 class TextTask(Task):
@@ -60,7 +64,8 @@ class TextTask(Task):
         return ("recall@1", "recall@10") + ((cls.knn_metric(config),) if cls.labelled(config) else ())
 
     def collate(self, rows: Table) -> dict:  # each side of the batch tokenised in one call
-        return {"a": self.tokenize(rows.a), "b": self.tokenize(rows.b), "labels": rows.labels}
+        return {"a": self.tokenize(rows.a), "b": self.tokenize(rows.b), "labels": rows.labels,
+                **pair_extras(rows, self.tokenize)}
 
     @staticmethod
     def build_towers(config: Config, architecture: dict | None = None) -> SiameseText:
@@ -72,7 +77,7 @@ class TextTask(Task):
                              self.rank, self.world, self.device)
 
     def evaluate(self, towers: SiameseText) -> dict[str, float]:
-        test, bank = self.data.test, self.data.bank
+        test, bank = self.data.test.matching(), self.data.bank
         anchors = self._embed(towers.tower, test.a)
         recall = recall_at_k(anchors, self._embed(towers.tower, test.b), (1, 10))
         metrics = {"recall@1": recall[1], "recall@10": recall[10]}
@@ -82,7 +87,8 @@ class TextTask(Task):
         return metrics
 
     def baselines(self) -> dict[str, float]:
-        n, test = len(self.data.test), self.data.test
+        test = self.data.test.matching()
+        n = len(test)
         chance = {"recall@1_baseline": 1 / n, "recall@10_baseline": min(1.0, 10 / n)}
         if self.labelled(self.config):  # the majority label
             chance[f"{self.knn_metric(self.config)}_baseline"] = test.labels.unique(return_counts=True)[1].max().item() / n
