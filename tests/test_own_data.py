@@ -113,9 +113,7 @@ def test_triplet_rows_train_infonce_with_every_rows_hard_negative(tmp_path, tiny
     summary, _ = train(tmp_path, "triplets", [*TEXT_ROWS, f"dataset.path={tmp_path}/triplets.jsonl",
                                               "dataset.columns.negative=negative", f"text.tower.model={tiny_bert}",
                                               "loss.name=infonce", "loss.temperature=0.1"], capsys)
-    assert_learned(summary, "recall@1")
-    # each query meets 16 positives and 16 hard negatives: near the start the loss sits near log(32), above log(16)
-    assert logged(summary)[0] > math.log(16) + 0.3
+    assert_learned(summary, "recall@1")  # (that every query meets the hard negatives: test_grad_cache, test_losses)
 
 
 def test_pair_labelled_rows_train_the_margin_loss(tmp_path, tiny_bert, local_ray, capsys):
