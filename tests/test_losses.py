@@ -22,6 +22,7 @@ from distributed_cl.losses import (
     ClipLoss,
     ContrastiveLoss,
     InfoNCELoss,
+    Memory,
     NTXentLoss,
     SigLipLoss,
     SupConLoss,
@@ -328,6 +329,7 @@ def test_bf16_inputs_are_finite_and_close_to_fp32(make):
     assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
 
 
+MEMORY = Memory(*(x.detach() for x in leaves((16, 32), (16, 32), seed=14)), torch.arange(16) % 8)
 EVERY_LOSS = {
     "ntxent": lambda a, b: NTXentLoss()(a, b),
     "ntxent_labels": lambda a, b: NTXentLoss()(a, b, labels=torch.arange(len(a)) % 8),
@@ -343,6 +345,11 @@ EVERY_LOSS = {
     "ntxent_labels_hard": lambda a, b: NTXentLoss(hard_negative_beta=0.5)(a, b, labels=torch.arange(len(a)) % 8),
     "infonce_decoupled_hard": lambda a, b: InfoNCELoss(decoupled=True, hard_negative_beta=0.5)(a, b),
     "contrastive": lambda a, b: ContrastiveLoss()(a, b, torch.arange(len(a)) % 2),
+    # the queue's keys (constants, fp32 like the queue keeps them) and per-row hard negatives
+    "ntxent_memory": lambda a, b: NTXentLoss()(a, b, memory=MEMORY),
+    "supcon_memory": lambda a, b: SupConLoss()(torch.cat([a, b]), torch.arange(len(a)).repeat(2) % 8, memory=MEMORY),
+    "clip_memory": lambda a, b: ClipLoss()(a, b, memory=MEMORY),
+    "infonce_hard_negatives": lambda a, b: InfoNCELoss()(a, b, hard_negatives=b.roll(1, 0) + a),
 }
 
 

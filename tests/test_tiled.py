@@ -11,11 +11,16 @@ from reference import ntxent_loop, rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from distributed_cl.losses import ClipLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
+from distributed_cl.losses import ClipLoss, InfoNCELoss, Memory, NTXentLoss, SigLipLoss, SupConLoss
 
 
 def paired_negatives(b):
     return torch.stack([b.roll(1, 0), b.roll(2, 0)], 1)
+
+
+def past_keys(a, b):
+    """A queue's memory: constants (detached), here shaped from the inputs, with labels."""
+    return Memory(a[:9].detach().flip(1), b[:9].detach().roll(3, 1), torch.arange(9) % 5)
 
 
 # name: (loss class and kwargs, call). Each call takes (loss, a, b).
@@ -37,8 +42,13 @@ GATHERED = {
     "ntxent_labels_hard": (NTXentLoss, {"hard_negative_beta": 1.0}, lambda m, a, b: m(a, b, labels=torch.arange(len(a)) % 5)),
     "infonce_decoupled_hard": (InfoNCELoss, {"decoupled": True, "hard_negative_beta": 0.5}, lambda m, a, b: m(a, b)),
     "infonce_unpaired_hard": (InfoNCELoss, {"hard_negative_beta": 0.5}, lambda m, a, b: m(a, b, b.roll(1, 0) * 2)),
+    "ntxent_memory": (NTXentLoss, {"hard_negative_beta": 0.5}, lambda m, a, b: m(a, b, memory=past_keys(a, b))),
+    "supcon_memory": (SupConLoss, {}, lambda m, a, b: m(torch.cat([a, b]), torch.arange(len(a)).repeat(2) % 5,
+                                                          memory=past_keys(a, b))),
+    "clip_memory": (ClipLoss, {"temperature": 0.05}, lambda m, a, b: m(a, b, memory=past_keys(a, b))),
+    "infonce_hard_negatives": (InfoNCELoss, {}, lambda m, a, b: m(a, b, hard_negatives=b.roll(1, 0) * 2)),
 }
-LEARNT = {"clip": 1, "siglip": 2}  # the losses' own parameters: logit_scale (and SigLIP's logit_bias)
+LEARNT = {"clip": 1, "siglip": 2, "clip_memory": 1}  # the losses' own parameters: logit_scale (and SigLIP's logit_bias)
 
 
 def run(name, inputs, chunk_size=None, autocast=False):
@@ -145,4 +155,5 @@ def test_chunked_never_makes_an_n_by_n_matrix(name):
         assert sizes[chunk] == sizes[None]
         return
     assert sizes[None] >= n * n  # the untiled loss holds its logits
-    assert sizes[chunk] <= max(2 * n * d, chunk * chunk)  # tiles, embeddings and their gradients only
+    # tiles, embeddings and their gradients only (with a memory: its 2 x 9 keys beside the 2n views)
+    assert sizes[chunk] <= max((2 * n + 18) * d, chunk * chunk)
