@@ -14,6 +14,8 @@ import pytest
 import torch
 from reference import rel_err
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from distributed_cl import distributed as dist_utils
 from distributed_cl.distributed import run_on_local_ranks
@@ -149,6 +151,19 @@ def CASES(sizes):
     return cases
 
 
+class MostRows(TorchDispatchMode):
+    """The most rows of any 2-d tensor of width D that an op makes while active."""
+
+    most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == D:
+                self.most = max(self.most, t.shape[0])
+        return out
+
+
 def _split(x, sizes, rank):
     start = sum(sizes[:rank])
     return x[start : start + sizes[rank]]
@@ -179,6 +194,15 @@ def _worker(rank, world, sizes, out_dir):
     for name, (module, inputs, in_sizes, call) in CASES(sizes).items():
         local = [_split(x, s, rank) for x, s in zip(inputs, in_sizes)]
         results[name] = _run_case(module, local, call)
+
+    # Neighbour exchange never holds all N texts: the most rows of any (rows x D) tensor it makes,
+    # forward and backward, against the gathered loss's.
+    results["candidate_rows"] = {}
+    for ring in (False, True):
+        i, t = (_split(_rand(s, sum(sizes), D), sizes, rank).requires_grad_() for s in ("ri", "rt"))
+        with MostRows() as rows:
+            SigLipLoss(neighbour_exchange=ring)(i, t).backward()
+        results["candidate_rows"][ring] = rows.most
 
     # The gather itself: rank r weights the gathered tensor with its own w_r.
     x = _split(_rand("gx", sum(sizes), 3), sizes, rank).requires_grad_()
@@ -235,6 +259,13 @@ def test_gradients_equal_single_process(ranks, name):
         assert rel_err(mean_grad, ref) < 1e-5
     if ref_stats is not None:
         assert all(r[name][3] == ref_stats for r in results)
+
+
+def test_neighbour_exchange_holds_one_block_of_texts_never_all_of_them(ranks):
+    world, sizes, results = ranks
+    for r in results:
+        assert r["candidate_rows"][False] == sum(sizes)  # gathered: every text (and its gradient)
+        assert r["candidate_rows"][True] <= max(sizes) < sum(sizes)  # the ring: a block, padded to the largest
 
 
 def test_gather_concatenates_and_sums_gradients(ranks):
