@@ -67,33 +67,36 @@ class InfoNCELoss(GatheredLoss):
 
         plain = not self.decoupled and self.hard_negative_beta == 0
         extra = None if memory is None else memory.b
-        in_batch = layout.gather(k)
-        if hard_negatives is not None:
-            if negative_keys is not None:
-                raise ValueError("InfoNCELoss takes negative_keys or hard_negatives, not both")
-            check_embeddings("hard_negatives", hard_negatives, dim=query.shape[1])
-            check_same_length("query", query, "hard_negatives", hard_negatives)
-            in_batch = torch.cat([in_batch, layout.gather(normalized_fp32(hard_negatives))])  # positives stay first
-        if negative_keys is None and plain:
-            keys = with_memory(in_batch, extra)
-            if self.chunk_size:
-                loss_sum = row_logsumexp(q, keys, self.chunk_size).sum() - (q * k).sum()
-            else:
-                targets = layout.offset + torch.arange(len(q), device=q.device)
-                loss_sum = RowCrossEntropy.apply(q, keys, targets, None)
-            return self._finish_single_positive(loss_sum, layout)
-        # -log(e^pos / (e^pos + Ng)) (or / Ng, decoupled), without materialising [pos, negs]
         pos_logit = (q * k).sum(dim=1)
-        if negative_keys is None:  # the other queries' keys
-            keys = with_memory(in_batch, extra)
+        if negative_keys is None:  # every query's positive (and hard negative), gathered, then the memory's keys
+            keys = with_memory(self._in_batch_keys(query, k, hard_negatives, layout), extra)
+            if plain:
+                if self.chunk_size:
+                    loss_sum = row_logsumexp(q, keys, self.chunk_size).sum() - pos_logit.sum()
+                else:
+                    targets = layout.offset + torch.arange(len(q), device=q.device)
+                    loss_sum = RowCrossEntropy.apply(q, keys, targets, None)
+                return self._finish_single_positive(loss_sum, layout)
             lse, count = self._in_batch_lse(q, keys, layout), len(keys) - 1
         else:
+            if hard_negatives is not None:
+                raise ValueError("InfoNCELoss takes negative_keys or hard_negatives, not both")
             lse, count = self._negative_lse(q, negative_keys)
             if extra is not None and len(extra):  # the memory's keys join each query's negatives
                 lse_given, lse_memory = lse, self._pool_lse(q, normalized_fp32(extra))
                 lse, count = (lambda c: torch.logaddexp(lse_given(c), lse_memory(c))), count + len(extra)
+        # -log(e^pos / (e^pos + Ng)) (or / Ng, decoupled), without materialising [pos, negs]
         log_mass = negative_log_mass(lse, count, self.hard_negative_beta)
         return self._finish_single_positive(anchor_losses(pos_logit, log_mass, self.decoupled).sum(), layout)
+
+    @staticmethod
+    def _in_batch_keys(query: Tensor, k: Tensor, hard_negatives: Tensor | None, layout: BatchLayout) -> Tensor:
+        """Every rank's positive keys, then every rank's hard negatives (positives stay first)."""
+        if hard_negatives is None:
+            return layout.gather(k)
+        check_embeddings("hard_negatives", hard_negatives, dim=query.shape[1])
+        check_same_length("query", query, "hard_negatives", hard_negatives)
+        return torch.cat([layout.gather(k), layout.gather(normalized_fp32(hard_negatives))])
 
     def _in_batch_lse(self, q: Tensor, k_all: Tensor, layout: BatchLayout) -> Callable[[float], Tensor]:
         """lse(c) over every gathered key but the query's own positive."""
