@@ -80,7 +80,9 @@ def _step_rank(rank: int, world: int, method: str, local_batch: int, cap_mib: in
 
 def fits(method: str, local_batch: int, cap_mib: int, chunk: int) -> tuple[bool, float]:
     try:
-        return run_on_local_ranks(_step_rank, 2, method, local_batch, cap_mib, chunk, timeout=600)
+        # spawned: a forked rank would charge its copies of inherited pages to the capped cgroup
+        return run_on_local_ranks(_step_rank, 2, method, local_batch, cap_mib, chunk, timeout=600,
+                                  start_method="spawn")
     except RuntimeError:  # a rank was killed past the cap
         return False, float("nan")
 

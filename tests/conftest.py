@@ -20,6 +20,10 @@ if not os.environ.get("DCL_TEST_KEEP_HOME"):
 _ray_tmp = tempfile.mkdtemp(prefix="dcl-ray-", dir="/tmp")
 os.environ["RAY_TMPDIR"] = _ray_tmp
 atexit.register(shutil.rmtree, _ray_tmp, ignore_errors=True)
+# Ray's telemetry, and Ray Train's watcher of spot-instance preemption (an actor process every
+# run), off: on 2 cores each Ray the suite starts spends CPU on them and no test reads them.
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_enable_metrics_collection="0",
+                  RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -142,11 +143,15 @@ def test_the_cluster_refuses_clients_without_its_token(two_nodes):
 def test_ray_job_submit_trains_across_two_nodes_into_shared_storage(tmp_path, two_nodes):
     shared = tmp_path / "shared"  # stands in for NFS or s3://: every node of this cluster sees it
     summary = tmp_path / "summary.json"
-    submit = ray_cli(two_nodes, "job", "submit", "--address", two_nodes["DASHBOARD_URL"], "--working-dir", str(ROOT),
-                     "--", "python", "train.py", "--config", str(DIGITS.relative_to(ROOT)),
-                     "--storage-path", str(shared), "--name", "two-nodes", "--output-json", str(summary),
-                     timeout=300, check=False)
-    logs = submit.stdout + submit.stderr
+    for _ in range(3):  # the head's job agent registers some seconds after `ray start`; Ray says to retry
+        submit = ray_cli(two_nodes, "job", "submit", "--address", two_nodes["DASHBOARD_URL"], "--working-dir", str(ROOT),
+                         "--", "python", "train.py", "--config", str(DIGITS.relative_to(ROOT)),
+                         "--storage-path", str(shared), "--name", "two-nodes", "--output-json", str(summary),
+                         timeout=480, check=False)
+        logs = submit.stdout + submit.stderr
+        if "No available agent to submit job" not in logs:
+            break
+        time.sleep(10)
     assert submit.returncode == 0 and "succeeded" in logs, logs[-6000:]
     assert "[distributed_cl] workers: rank 0 on" in logs  # the placement line, through the job's logs
     # one machine's /tmp is shared by its two nodes here; on a real cluster it would not be

@@ -8,15 +8,19 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import defaultdict
 
 import numpy as np
 import pytest
 from own_data import write_csv, write_imagefolder, write_jsonl, write_shards, write_text_rows
 from test_tasks import logged
-from test_train_cli import ROOT, run_env, run_killing_a_worker
+from ray_cluster import pids_with_env
+from test_train_cli import ROOT, cmdline, run_env
 
 from distributed_cl import trainer
 from distributed_cl.config import Config
@@ -92,28 +96,20 @@ def test_a_stream_with_too_many_bad_rows_stops_with_the_reason(tmp_path, local_r
     assert {r["epoch"] for r in reported} == {"0"} and reported[-1]["step"] == "2"  # 47 good rows: 2 batches of 16
 
 
-def test_jsonl_text_pairs(tmp_path, tiny_bert, local_ray, capsys):
-    write_jsonl(tmp_path / "pairs.jsonl", 200)
-    summary, _ = train(tmp_path, "jsonl", ["task=text", "dataset.format=jsonl", f"dataset.path={tmp_path}/pairs.jsonl",
-                                           "dataset.columns.a=anchor", "dataset.columns.b=positive",
-                                           "dataset.columns.label=label", f"text.tower.model={tiny_bert}",
-                                           "text.tower.max_length=16", "loss.name=infonce", "loss.temperature=0.1"],
-                       capsys)
-    assert_learned(summary, "recall@1")
-    assert "knn_top1_trained" in summary["metrics"] and "knn_top1_baseline" in summary["metrics"]
-
-
 TEXT_ROWS = ["task=text", "dataset.format=jsonl", "dataset.columns.a=anchor", "dataset.columns.b=positive",
              "text.tower.max_length=16"]
 
 
-def test_triplet_rows_train_infonce_with_every_rows_hard_negative(tmp_path, tiny_bert, local_ray, capsys):
-    """(anchor, positive, negative) rows, as sentence-transformers trains with hard negatives."""
+def test_jsonl_triplet_rows_train_infonce_with_every_rows_hard_negative(tmp_path, tiny_bert, local_ray, capsys):
+    """(anchor, positive, negative) rows, as sentence-transformers trains with hard negatives; with
+    a label column, so the held-out texts are also scored by kNN."""
     write_text_rows(tmp_path / "triplets.jsonl", 200, mismatched=False)
     summary, _ = train(tmp_path, "triplets", [*TEXT_ROWS, f"dataset.path={tmp_path}/triplets.jsonl",
-                                              "dataset.columns.negative=negative", f"text.tower.model={tiny_bert}",
-                                              "loss.name=infonce", "loss.temperature=0.1"], capsys)
+                                              "dataset.columns.negative=negative", "dataset.columns.label=label",
+                                              f"text.tower.model={tiny_bert}", "loss.name=infonce",
+                                              "loss.temperature=0.1"], capsys)
     assert_learned(summary, "recall@1")  # (that every query meets the hard negatives: test_grad_cache, test_losses)
+    assert "knn_top1_trained" in summary["metrics"] and "knn_top1_baseline" in summary["metrics"]
 
 
 def test_pair_labelled_rows_train_the_margin_loss(tmp_path, tiny_bert, local_ray, capsys):
@@ -163,7 +159,31 @@ def batch_log(directory) -> dict:
     return logged
 
 
-def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert):
+def train_killing_a_worker(tmp_path, name, overrides, capsys, max_steps):
+    """`train`, with one of the run's Ray Train workers SIGKILLed once the controller has registered
+    a checkpoint (Ray Train restarts the group from it); the summary and the console output."""
+    snapshot, killed = tmp_path / "runs" / name / "checkpoint_manager_snapshot.json", []
+
+    def kill_after_the_first_checkpoint():
+        deadline = time.time() + 240
+        while not snapshot.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        # this process's local Ray, and so its workers, run in the suite's own RAY_TMPDIR
+        workers = [pid for pid in pids_with_env(f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}")
+                   if b"RayTrainWorker" in cmdline(pid)]
+        if snapshot.exists() and workers:
+            os.kill(workers[-1], signal.SIGKILL)
+            killed.append(workers[-1])
+
+    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    summary, out = train(tmp_path, name, overrides, capsys, max_steps=max_steps)
+    killer.join()
+    assert killed, "no worker was killed: no checkpoint registered, or no Ray Train worker found"
+    return summary, out
+
+
+def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert, local_ray, capsys):
     write_shards(tmp_path / "wds", 240, 30)
     log = tmp_path / "batches"
     # SigLIP with neighbour exchange: the texts pass between the two workers by point-to-point sends
@@ -172,7 +192,8 @@ def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert
                  "dataset.format=webdataset", f"dataset.path={tmp_path}/wds/train-{{000000..000007}}.tar",
                  "dataset.columns.a=jpg;png", f"train.batch_log={log}", "dataset.shuffle_buffer=32"]
     # 16 steps: the first epoch (12 batches), killed after its 8th, and 4 batches of the next
-    m, out = run_killing_a_worker(command(tmp_path, "kill", overrides, max_steps=16), tmp_path / "kill.json")
+    summary, out = train_killing_a_worker(tmp_path, "kill", overrides, capsys, max_steps=16)
+    m = summary["metrics"]
     assert m["step"] == 16 and 8 <= m["start_step"] < 16, out
     logged = batch_log(log)
     epoch0 = sorted(b for (e, b) in logged if e == 0)

@@ -458,7 +458,8 @@ def test_a_torchvision_resnet_from_cached_weights_fine_tunes_with_simclr(tmp_pat
     state = write_cached_weights("resnet18", "IMAGENET1K_V1")
     summary = train(tmp_path, "resnet", DIGITS, ["model.encoder=resnet18", "model.weights=IMAGENET1K_V1",
                                                  "model.lr_mult=0.1", "optim.lr=0.001", "data.eval_bank_size=300",
-                                                 "data.eval_test_size=100", "train.log_every=5"], capsys, max_steps=10)
+                                                 "data.eval_test_size=100", "train.log_every=5",
+                                                 "train.global_batch_size=32"], capsys, max_steps=10)
     losses = logged(summary)
     assert losses[-1] < losses[0], losses
     m = summary["metrics"]
