@@ -18,8 +18,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from own_data import write_csv, write_imagefolder, write_jsonl, write_shards, write_text_rows
-from test_tasks import logged
 from ray_cluster import pids_with_env
+from test_tasks import logged
 from test_train_cli import ROOT, cmdline, run_env
 
 from distributed_cl import trainer

@@ -83,16 +83,6 @@ def kill_a_worker(proc, mark: str) -> str:
     return before
 
 
-def run_killing_a_worker(cmd: list[str], output_json: Path) -> tuple[dict, str]:
-    """Run `cmd`, kill one of its workers, let the run recover and finish; its final metrics and
-    console output."""
-    mark = secrets.token_hex(8)
-    proc = start(cmd, mark)
-    before = kill_a_worker(proc, mark)
-    out = finish(proc)
-    return json.loads(output_json.read_text())["metrics"], before + out
-
-
 def finish(proc, timeout=240):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
