@@ -18,9 +18,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 from own_data import write_csv, write_imagefolder, write_jsonl, write_shards, write_text_rows
-from ray_cluster import pids_with_env
 from test_tasks import logged
-from test_train_cli import ROOT, cmdline, run_env
+from test_train_cli import ROOT, run_env, train_worker_pids
 
 from distributed_cl import trainer
 from distributed_cl.config import Config
@@ -169,8 +168,7 @@ def train_killing_a_worker(tmp_path, name, overrides, capsys, max_steps):
         while not snapshot.exists() and time.time() < deadline:
             time.sleep(0.2)
         # this process's local Ray, and so its workers, run in the suite's own RAY_TMPDIR
-        workers = [pid for pid in pids_with_env(f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}")
-                   if b"RayTrainWorker" in cmdline(pid)]
+        workers = train_worker_pids(f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}")
         if snapshot.exists() and workers:
             os.kill(workers[-1], signal.SIGKILL)
             killed.append(workers[-1])

@@ -60,10 +60,10 @@ def wait_for_registered_checkpoint(proc, timeout=120) -> str:
 RUN_MARK = "DISTRIBUTED_CL_TEST_RUN"  # in a test run's environment, so its Ray processes can be told apart
 
 
-def train_worker_pids(mark: str) -> list[int]:
-    """The Ray Train workers of the run started with RUN_MARK=`mark` (its local Ray inherits the
-    driver's environment), not those of other runs on this machine."""
-    return [pid for pid in pids_with_env(f"{RUN_MARK}={mark}") if b"RayTrainWorker" in cmdline(pid)]
+def train_worker_pids(env_entry: str) -> list[int]:
+    """The Ray Train workers whose environment holds `env_entry` ("NAME=value"): a local Ray
+    passes its driver's environment on, so this tells one run's workers from other runs'."""
+    return [pid for pid in pids_with_env(env_entry) if b"RayTrainWorker" in cmdline(pid)]
 
 
 def cmdline(pid: int) -> bytes:
@@ -77,7 +77,7 @@ def kill_a_worker(proc, mark: str) -> str:
     """SIGKILL one of the run's Ray Train workers once a checkpoint is registered; the console
     output up to then."""
     before = wait_for_registered_checkpoint(proc)
-    pids = train_worker_pids(mark)
+    pids = train_worker_pids(f"{RUN_MARK}={mark}")
     assert pids, "no Ray Train worker process found"
     os.kill(pids[-1], signal.SIGKILL)
     return before
