@@ -11,6 +11,7 @@ padded to the largest, gathered and stripped.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -135,7 +136,10 @@ def _local_rank_entry(fn, rank: int, world: int, init_file: str, args: tuple, re
     try:
         result = fn(rank, world, *args)
         if rank == 0:
-            results.put((result,))  # a tuple, so that a None result still counts as one
+            # pickled by value: torch's queue would share a tensor's storage through a file
+            # descriptor that this process must serve until the caller reads it, and it may have
+            # exited by then (seen under load as an EOFError in the caller)
+            results.put(pickle.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -162,7 +166,7 @@ def run_on_local_ranks(fn, world: int, *args, timeout: float = 600.0, start_meth
         result, finished, deadline = None, False, time.monotonic() + timeout
         while not finished and time.monotonic() < deadline:
             try:
-                (result,), finished = results.get(timeout=1), True
+                result, finished = pickle.loads(results.get(timeout=1)), True
             except queue.Empty:  # a rank that died (killed, aborted) ends the wait at once
                 if any(p.exitcode not in (None, 0) for p in procs):
                     break

@@ -36,6 +36,7 @@ from ray.train.torch import prepare_model
 from torch import nn
 
 from distributed_cl import distributed as dist_utils
+from distributed_cl.callbacks import DATA_ERROR
 from distributed_cl.config import Config
 from distributed_cl.data.formats import skipped_rows_error
 from distributed_cl.data.sources import load_splits
@@ -50,7 +51,6 @@ from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 STATE_FILE = "state.pt"
 EXPORT_DIR = "export"
 WORKERS_FILE = "workers.json"  # in every checkpoint: where each rank ran
-DATA_ERROR = "data_error"  # in the last report of a run stopped for its undecodable rows
 TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(datasets=...)
 
 
@@ -393,7 +393,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def stop_on_data_error(error: str) -> None:
-        """End the run with the reason in its last report (trainer.StopOnDataError raises it in
+        """End the run with the reason in its last report (callbacks.StopOnDataError raises it in
         the controller). Raised here, Ray Train would restart the workers on the same rows."""
         send({"step": progress.step, "epoch": progress.epoch, DATA_ERROR: error, **data_counts()})
         send.flush()

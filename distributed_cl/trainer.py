@@ -5,91 +5,27 @@ All Ray plumbing lives here; the per-worker loop is in train_loop.py.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from distributed_cl.callbacks import ProgressLogger, StopOnDataError
 from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
 from distributed_cl.data.sources import load_splits
 from distributed_cl.data.table import Splits
 from distributed_cl.tasks import TASKS, Task
 from distributed_cl.tasks.image import ENCODER_FILE
-from distributed_cl.train_loop import DATA_ERROR, EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
-
-CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "logit_bias", "samples_per_s",
-               "anchors_without_positive", "mean_positives", "empty_batches", "start_step", "skipped_rows")
-
-
-class ProgressLogger(UserCallback):
-    """Runs in Ray Train's controller: a console line per report, metrics.csv and TensorBoard
-    event files in the run directory (when the storage path is local)."""
-
-    def __init__(self, run_dir: str | None, total_steps: int | None, eval_metrics: tuple[str, ...],
-                 console: bool = True) -> None:
-        self.run_dir, self.total_steps, self.eval_metrics, self.console = run_dir, total_steps, eval_metrics, console
-        self._writer = None
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        m = metrics[0]  # rank 0's view; the loss is already the mean over ranks
-        if self.console:
-            print(self._line(m, checkpoint is not None), flush=True)
-        if self.run_dir is None:
-            return
-        csv_path = Path(self.run_dir, "metrics.csv")
-        new = not csv_path.exists()
-        with csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS + self.eval_metrics, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({"time": round(time.time(), 3), **m})
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(Path(self.run_dir, "tensorboard")))
-        for key, value in m.items():
-            if isinstance(value, (int, float)) and value == value and key not in ("step", "start_step"):
-                self._writer.add_scalar(key, value, m["step"])
-        self._writer.flush()
-
-    def _line(self, m: dict, saved: bool) -> str:
-        total = f"/{self.total_steps}" if self.total_steps else ""
-        parts = [f"step {m['step']}{total}", f"epoch {m['epoch']}"]
-        if "loss" in m:
-            parts += [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
-            if "temperature" in m:  # (a margin loss has none)
-                parts.append(f"T {m['temperature']:.3f}")
-            if "logit_bias" in m:
-                parts.append(f"bias {m['logit_bias']:.2f}")
-            parts.append(f"{m['samples_per_s']:.0f} samples/s")
-            if m.get("anchors_without_positive"):
-                parts.append(f"{m['anchors_without_positive']} anchors without positive")
-        parts += [f"{name} {m[name]:.4f}" for name in self.eval_metrics if name in m and m[name] == m[name]]  # not NaN
-        if saved:
-            parts.append("checkpoint saved")
-        return "[distributed_cl] " + " | ".join(parts)
-
-
-class StopOnDataError(UserCallback):
-    """Ends the run when the workers report that their stream has too many undecodable rows. An
-    error raised in the controller is not retried, unlike a worker's, which Ray Train would meet
-    again on the same rows after every restart; `run` raises it as TooManySkippedRows."""
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if DATA_ERROR in metrics[0]:
-            raise TooManySkippedRows(metrics[0][DATA_ERROR])
-
+from distributed_cl.train_loop import EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
 # ray.train.report blocks until then (measured: 1.9 s per report). Poll every 0.25 s instead.

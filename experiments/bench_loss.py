@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distributed_cl.distributed import run_on_local_ranks  # noqa: E402
+from experiments.tensor_sizes import LargestTensors  # noqa: E402
 
 
 def _status_mib(key: str) -> float:
@@ -124,22 +125,9 @@ def make_step(method: str, n: int, d: int, rank: int, world: int, device: str = 
 def candidate_rows(step, d: int) -> int:
     """The most rows of any (rows x d) tensor one step makes: how many candidate embeddings (or
     their gradients) a rank holds at once. Logits tiles have other widths."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Rows(TorchDispatchMode):
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == d:
-                    Rows.most = max(Rows.most, t.shape[0])
-            return out
-
-    with Rows():
+    with LargestTensors(width=d) as sizes:
         step()
-    return Rows.most
+    return sizes.rows
 
 
 def _rank_main(rank, world, method, n, d, steps, warmup, chunk_size=2048, count_rows=False):

@@ -5,6 +5,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
 need_data_packages  # scripts/debian-packages.txt: what the tests and the shipped configs read
 cd "$ROOT"
-# DCL_TEST_WORKERS=N: the test files on N pytest-xdist processes. Off by default: on 2 cores two
-# Ray-heavy files at once push the sweep and cluster tests past their timeouts (measured).
-exec python -m pytest -q -n "${DCL_TEST_WORKERS:-0}" --dist loadfile "$@"
+# Two pytest-xdist processes: the tests that start Ray run one at a time on one of them (the
+# xdist_group "ray", tests/conftest.py), the rest on the other. DCL_TEST_WORKERS=0 runs serially.
+exec python -m pytest -q -n "${DCL_TEST_WORKERS:-2}" --dist loadgroup "$@"

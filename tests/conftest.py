@@ -22,11 +22,34 @@ os.environ["RAY_TMPDIR"] = _ray_tmp
 atexit.register(shutil.rmtree, _ray_tmp, ignore_errors=True)
 # Ray's telemetry, and Ray Train's watcher of spot-instance preemption (an actor process every
 # run), off: on 2 cores each Ray the suite starts spends CPU on them and no test reads them.
+# Ray also starts its worker processes at nice 15; at 0 they run ahead of the unit tests, which
+# pytest_runtest_setup below moves to nice 19.
 os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_enable_metrics_collection="0",
-                  RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+                  RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_worker_niceness="0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The tests that start or join a Ray cluster: in-process through these fixtures, or as train.py
+# subprocesses (those carry the mark themselves). Under pytest-xdist (scripts/test.sh runs 2
+# processes) they form one group, run one at a time on one process, while the other process takes
+# the unit tests at a lower CPU priority: two Ray runs at once on 2 cores push each other past their
+# timeouts, and a Ray run waits on its polls and actor starts often enough to leave a core half idle.
+RAY_FIXTURES = {"local_ray", "cluster", "two_nodes"}
+RAY_GROUP = pytest.mark.xdist_group("ray")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(item.fixturenames):
+            item.add_marker(RAY_GROUP)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    in_ray_group = any(m.args == RAY_GROUP.args for m in item.iter_markers("xdist_group"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and not in_ray_group and os.nice(0) < 19:
+        os.nice(19 - os.nice(0))  # this process and the rank processes it starts
 
 
 @pytest.fixture(scope="session")
@@ -44,15 +67,20 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for a module's in-process runs (trainer.run and train.main join it); the
-    train.py subprocess path is test_train_cli.py's."""
+    """One local Ray for every in-process run of the session (trainer.run and train.main join it,
+    as under `ray submit`); the train.py subprocess runs start their own (test_train_cli.py).
+    Started once: each start costs seconds of CPU. No dashboard, which no in-process test reads;
+    the test directory on the workers' path, so that they can import a train loop defined in a
+    test module."""
     import ray
 
     from distributed_cl import trainer
 
-    trainer.connect_ray(log_to_driver=False)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {**trainer.JOB_ENV, "PYTHONPATH": tests}})
     yield
     ray.shutdown()
 

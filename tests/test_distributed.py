@@ -14,8 +14,6 @@ import pytest
 import torch
 from reference import rel_err
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from distributed_cl import distributed as dist_utils
 from distributed_cl.distributed import run_on_local_ranks
@@ -29,6 +27,7 @@ from distributed_cl.losses import (
     pair_labels,
 )
 from distributed_cl.losses.core import Memory
+from experiments.tensor_sizes import LargestTensors
 
 D = 8
 SIZES = {2: [5, 3], 3: [4, 1, 6], 4: [3, 0, 5, 2]}  # world 4 has a rank with an empty batch
@@ -151,19 +150,6 @@ def CASES(sizes):
     return cases
 
 
-class MostRows(TorchDispatchMode):
-    """The most rows of any 2-d tensor of width D that an op makes while active."""
-
-    most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == D:
-                self.most = max(self.most, t.shape[0])
-        return out
-
-
 def _split(x, sizes, rank):
     start = sum(sizes[:rank])
     return x[start : start + sizes[rank]]
@@ -200,9 +186,9 @@ def _worker(rank, world, sizes, out_dir):
     results["candidate_rows"] = {}
     for ring in (False, True):
         i, t = (_split(_rand(s, sum(sizes), D), sizes, rank).requires_grad_() for s in ("ri", "rt"))
-        with MostRows() as rows:
+        with LargestTensors(width=D) as made:
             SigLipLoss(neighbour_exchange=ring)(i, t).backward()
-        results["candidate_rows"][ring] = rows.most
+        results["candidate_rows"][ring] = made.rows
 
     # The gather itself: rank r weights the gathered tensor with its own w_r.
     x = _split(_rand("gx", sum(sizes), 3), sizes, rank).requires_grad_()

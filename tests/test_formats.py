@@ -8,7 +8,6 @@ import threading
 
 import numpy as np
 import pytest
-import ray
 import torch
 from own_data import CLASSES, write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards, write_text_rows
 from own_data import rows as own_rows
@@ -32,11 +31,7 @@ from distributed_cl.tasks import TASKS
 TINY_MODEL = ["model.width=4", "model.pool=1", "model.projection_hidden=8", "model.projection_dim=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # Ray Data reads and decodes
 
 
 def image_config(path, *more: str, batch: int = 8) -> Config:

@@ -4,7 +4,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import ray
 import torch
 from ray.train import RunConfig, ScalingConfig
@@ -41,15 +40,7 @@ def train_loop(config):
     Path(config["out"], f"rank{context.get_world_rank()}.json").write_text(json.dumps(record))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    # workers unpickle train_loop by reference: let them import this test module
-    ray.init(num_cpus=4, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
-    yield
-    ray.shutdown()
-
-
-def test_sampler_in_two_worker_torch_trainer(ray_local, tmp_path):
+def test_sampler_in_two_worker_torch_trainer(local_ray, tmp_path):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"labels": LABELS, "m": M, "global_batch": GLOBAL_BATCH, "out": str(tmp_path)},

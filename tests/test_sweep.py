@@ -196,10 +196,11 @@ def run_sweep_process(cmd, env, timeout=480):  # a guard against a hang, not a s
 
 
 # ASHA must stop something, deterministically. One trial at a time, in grid order: trial 1 scores
-# its kNN against the whole bank and runs its 2 epochs; trial 2, trained the same (same seed), scores
-# against a bank of 10 images, worse by construction, so at the one rung (epoch 1; reduction factor
-# 3 over 2 epochs) it falls below trial 1's score there and is stopped. Trial 3's bank of -1 is not
-# a valid config: that trial fails, with its error in the CSV, and the sweep goes on.
+# its kNN against the whole bank (its 512 training images) and runs its 2 epochs; trial 2, trained
+# the same (same seed), scores against a bank of 10 images, worse by construction, so at the one
+# rung (epoch 1; reduction factor 3 over 2 epochs) it falls below trial 1's score there and is
+# stopped. Trial 3's bank of -1 is not a valid config: that trial fails, with its error in the
+# CSV, and the sweep goes on.
 ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 10, -1]}}
 
 
@@ -207,7 +208,7 @@ def test_asha_sweep_stops_trials_early_records_a_failed_one_frees_their_resource
     """Its storage is a URI, as on a cluster (s3://, gs://); its trials cache gradients, 8 samples
     at a time."""
     fixed = {"train.cpus_per_worker": 0.5, "train.log_every": 5, "train.checkpoint_every": 10,
-             "train.grad_cache_chunk": 8}
+             "train.grad_cache_chunk": 8, "data.train_subset": 512}  # epochs of 8 steps
     sweep = write_sweep(tmp_path, epochs=2, space=ASHA_SPACE, fixed=fixed,
                         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
                         max_concurrent_trials=1)

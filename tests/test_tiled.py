@@ -8,10 +8,9 @@ import warnings
 import pytest
 import torch
 from reference import ntxent_loop, rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from distributed_cl.losses import ClipLoss, InfoNCELoss, Memory, NTXentLoss, SigLipLoss, SupConLoss
+from experiments.tensor_sizes import LargestTensors
 
 
 def paired_negatives(b):
@@ -129,26 +128,13 @@ def test_bad_chunk_size_is_named(bad):
         NTXentLoss(chunk_size=bad)
 
 
-class LargestTensor(TorchDispatchMode):
-    """The most elements of any tensor an op makes while active (autograd's backward included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
-        return out
-
-
 @pytest.mark.parametrize("name", GATHERED)
 def test_chunked_never_makes_an_n_by_n_matrix(name):
     n, d, chunk = 128, 8, 32
     inputs = leaves(n, d, seed=2)
     sizes = {}
     for chunk_size in (None, chunk):
-        with LargestTensor() as largest:
+        with LargestTensors() as largest:
             run(name, inputs, chunk_size)
         sizes[chunk_size] = largest.numel
     if name == "infonce_paired":  # no N-wide logits to tile: n x 2 negatives per query

@@ -1,9 +1,11 @@
 """train.py end to end: 2 Ray Train workers in local mode that survive a killed worker, an interrupted driver."""
 
+import atexit
 import csv
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from ray_cluster import pids_with_env
 
@@ -36,6 +39,7 @@ def run_env():
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="dcl-", dir="/tmp")
+    atexit.register(shutil.rmtree, env["RAY_TMPDIR"], ignore_errors=True)  # its Ray's sessions and logs
     return env
 
 
@@ -89,6 +93,7 @@ def finish(proc, timeout=240):
     return out
 
 
+@pytest.mark.xdist_group("ray")  # a Ray of its own, in train.py: with the others (conftest.py)
 def test_cli_survives_a_killed_worker_and_an_interrupted_driver_and_exports_the_encoder(tmp_path):
     """One run, three attempts: a worker is killed after the step-10 checkpoint and Ray Train
     restarts the group from it; once that attempt has registered a checkpoint of its own, the

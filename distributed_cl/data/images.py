@@ -10,11 +10,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 from distributed_cl.config import DataConfig
 
@@ -92,7 +95,10 @@ def to_float(images: Tensor) -> Tensor:
 def two_view_transform(size: int, crop_scale_min: float, jitter: float, blur: float = 0.0) -> v2.Compose:
     """SimCLR's views for grayscale, per image: crop + flip, optional Gaussian blur (sigma in
     [0.1, blur], half of the views), and brightness/contrast jitter so that two views cannot be
-    matched by their intensity histogram alone. The batched pipeline draws the same."""
+    matched by their intensity histogram alone. The batched pipeline draws the same.
+    (torchvision is imported here: a worker on the batched pipeline never needs it.)"""
+    from torchvision.transforms import v2
+
     blurring = [v2.RandomApply([v2.GaussianBlur(2 * math.ceil(2 * blur) + 1, sigma=(0.1, blur))], p=0.5)] if blur else []
     return v2.Compose(
         [

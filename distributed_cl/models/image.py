@@ -13,7 +13,6 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from distributed_cl.config import ModelConfig
@@ -55,8 +54,15 @@ class GridPool(nn.Module):
         return F.adaptive_avg_pool2d(x.unflatten(1, (self.channels, side, side)), self.pool).flatten(1)
 
 
+# torchvision is imported where a torchvision model is built: importing it (and the torch._dynamo
+# it pulls in) costs every Ray Train worker seconds of CPU, which the small CNN and the text towers
+# do not need.
+
+
 def resnet18_small(in_channels: int = 1) -> nn.Module:
     """torchvision's ResNet-18 for 28x28 inputs: 3x3 stride-1 stem, no max-pool, no classifier."""
+    import torchvision
+
     model = torchvision.models.resnet18(weights=None)
     model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     model.maxpool = nn.Identity()
@@ -75,6 +81,8 @@ ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
 
 @functools.cache
 def torchvision_encoders() -> frozenset[str]:
+    import torchvision
+
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -135,6 +143,8 @@ class TorchvisionEncoder(nn.Module):
 
     def __init__(self, name: str, in_channels: int = 3, weights: str | None = None, download: bool = False,
                  load_weights: bool = True) -> None:
+        import torchvision
+
         super().__init__()
         model = torchvision.models.get_model(name, weights=None)
         if weights and load_weights:
