@@ -1,6 +1,6 @@
-"""Ray Train callbacks: they run in Ray Train's controller, a process of its own for every run.
-This module imports neither torch nor the rest of the package (the controller unpickles these
-classes by reference, so it imports their module): that would add seconds of CPU to every run's start."""
+"""Ray Train callbacks. They run in Ray Train's controller, a new process every run, which imports
+this module to unpickle them: so it imports no torch and nothing of the training stack (that
+would add seconds of CPU to the start of every run), only the data module's exception."""
 
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 # subprocesses (those carry the mark themselves). Under pytest-xdist (scripts/test.sh runs 2
 # processes) they form one group, run one at a time on one process, while the other process takes
 # the unit tests at a lower CPU priority: two Ray runs at once on 2 cores push each other past their
-# timeouts, and a Ray run waits on its polls and actor starts often enough to leave a core half idle.
+# timeouts, and Ray runs wait on their polls and actor starts often enough to leave a fifth of
+# the 2 cores idle (measured).
 RAY_FIXTURES = {"local_ray", "cluster", "two_nodes"}
 RAY_GROUP = pytest.mark.xdist_group("ray")
 

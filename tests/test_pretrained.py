@@ -439,7 +439,7 @@ def test_class_prompts_come_from_the_label_names_with_the_template(tiny_clip):
 
 
 # ----------------------------------------------------------------------------- fine-tuning runs
-# trainer.run as train.py calls it, 2 workers, on the module's local Ray. (hf_clip's run is
+# trainer.run as train.py calls it, 2 workers, on the session's local Ray. (hf_clip's run is
 # test_own_data.py's, on labelled csv rows; open_clip's LiT run is test_tasks.py's, on the emoji.)
 
 

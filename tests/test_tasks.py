@@ -202,7 +202,7 @@ def test_loader_workers_give_the_same_batches_and_leave_the_global_rng_alone(tin
 
 
 def run_train(capsys, tmp_path, name, config, *overrides, max_steps=None):
-    """train.py's main in this process, on the module's local Ray; the summary and the console."""
+    """train.py's main in this process, on the session's local Ray; the summary and the console."""
     out = tmp_path / f"{name}.json"
     argv = ["--config", str(config), "--storage-path", str(tmp_path / "runs"), "--name", name, "--output-json", str(out)]
     argv += ["--max-steps", str(max_steps)] if max_steps else []

@@ -1,6 +1,8 @@
 """Pieces of the training loop that the CLI runs do not reach: every loss, samplers' resume."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -93,3 +95,14 @@ def test_small_cnn_features_are_the_full_map_and_its_head_pools_them():
     torch.testing.assert_close(GridPool(16, 3)(features), torch.nn.functional.adaptive_avg_pool2d(grid, 3).flatten(1))
     head = build_head(encoder, config)
     assert head[1].in_features == 16 * 3 * 3 and head.eval()(features).shape == (5, 8)
+
+
+@pytest.mark.parametrize("module,absent", [("distributed_cl.callbacks", "torch"),
+                                           ("distributed_cl.train_loop", "torchvision")])
+def test_what_each_ray_train_process_imports_leaves_out_what_it_does_not_need(module, absent):
+    """Ray Train's controller imports the callbacks' module, a worker the train loop's, each in a
+    new process every run: torch (for the controller) and torchvision (for workers with no
+    torchvision model) would add seconds of CPU to every run's start."""
+    code = f"import sys, {module}; print({absent!r} in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
