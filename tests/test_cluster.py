@@ -122,8 +122,8 @@ def test_train_py_on_the_head_without_ray_address_joins_the_cluster(two_nodes):
             "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120, check=True)
-    assert set(json.loads(out.stdout.strip().splitlines()[-1])) == cluster_node_ids(two_nodes)
-    assert len(cluster_node_ids(two_nodes)) == 2
+    nodes = cluster_node_ids(two_nodes)
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])) == nodes and len(nodes) == 2
 
 
 def test_the_cluster_refuses_clients_without_its_token(two_nodes):
