@@ -1,6 +1,7 @@
 """Ray Train callbacks. They run in Ray Train's controller, a new process every run, which imports
 this module to unpickle them: so it imports no torch and nothing of the training stack (that
-would add seconds of CPU to the start of every run), only the data module's exception."""
+would add seconds of CPU to the start of every run), only the data module's exception. What
+the loss logs is handed to them by the driver, which knows the loss."""
 
 from __future__ import annotations
 
@@ -11,21 +12,29 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from distributed_cl.data.formats import TooManySkippedRows
+from distributed_cl.data.formats import DATA_ERROR, TooManySkippedRows
 
-DATA_ERROR = "data_error"  # in the last report of a run stopped for its undecodable rows
+# How the console line shows a loss's logged values; any other key shows as itself.
+SHORT_NAMES = {"temperature": ("T", ".3f"), "logit_bias": ("bias", ".2f")}
 
-CSV_COLUMNS = ("time", "step", "epoch", "loss", "lr", "temperature", "logit_bias", "samples_per_s",
-               "anchors_without_positive", "mean_positives", "empty_batches", "start_step", "skipped_rows")
+
+def csv_columns(loss_keys: tuple[str, ...], stats_keys: tuple[str, ...], eval_metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """metrics.csv's columns, in a fixed order: the loop's, the loss's (`log_keys`), the loss
+    statistics' (`LossStats.log_keys`), the held-out metrics."""
+    return ("time", "step", "epoch", "loss", "lr", *loss_keys, "samples_per_s", *stats_keys, "empty_batches",
+            "start_step", "skipped_rows", *eval_metrics)
 
 
 class ProgressLogger(UserCallback):
     """Runs in Ray Train's controller: a console line per report, metrics.csv and TensorBoard
-    event files in the run directory (when the storage path is local)."""
+    event files in the run directory (when the storage path is local). `loss_keys`: what the
+    loss logs (its class's `log_keys`), `stats_keys`: what the trainer logs of its statistics."""
 
     def __init__(self, run_dir: str | None, total_steps: int | None, eval_metrics: tuple[str, ...],
-                 console: bool = True) -> None:
+                 console: bool = True, *, loss_keys: tuple[str, ...], stats_keys: tuple[str, ...]) -> None:
         self.run_dir, self.total_steps, self.eval_metrics, self.console = run_dir, total_steps, eval_metrics, console
+        self.loss_keys = tuple(loss_keys)
+        self.columns = csv_columns(self.loss_keys, tuple(stats_keys), tuple(eval_metrics))
         self._writer = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -37,7 +46,7 @@ class ProgressLogger(UserCallback):
         csv_path = Path(self.run_dir, "metrics.csv")
         new = not csv_path.exists()
         with csv_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, CSV_COLUMNS + self.eval_metrics, extrasaction="ignore")
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow({"time": round(time.time(), 3), **m})
@@ -55,10 +64,9 @@ class ProgressLogger(UserCallback):
         parts = [f"step {m['step']}{total}", f"epoch {m['epoch']}"]
         if "loss" in m:
             parts += [f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
-            if "temperature" in m:  # (a margin loss has none)
-                parts.append(f"T {m['temperature']:.3f}")
-            if "logit_bias" in m:
-                parts.append(f"bias {m['logit_bias']:.2f}")
+            for key in (k for k in self.loss_keys if k in m):  # the temperature in use (a margin loss has none)
+                name, spec = SHORT_NAMES.get(key, (key, ".4g"))
+                parts.append(f"{name} {m[key]:{spec}}")
             parts.append(f"{m['samples_per_s']:.0f} samples/s")
             if m.get("anchors_without_positive"):
                 parts.append(f"{m['anchors_without_positive']} anchors without positive")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from distributed_cl.losses import LossStats
     from distributed_cl.tasks import ContrastiveModel
 
 
@@ -68,9 +69,9 @@ def _buffers_kept(module: nn.Module):
 
 
 def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, chunk_size: int,
-                        autocast: Callable[[], AbstractContextManager]) -> Tensor:
+                        autocast: Callable[[], AbstractContextManager]) -> tuple[Tensor, LossStats]:
     """Leave the whole batch's gradient in the parameters' .grad (averaged over workers when
-    `model` is DDP) and return the loss. `net` is the ContrastiveModel inside `model`;
+    `model` is DDP) and return the loss and its statistics. `net` is the ContrastiveModel inside `model`;
     `autocast` is a fresh context for each use (e.g. `functools.partial(torch.autocast, ...)`)."""
     chunks = split_batch(batch, chunk_size)
     states, cached = [], []
@@ -84,7 +85,7 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
     embeddings = [torch.cat(side).detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives)
     del cached  # the chunks' copies: memory per sample is what sets the largest batch
     with autocast():
-        loss = net.loss(embeddings, batch)
+        loss, stats = net.loss(embeddings, batch)
     loss.backward()  # d loss / d embeddings, and the loss's own parameters' gradients
 
     start = 0
@@ -97,4 +98,4 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
         torch.autograd.backward(list(outputs), [e.grad[rows] for e in embeddings])
         start = rows.stop
     _set_rng_state(end_state)
-    return loss.detach()
+    return loss.detach(), stats

@@ -1,26 +1,50 @@
-"""Optimizers a config can name (OPTIMIZERS, checked by `optim.name`), their parameter groups
+"""Optimizers a config can name (OPTIMIZERS, by `optim.name`, each with its options), their parameter groups
 (no weight decay on biases, norms, embeddings and scales; per-tower learning-rate multipliers),
 and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from distributed_cl.config import OptimConfig
-
-OPTIMIZERS: dict[str, Callable[[OptimConfig, Iterable], torch.optim.Optimizer]] = {
-    "adamw": lambda c, params: torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay),
-    "sgd": lambda c, params: torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
-}
+from distributed_cl.options import Options
 
 
-def build_optimizer(config: OptimConfig, params: Iterable) -> torch.optim.Optimizer:
-    """`params`: tensors, or the groups of `param_groups` (each with its own lr and weight decay)."""
-    return OPTIMIZERS[config.name](config, params)
+class OptimOptions(Options):
+    """The `optim` section: what every optimizer takes, and the schedule."""
+
+    name: str
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(5.0, ge=0)  # max global grad norm; 0 disables
+
+    def build(self, params: Iterable) -> torch.optim.Optimizer:
+        """`params`: tensors, or the groups of `param_groups` (each with its own lr and weight decay)."""
+        raise NotImplementedError
+
+
+class AdamWOptions(OptimOptions):
+    name: Literal["adamw"] = "adamw"
+
+    def build(self, params: Iterable) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+class SGDOptions(OptimOptions):
+    name: Literal["sgd"] = "sgd"
+    momentum: float = Field(0.9, ge=0)
+
+    def build(self, params: Iterable) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+OPTIMIZERS: dict[str, type[OptimOptions]] = {"adamw": AdamWOptions, "sgd": SGDOptions}
 
 
 def no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
@@ -30,7 +54,7 @@ def no_weight_decay(name: str, param: nn.Parameter, module: nn.Module) -> bool:
     return param.ndim < 2 or isinstance(module, nn.Embedding) or "embedding" in name.rsplit(".", 1)[-1]
 
 
-def param_groups(model: nn.Module, config: OptimConfig, lr_mults: list[tuple[list[nn.Parameter], float]] = ()) -> list[dict]:
+def param_groups(model: nn.Module, config: OptimOptions, lr_mults: list[tuple[list[nn.Parameter], float]] = ()) -> list[dict]:
     """The trainable parameters in optimizer groups by (weight decay or none, learning-rate
     multiplier): `lr_mults` gives towers' parameters their multiplier (1 for the rest)."""
     mult = {id(p): m for params, m in lr_mults for p in params}

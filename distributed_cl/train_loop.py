@@ -3,11 +3,12 @@ nor of any one dataset: the task (distributed_cl/tasks) turns decoded rows into 
 inputs, builds the towers and evaluates them, and the data arrives as `Splits` from the driver
 (held in memory) or as this worker's shard of a Ray Data stream.
 
-`train_loop_per_worker` reads top to bottom: set up the worker, its data and the model; restore
-the latest checkpoint if there is one; train (`train_step`), with a progress line per metrics
-window and periodic checkpoints; evaluate on the held-out split after each epoch; at the end
-compare the trained towers with the same towers untrained and with the task's baselines, and
-export them.
+`ContrastiveRecipe` is the loop, a method a stage (as torchtune's recipes), and reads top to
+bottom: `setup` the worker, its data and the model, and `restore` the latest checkpoint if there
+is one; `train` epochs of `train_epoch`, each batch a `step` (`train_step`), with a progress line
+per metrics window and periodic checkpoints (`report`, `save`); `evaluate` on the held-out split
+after each whole epoch; `finish`: the trained towers against the same towers untrained and the
+task's baselines, exported. `train_loop_per_worker`, what Ray Train calls, builds it and runs it.
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ from ray.train.torch import prepare_model
 from torch import nn
 
 from distributed_cl import distributed as dist_utils
-from distributed_cl.callbacks import DATA_ERROR
 from distributed_cl.config import Config
-from distributed_cl.data.formats import skipped_rows_error
-from distributed_cl.data.sources import load_splits
+from distributed_cl.data.formats import DATA_ERROR, TooManySkippedRows, check_skipped
 from distributed_cl.data.stream import StreamBatches
+from distributed_cl.data.table import Splits
 from distributed_cl.grad_cache import grad_cache_backward
-from distributed_cl.objectives import build_objective
-from distributed_cl.optim import build_optimizer, param_groups, warmup_cosine
+from distributed_cl.losses import LossStats
+from distributed_cl.optim import param_groups, warmup_cosine
 from distributed_cl.queue import NegativeQueue
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
@@ -58,20 +58,22 @@ TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(da
 
 
 def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.Optimizer, batch: dict,
-               autocast: Callable[[], AbstractContextManager], scheduler=None, grad_cache_chunk: int | None = None,
-               grad_clip: float = 0.0, negatives: NegativeQueue | None = None) -> torch.Tensor:
-    """One optimizer step on a batch already on the device; returns the loss (not synced to the host).
-    `model` is `net` or its DDP wrapper; gradient caching gives the same step in chunks of activations;
-    `negatives` adds the queue's past keys to the loss, and enqueues this step's after it.
-    The loop and the benchmarks both step through here."""
+               autocast: Callable[[], AbstractContextManager],
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, grad_cache_chunk: int | None = None,
+               grad_clip: float = 0.0, negatives: NegativeQueue | None = None) -> tuple[torch.Tensor, LossStats]:
+    """One optimizer step on a batch already on the device; returns the loss (not synced to the
+    host) and the loss's statistics of the global batch. `model` is `net` or its DDP wrapper;
+    gradient caching gives the same step in chunks of activations; `negatives` adds the queue's
+    past keys to the loss, and enqueues this step's after it. The loop and the benchmarks both
+    step through here."""
     if negatives is not None:
         batch = {**batch, "memory": negatives.memory()}
     optimizer.zero_grad(set_to_none=True)
     if grad_cache_chunk:
-        loss = grad_cache_backward(model, net, batch, grad_cache_chunk, autocast)
+        loss, stats = grad_cache_backward(model, net, batch, grad_cache_chunk, autocast)
     else:
         with autocast():
-            loss = model(batch)
+            loss, stats = model(batch)
         loss.backward()
     if grad_clip:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -81,11 +83,12 @@ def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.O
     if negatives is not None:
         with autocast():
             negatives.after_step(net.towers, batch, net.step_keys, grad_cache_chunk)
-    return loss.detach()
+    return loss.detach(), stats
 
 
 class MetricsWindow:
-    """The loss summed on the device and read once per window (no host sync per step), samples/s."""
+    """The loss summed on the device and read once per window (no host sync per step), samples/s,
+    and the window's last loss statistics."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -93,23 +96,23 @@ class MetricsWindow:
 
     def _reset(self) -> None:
         self.loss, self.steps, self.samples, self.start = torch.zeros(1, device=self.device), 0, 0, time.perf_counter()
+        self.stats: LossStats | None = None
 
-    def add(self, loss: torch.Tensor, samples: int) -> None:
+    def add(self, loss: torch.Tensor, stats: LossStats, samples: int) -> None:
         self.loss += loss
         self.steps += 1
         self.samples += samples
+        self.stats = stats
 
-    def read(self, net: ContrastiveModel, scheduler, world: int) -> dict:
+    def read(self, loss_fn: nn.Module, scheduler: torch.optim.lr_scheduler.LRScheduler, world: int) -> dict:
+        """The window's metrics (a collective: the loss is summed over ranks); starts the next window."""
         mean_loss = dist_utils.all_reduce_sum(self.loss).item() / world  # the mean over ranks is the global loss
-        stats = net.loss_fn.last_stats
         metrics = {
             "loss": mean_loss / self.steps,
             "lr": scheduler.get_last_lr()[0] / scheduler.optimizer.param_groups[0].get("lr_mult", 1.0),  # optim.lr's
-            **net.loss_fn.logged(),  # the temperature in use (CLIP and SigLIP learn theirs)
+            **loss_fn.logged(),  # the temperature in use (CLIP and SigLIP learn theirs): the loss's log_keys
             "samples_per_s": self.samples * world / (time.perf_counter() - self.start),
-            "anchors_without_positive": stats.anchors_without_positive,
-            "mean_positives": stats.mean_positives,
-            "empty_batches": net.loss_fn.empty_batches,
+            **self.stats.logged(),  # LossStats.log_keys
         }
         self._reset()
         return metrics
@@ -142,6 +145,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     anchors_without_positive_total: int = 0  # over every step of the run
+    empty_batches: int = 0  # steps whose global batch had no positive pair at all (a zero loss)
     # a stream's counts over all ranks for one pass over the data (the largest of the finished
     # epochs): rows read, rows that did not decode, rows no batch took (see data/stream.py)
     stream_rows: int = 0
@@ -149,15 +153,17 @@ class Progress:
     stream_dropped_rows: int = 0
 
 
-def save_state(directory: str, net: ContrastiveModel, optimizer, scheduler, progress: Progress, rng_states: list,
+def save_state(directory: str, net: ContrastiveModel, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, rng_states: list,
                negatives: NegativeQueue | None = None) -> None:
     torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "progress": vars(progress), "rng": rng_states,
                 "negatives": negatives.state_dict() if negatives else None}, os.path.join(directory, STATE_FILE))
 
 
-def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optimizer, scheduler, rank: int,
-                  device: torch.device, negatives: NegativeQueue | None = None) -> Progress:
+def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optimizer: torch.optim.Optimizer,
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, device: torch.device,
+                  negatives: NegativeQueue | None = None) -> Progress:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
     net.load_state_dict(state["model"])
@@ -229,14 +235,19 @@ class Reporter:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report (the whole metrics dict, from every worker), every checkpoint
-    and its model wrapping at INFO: that would bury the trainer's progress lines. Warnings still show."""
-    from ray.train.v2._internal.execution import context, storage
-    from ray.train.v2.torch import train_loop_utils
+def _ray_train_loggers() -> tuple[str, ...]:
+    """The names of Ray Train's loggers that log at INFO every report (the whole metrics dict,
+    from every worker), every checkpoint and the model's wrapping. Names, not imports: their
+    modules are Ray's private ones. context.py names its logger by its file, the others by module."""
+    ray_dir = os.path.dirname(ray.__file__)
+    return (os.path.join(ray_dir, "train", "v2", "_internal", "execution", "context.py"),
+            "ray.train.v2._internal.execution.storage",
+            "ray.train.v2.torch.train_loop_utils")
 
-    # context.py names its logger by file, the others by module
-    for name in (context.__file__, storage.__name__, train_loop_utils.__name__):
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train's INFO lines would bury the trainer's progress lines. Warnings still show."""
+    for name in _ray_train_loggers():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -303,6 +314,60 @@ class EpochBatches:
             yield self.task.augment(to_device(self.task.collate(local), self.task.device))
 
 
+class DataAccounts:
+    """What the data lost, summed over ranks: the rows that did not decode when the splits were
+    loaded, and a stream's rows that did not decode or that no batch took (StreamBatches counts
+    them per rank, afresh every epoch). A stream meets its bad rows again every epoch, so one pass
+    over the data counts as its largest epoch: the finished epochs' maxima are kept in Progress
+    (checkpointed), the epoch in progress is read off the stream. With a stream every method is a
+    collective: every rank calls it at the same point."""
+
+    CHECK_AFTER_ROWS = 1000  # mid-epoch, the skipped fraction is judged once this many rows are in
+
+    def __init__(self, stream: StreamBatches | None, loaded_skipped_rows: int, max_skipped_fraction: float,
+                 world: int, device: torch.device) -> None:
+        self.stream, self.loaded_skipped_rows = stream, loaded_skipped_rows
+        self.max_skipped_fraction, self.world, self.device = max_skipped_fraction, world, device
+
+    def epoch_counts(self) -> tuple[int, int, int]:
+        """The epoch in progress: (rows read, rows that did not decode, rows no batch took)."""
+        if self.stream is None:
+            return 0, 0, 0
+        s = self.stream
+        counts = torch.tensor([s.rows_seen, s.skipped_rows, s.dropped_rows], device=self.device)
+        rows, skipped, dropped = dist_utils.all_reduce_sum(counts).tolist()
+        return rows, skipped, dropped
+
+    def metrics(self, progress: Progress) -> dict[str, int]:
+        """Rows lost to decoding and batching in one pass over the data."""
+        rows, skipped, dropped = self.epoch_counts()
+        return {"skipped_rows": self.loaded_skipped_rows + max(progress.stream_skipped_rows, skipped),
+                "stream_rows": max(progress.stream_rows, rows),
+                "dropped_rows": max(progress.stream_dropped_rows, dropped)}
+
+    def check(self, whole_epoch: bool) -> None:
+        """Raise TooManySkippedRows if the stream has more undecodable rows than
+        dataset.max_skipped_fraction allows; judged once the epoch is whole or enough of its rows
+        are in. Every rank reaches the same verdict: the counts are summed over all of them."""
+        if self.stream is None:
+            return
+        rows, skipped, _ = self.epoch_counts()
+        if not whole_epoch and rows < self.CHECK_AFTER_ROWS:
+            return
+        examples = [e for ex in _all_ranks(self.stream.skipped_examples, self.world) for e in ex]
+        check_skipped(skipped, rows, self.max_skipped_fraction, examples)
+
+    def close_epoch(self, progress: Progress) -> None:
+        """The epoch's counts are whole: check them, and keep their maxima in the progress."""
+        if self.stream is None:
+            return
+        self.check(whole_epoch=True)
+        rows, skipped, dropped = self.epoch_counts()
+        progress.stream_rows = max(progress.stream_rows, rows)
+        progress.stream_skipped_rows = max(progress.stream_skipped_rows, skipped)
+        progress.stream_dropped_rows = max(progress.stream_dropped_rows, dropped)
+
+
 def evaluate_towers(task: Task, towers: nn.Module) -> dict[str, float]:
     """The task's held-out metrics of rank 0's model, the one exported: BatchNorm's running
     statistics differ between ranks after a step (DDP broadcasts rank 0's before each forward,
@@ -316,129 +381,166 @@ def evaluate_towers(task: Task, towers: nn.Module) -> dict[str, float]:
     return metrics
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the recipe
+
+
+class ContrastiveRecipe:
+    """One worker's run. Every rank calls the same methods in the same order: most hold
+    collectives (DDP's, the metrics window's sum, every rank's RNG in a checkpoint, a stream's
+    counts). Resuming is exact: the RNGs are drawn in the same order as in an uninterrupted run."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    # ------------------------------------------------------------------------- set-up
+
+    def setup(self, data: ray.ObjectRef | None = None) -> None:
+        """The worker, its data (`data`: the driver's Splits, or None to load them here), the
+        model, optimizer and schedule, then the latest checkpoint if there is one."""
+        config, t = self.config, self.config.train
+        self.rank, self.world, self.device, self.workers = setup_worker(config)
+        splits: Splits = ray.get(data) if data is not None else TASKS[config.task].load_data(config)
+        self.task = TASKS[config.task](config, self.rank, self.world, self.device, splits)
+        self.batches = EpochBatches(self.task, config, self.rank, self.world)
+        limit = config.dataset.max_skipped_fraction if config.dataset is not None else 0.0  # (only a stream is judged)
+        self.accounts = DataAccounts(self.batches.stream, splits.skipped_rows, limit, self.world, self.device)
+
+        # Towers, loss and optimizer. Same seed on every rank: identical initial weights.
+        torch.manual_seed(t.seed)
+        self.model = prepare_model(ContrastiveModel(self.task.build_towers(config), config.loss.build(), config.loss))
+        self.net: ContrastiveModel = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) \
+            else self.model
+        self.optimizer = config.optim.build(param_groups(self.net, config.optim, self.net.towers.lr_mults()))
+        queue_size = getattr(config.loss, "queue_size", 0)  # only the losses that take past keys have one
+        self.negatives = NegativeQueue(queue_size, t.momentum, self.net.towers) if queue_size else None
+        self.total_steps = t.max_steps or t.epochs * self.batches.batches_per_epoch
+        self.scheduler = warmup_cosine(self.optimizer, config.optim.warmup_steps, self.total_steps)
+        torch.manual_seed(t.seed * 10_000 + self.rank)  # augmentations differ per rank
+
+        self.restore()
+        self.last_eval = dict.fromkeys(self.task.metric_names(config), float("nan"))  # until the first epoch ends
+        self.send = Reporter()
+        self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
+                                          enabled=self.device.type == "cuda")
+        self.window = MetricsWindow(self.device)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        """Train, then compare and export. A stream with too many undecodable rows ends the run
+        instead, with the reason in its last report (callbacks.StopOnDataError raises it in the
+        controller): raised here, Ray Train would restart the workers on the same rows."""
+        try:
+            self.train()
+        except TooManySkippedRows as error:
+            self.send({"step": self.progress.step, "epoch": self.progress.epoch, DATA_ERROR: str(error),
+                       **self.data_counts()})
+            self.send.flush()
+            return
+        self.finish()
+
+    def train(self) -> None:
+        """Epochs until the last step; each whole epoch ends with an evaluation."""
+        while self.progress.step < self.total_steps and self.train_epoch():
+            self.end_epoch()
+
+    def train_epoch(self) -> bool:
+        """The rest of the epoch in progress. Whether the epoch is whole: its batches ran out,
+        rather than the steps (a stream's epoch is not known to be whole until it runs out)."""
+        p, first_step = self.progress, self.progress.step
+        for batch in self.batches.epoch(p.epoch, p.batch_in_epoch):
+            self.step(batch)
+            if p.step >= self.total_steps:
+                return self.batches.stream is None and p.batch_in_epoch == self.batches.batches_per_epoch
+        if p.step == first_step and p.batch_in_epoch == 0:
+            raise RuntimeError(f"epoch {p.epoch} had no full batch of train.global_batch_size="
+                               f"{self.config.train.global_batch_size}: {self.data_counts()}")
+        return True
+
+    def step(self, batch: dict) -> None:
+        """One optimizer step; a report at the end of each metrics window, with a checkpoint every
+        train.checkpoint_every steps (the last step's is `finish`'s)."""
+        p, t = self.progress, self.config.train
+        loss, stats = train_step(self.model, self.net, self.optimizer, batch, self.autocast, self.scheduler,
+                                 t.grad_cache_chunk, self.config.optim.grad_clip, self.negatives)
+        p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
+        p.anchors_without_positive_total += stats.anchors_without_positive
+        p.empty_batches += stats.empty
+        self.window.add(loss, stats, len(batch["labels"]))
+        save = p.step % t.checkpoint_every == 0 and p.step < self.total_steps
+        if save or p.step % t.log_every == 0 or p.step == self.total_steps:
+            self.accounts.check(whole_epoch=False)
+            metrics = self.window.read(self.net.loss_fn, self.scheduler, self.world)
+            self.report({**metrics, "empty_batches": p.empty_batches}, save=save)
+
+    def end_epoch(self) -> None:
+        """A whole epoch: its stream counts kept, then (unless it was the last step) an evaluation."""
+        self.accounts.close_epoch(self.progress)
+        self.progress.epoch, self.progress.batch_in_epoch = self.progress.epoch + 1, 0
+        if self.progress.step < self.total_steps:
+            self.evaluate()
+            self.report({})
+
+    def evaluate(self) -> None:
+        """The held-out metrics, reported with every report from now on."""
+        self.last_eval = evaluate_towers(self.task, self.net.towers)
+
+    # ------------------------------------------------------------------------- reports and checkpoints
+
+    def data_counts(self) -> dict[str, int]:
+        """Rows lost to decoding and batching in one pass over the data, and anchors without a positive."""
+        return {**self.accounts.metrics(self.progress),
+                "anchors_without_positive_total": self.progress.anchors_without_positive_total}
+
+    def report(self, metrics: dict, save: bool = False, final: bool = False) -> None:
+        """Every rank reports; with `save`, rank 0 attaches a checkpoint (every rank's RNG inside),
+        with `final` the exported towers in it too."""
+        p = self.progress
+        metrics = {"step": p.step, "epoch": p.epoch, "start_step": self.start_step, **self.last_eval,
+                   **self.data_counts(), **metrics}
+        rng_states = _all_ranks(rng_state(), self.world) if save else None
+        if rng_states is None or self.rank != 0:
+            self.send(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            self.save(d, rng_states, export=final)
+            self.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def save(self, directory: str, rng_states: list[dict], export: bool = False) -> None:
+        """A checkpoint's files: the state (weights, optimizer, schedule, queue, progress, RNGs),
+        where every rank ran, and with `export` the files a user loads without Ray."""
+        save_state(directory, self.net, self.optimizer, self.scheduler, self.progress, rng_states, self.negatives)
+        with open(os.path.join(directory, WORKERS_FILE), "w") as f:
+            json.dump(self.workers, f, indent=1)
+        if export:
+            os.makedirs(os.path.join(directory, EXPORT_DIR))
+            self.task.export(self.net.towers, os.path.join(directory, EXPORT_DIR))
+
+    def restore(self) -> None:
+        """The latest checkpoint's state (this rank's RNG included), else a fresh start."""
+        checkpoint = ray.train.get_checkpoint()
+        self.progress = restore_state(checkpoint, self.net, self.optimizer, self.scheduler, self.rank, self.device,
+                                      self.negatives) if checkpoint else Progress()
+        self.start_step = self.progress.step
+
+    # ------------------------------------------------------------------------- the end
+
+    def finish(self) -> None:
+        """The trained towers against the same towers untrained (the same seed rebuilds them) and
+        the task's baselines, in the last report, whose checkpoint holds the export."""
+        self.evaluate()
+        torch.manual_seed(self.config.train.seed)
+        untrained = evaluate_towers(self.task, self.task.build_towers(self.config).to(self.device))
+        final = {f"{name}_trained": value for name, value in self.last_eval.items()}
+        final |= {f"{name}_untrained": value for name, value in untrained.items()}
+        final["peak_memory_mib"] = max(_all_ranks(peak_memory_mib(self.device), self.world))  # the largest worker's
+        self.report(final | self.task.baselines(), save=True, final=True)
+        self.send.flush()  # every rank's last report is in before the worker returns
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """`loop_config`: {"config": Config.to_dict(), "data": a Ray object ref of the Splits, or None
-    to load the config's data here}."""
-    config = Config.from_dict(loop_config["config"])
-    t = config.train
-    rank, world, device, workers = setup_worker(config)
-    data = ray.get(loop_config["data"]) if loop_config.get("data") is not None else load_splits(config, TASKS[config.task])
-    task = TASKS[config.task](config, rank, world, device, data)
-    batches = EpochBatches(task, config, rank, world)
-
-    # Towers, loss and optimizer. Same seed on every rank: identical initial weights.
-    torch.manual_seed(t.seed)
-    loss_fn, objective = build_objective(config.loss)
-    model = prepare_model(ContrastiveModel(task.build_towers(config), loss_fn, objective))
-    net: ContrastiveModel = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(config.optim, param_groups(net, config.optim, net.towers.lr_mults()))
-    negatives = NegativeQueue(config.loss.queue_size, t.momentum, net.towers) if config.loss.queue_size else None
-    total_steps = t.max_steps or t.epochs * batches.batches_per_epoch
-    scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, total_steps)
-    torch.manual_seed(t.seed * 10_000 + rank)  # augmentations differ per rank
-
-    checkpoint = ray.train.get_checkpoint()
-    progress = restore_state(checkpoint, net, optimizer, scheduler, rank, device, negatives) if checkpoint else Progress()
-    start_step = progress.step
-    last_eval = dict.fromkeys(task.metric_names(config), float("nan"))
-    send = Reporter()
-
-    def stream_counts() -> tuple[int, int, int]:
-        """The stream's (rows, skipped, dropped) of the epoch in progress, over all ranks."""
-        s = batches.stream
-        return tuple(dist_utils.all_reduce_sum(torch.tensor([s.rows_seen, s.skipped_rows, s.dropped_rows])).tolist())
-
-    def data_counts() -> dict:
-        """Rows lost to decoding and batching in one pass over the data (a stream meets its bad
-        rows every epoch: the epoch with the most counts), and anchors without a positive."""
-        rows, skipped, dropped = stream_counts() if batches.stream else (0, 0, 0)
-        return {"skipped_rows": data.skipped_rows + max(progress.stream_skipped_rows, skipped),
-                "stream_rows": max(progress.stream_rows, rows),
-                "dropped_rows": max(progress.stream_dropped_rows, dropped),
-                "anchors_without_positive_total": progress.anchors_without_positive_total}
-
-    def stream_error(whole_epoch: bool) -> str | None:
-        """Why the stream has more undecodable rows than dataset.max_skipped_fraction allows, or
-        None; judged once the epoch is whole or a thousand of its rows are in. The same answer on
-        every rank: the counts are summed over all of them."""
-        if batches.stream is None:
-            return None
-        rows, skipped, _ = stream_counts()
-        if not whole_epoch and rows < 1000:
-            return None
-        examples = [e for ex in _all_ranks(batches.stream.skipped_examples, world) for e in ex]
-        return skipped_rows_error(skipped, rows, config.dataset.max_skipped_fraction, examples)
-
-    def report(metrics: dict, save: bool = False, final: bool = False) -> None:
-        """Every rank reports; with `save`, rank 0 attaches a checkpoint (every rank's RNG inside)."""
-        metrics = {"step": progress.step, "epoch": progress.epoch, "start_step": start_step, **last_eval,
-                   **data_counts(), **metrics}
-        if not save:
-            send(metrics)
-            return
-        rng_states = _all_ranks(rng_state(), world)
-        if rank != 0:
-            send(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            save_state(d, net, optimizer, scheduler, progress, rng_states, negatives)
-            with open(os.path.join(d, WORKERS_FILE), "w") as f:
-                json.dump(workers, f, indent=1)
-            if final:
-                os.makedirs(os.path.join(d, EXPORT_DIR))
-                task.export(net.towers, os.path.join(d, EXPORT_DIR))
-            send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-    def stop_on_data_error(error: str) -> None:
-        """End the run with the reason in its last report (callbacks.StopOnDataError raises it in
-        the controller). Raised here, Ray Train would restart the workers on the same rows."""
-        send({"step": progress.step, "epoch": progress.epoch, DATA_ERROR: error, **data_counts()})
-        send.flush()
-
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    window = MetricsWindow(device)
-    while progress.step < total_steps:
-        ran_out, epoch_start = True, progress.step  # ran_out: the epoch's batches did (not stopped at total_steps)
-        for batch in batches.epoch(progress.epoch, progress.batch_in_epoch):
-            loss = train_step(model, net, optimizer, batch, autocast, scheduler, t.grad_cache_chunk,
-                              config.optim.grad_clip, negatives)
-            progress.step, progress.batch_in_epoch = progress.step + 1, progress.batch_in_epoch + 1
-            progress.anchors_without_positive_total += net.loss_fn.last_stats.anchors_without_positive
-            window.add(loss, len(batch["labels"]))
-            save = progress.step % t.checkpoint_every == 0 and progress.step < total_steps
-            if save or progress.step % t.log_every == 0 or progress.step == total_steps:
-                if error := stream_error(whole_epoch=False):
-                    return stop_on_data_error(error)
-                report(window.read(net, scheduler, world), save=save)
-            if progress.step >= total_steps:
-                ran_out = progress.batch_in_epoch == batches.batches_per_epoch and batches.stream is None
-                break
-        if not ran_out:
-            break
-        if progress.step == epoch_start and progress.batch_in_epoch == 0:
-            raise RuntimeError(f"epoch {progress.epoch} had no full batch of train.global_batch_size="
-                               f"{t.global_batch_size}: {data_counts()}")
-        if batches.stream:  # the epoch's counts are whole now: kept in the checkpoint
-            if error := stream_error(whole_epoch=True):
-                return stop_on_data_error(error)
-            rows, skipped, dropped = stream_counts()
-            progress.stream_rows = max(progress.stream_rows, rows)
-            progress.stream_skipped_rows = max(progress.stream_skipped_rows, skipped)
-            progress.stream_dropped_rows = max(progress.stream_dropped_rows, dropped)
-        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-        if progress.step < total_steps:  # a whole epoch: evaluate on the held-out split
-            last_eval = evaluate_towers(task, net.towers)
-            report({})
-
-    # The end: the trained towers against the same towers untrained and the task's baselines.
-    last_eval = evaluate_towers(task, net.towers)
-    torch.manual_seed(t.seed)
-    untrained = evaluate_towers(task, task.build_towers(config).to(device))
-    final = {f"{name}_trained": value for name, value in last_eval.items()}
-    final |= {f"{name}_untrained": value for name, value in untrained.items()}
-    final["peak_memory_mib"] = max(_all_ranks(peak_memory_mib(device), world))  # the largest worker's
-    report(final | task.baselines(), save=True, final=True)
-    send.flush()  # every rank's last report is in before the worker returns
+    """What Ray Train runs in each worker. `loop_config`: {"config": Config.to_dict(), "data": a
+    Ray object ref of the Splits, or None to load the config's data here}."""
+    recipe = ContrastiveRecipe(Config.from_dict(loop_config["config"]))
+    recipe.setup(loop_config.get("data"))
+    recipe.run()

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ from ray.train.torch import TorchTrainer
 from distributed_cl.callbacks import ProgressLogger, StopOnDataError
 from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
-from distributed_cl.data.sources import load_splits
 from distributed_cl.data.table import Splits
+from distributed_cl.losses import LossStats
 from distributed_cl.tasks import TASKS, Task
-from distributed_cl.tasks.image import ENCODER_FILE
 from distributed_cl.train_loop import EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
@@ -75,52 +73,19 @@ def warn_unless_shared(storage_path: str) -> None:
               file=sys.stderr, flush=True)
 
 
-def absolute(path: str) -> str:
-    """A local path made absolute (workers chdir into their trial directory); URIs unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def resolve_paths(config: Config) -> Config:
-    """Every local path in the config made absolute, before any worker starts."""
-
-    def local_model(tower):  # a model directory, not a hub name
-        return replace(tower, model=absolute(tower.model)) if Path(tower.model).expanduser().is_dir() else tower
-
-    def local_pretrained(x):  # a CLIP directory, or open_clip's NAME:/path/to/checkpoint.pt
-        spec = x.pretrained
-        if spec and x.towers == "hf_clip" and Path(spec).expanduser().is_dir():
-            spec = absolute(spec)
-        elif spec and x.towers == "open_clip" and spec.startswith("local-dir:"):
-            spec = "local-dir:" + absolute(spec.removeprefix("local-dir:"))
-        elif spec and x.towers == "open_clip" and not spec.startswith("hf-hub:"):
-            name, _, checkpoint = spec.partition(":")
-            spec = f"{name}:{absolute(checkpoint)}" if checkpoint and Path(checkpoint).expanduser().is_file() else spec
-        return replace(x, pretrained=spec, open_clip_config=x.open_clip_config and absolute(x.open_clip_config))
-
-    data = replace(config.data, root=absolute(config.data.root), cache_dir=absolute(config.data.cache_dir))
-    text = replace(config.text, root=absolute(config.text.root), tower=local_model(config.text.tower))
-    image_text = replace(local_pretrained(config.image_text), font=absolute(config.image_text.font),
-                         cache_dir=absolute(config.image_text.cache_dir),
-                         text_tower=local_model(config.image_text.text_tower))
-    train = replace(config.train, storage_path=absolute(config.train.storage_path),
-                    batch_log=config.train.batch_log and absolute(config.train.batch_log))
-    dataset = config.dataset and replace(config.dataset, path=absolute(config.dataset.path),
-                                         eval_path=config.dataset.eval_path and absolute(config.dataset.eval_path))
-    return replace(config, data=data, text=text, image_text=image_text, train=train, dataset=dataset)
-
-
 def prepare_data(config: Config) -> tuple[Splits, dict]:
     """The data, read here once for every worker: the splits held in memory (a Ray object the
     workers fetch), and the Ray Data pipeline of a streamed training split (TorchTrainer splits
     it across the workers). Bad rows were counted while decoding."""
     task = TASKS[config.task]
-    splits = load_splits(config, task)
+    splits = task.load_data(config)
     datasets = {}
     if splits.streamed:
         if config.train.epochs is not None and splits.train_rows is None:
             raise ConfigError("train.epochs needs the training split's size, which this stream does not tell "
                               "before reading it all: set train.max_steps")
-        datasets[TRAIN_DATASET] = decoded_dataset(config, task.sides, "train")
+        datasets[TRAIN_DATASET] = decoded_dataset(config.dataset, task.sides, "train", config.train.seed,
+                                                  config.train.verbose)
         free = ray.cluster_resources().get("CPU", 0) - config.train.num_workers * config.train.cpus_per_worker
         if free < config.dataset.decode_cpus:
             raise ConfigError(
@@ -138,7 +103,7 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
     """Train (or resume the run with the same name and storage path) and return its summary.
     `callbacks`: more Ray Train callbacks (a sweep's TuneReportCallback); `console=False` keeps
     progress lines and the final table out of the console (metrics.csv is still written)."""
-    config = resolve_paths(config)
+    config = config.resolve_paths()
     t = config.train
     local_storage = "://" not in t.storage_path
     run_dir = os.path.join(t.storage_path, t.name) if local_storage else None
@@ -150,6 +115,7 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
     splits, datasets = prepare_data(config)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     metric_names = TASKS[config.task].metric_names(config)
+    loss_keys = getattr(type(config.loss.build()), "log_keys", ())  # what the loss logs: metrics.csv's columns
     preserve_order = config.dataset is not None and config.dataset.deterministic
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -164,7 +130,8 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[StopOnDataError(), ProgressLogger(run_dir, t.max_steps, metric_names, console), *callbacks],
+            callbacks=[StopOnDataError(), ProgressLogger(run_dir, t.max_steps, metric_names, console, loss_keys=loss_keys,
+                                                         stats_keys=LossStats.log_keys), *callbacks],
         ),
     )
     try:
@@ -182,8 +149,9 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             if export.is_dir():
                 shutil.copytree(export, run_dir, dirs_exist_ok=True)
                 summary["exported"] = sorted(os.path.join(run_dir, p.name) for p in export.iterdir())
-                if Path(export, ENCODER_FILE).exists():
-                    summary["encoder"] = os.path.join(run_dir, ENCODER_FILE)
+                for key, name in TASKS[config.task].summary_files.items():  # e.g. "encoder": encoder.pt
+                    if Path(export, name).exists():
+                        summary[key] = os.path.join(run_dir, name)
     if console:
         print(final_table(metrics, TASKS[config.task], metric_names))
     if output_json:

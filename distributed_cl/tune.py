@@ -21,114 +21,184 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
+import itertools
 import math
 import os
 import tempfile
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import Discriminator, Field, PositiveInt, Tag, field_validator, model_validator
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from distributed_cl.config import Config, ConfigError, _apply_override, _coerce
-
-SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
-SCHEDULERS = ("asha", "fifo")
-
-
-@dataclass
-class SchedulerSpec:
-    name: str = "asha"
-    grace_period: int = 1  # epochs every trial gets before it can be stopped
-    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
-    max_t: int | None = None  # epochs; default: the sweep's budget
-
-
-@dataclass
-class SweepSpec:
-    metric: str
-    mode: str = "max"
-    epochs: int = 1
-    num_samples: int = 1
-    seed: int = 0  # the search's random draws (choice, uniform, loguniform)
-    max_concurrent_trials: int = 2
-    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    space: dict[str, dict[str, list]] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)  # config values every trial uses (not swept)
-
-    @property
-    def grid_size(self) -> int:
-        """Trials the space defines: the product of the grids, times num_samples."""
-        return self.num_samples * math.prod(len(v["grid"]) for v in self.space.values() if "grid" in v)
+from distributed_cl.config import Config, ConfigError, apply_override, set_key
+from distributed_cl.options import Options, absolute, parse, tagged_union
 
 
 class SweepError(ValueError):
     """A sweep YAML key is unknown, of the wrong type, or has an impossible value."""
 
 
+# ----------------------------------------------------------------------------- the sweep YAML
+
+
+class AshaOptions(Options):
+    name: Literal["asha"] = "asha"
+    grace_period: PositiveInt = 1  # epochs every trial gets before it can be stopped
+    reduction_factor: int = Field(2, ge=2)  # ASHA keeps the best 1/reduction_factor at each rung
+    max_t: PositiveInt | None = None  # epochs; default: the sweep's budget
+
+    def build(self, epochs: int) -> ASHAScheduler:
+        return BudgetASHA(epochs, time_attr="epoch", grace_period=self.grace_period,
+                          reduction_factor=self.reduction_factor, max_t=self.max_t or epochs)
+
+
+class FifoOptions(Options):
+    name: Literal["fifo"] = "fifo"
+
+    def build(self, epochs: int) -> FIFOScheduler:
+        return FIFOScheduler()
+
+
+SCHEDULERS = {"asha": AshaOptions, "fifo": FifoOptions}
+
+
+class Grid(Options):
+    grid: list = Field(min_length=1)
+
+    def search(self):
+        return tune.grid_search(self.grid)
+
+    def values(self) -> list:
+        return self.grid
+
+
+class Choice(Options):
+    choice: list = Field(min_length=1)
+
+    def search(self):
+        return tune.choice(self.choice)
+
+    def values(self) -> list:
+        return self.choice
+
+
+class Uniform(Options):
+    uniform: tuple[float, float]
+
+    @field_validator("uniform")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not bounds[0] < bounds[1]:
+            raise ValueError(f"needs lo < hi, got {list(bounds)}")
+        return bounds
+
+    def search(self):
+        return tune.uniform(*self.uniform)
+
+    def values(self) -> list:  # what the config is checked with: both ends
+        return list(self.uniform)
+
+
+class LogUniform(Options):
+    loguniform: tuple[float, float]
+
+    @field_validator("loguniform")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < bounds[0] < bounds[1]:
+            raise ValueError(f"needs 0 < lo < hi, got {list(bounds)}")
+        return bounds
+
+    def search(self):
+        return tune.loguniform(*self.loguniform)
+
+    def values(self) -> list:
+        return list(self.loguniform)
+
+
+# the distributions of a swept field: {grid: [...]}, {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}
+SPACE_KINDS = {"grid": Grid, "choice": Choice, "uniform": Uniform, "loguniform": LogUniform}
+
+
+def _space_kind(value: Any) -> str | None:
+    """The tag of a dimension: its one key (`grid`, ...), written `<grid>` as the config's unions are."""
+    keys = list(value) if isinstance(value, dict) else list(type(value).model_fields) if isinstance(value, Options) else []
+    return f"<{keys[0]}>" if len(keys) == 1 else None
+
+
+Dimension = Annotated[
+    Union[tuple(Annotated[kind, Tag(f"<{name}>")] for name, kind in SPACE_KINDS.items())],  # noqa: UP007
+    Discriminator(_space_kind, custom_error_type="choice",
+                  custom_error_message="must be one of " + ", ".join(f"{{{k}: ...}}" for k in SPACE_KINDS))]
+SET_BY_THE_SWEEP = ("train.name", "train.storage_path", "train.max_steps", "train.epochs")
+
+
+class SweepSpec(Options):
+    """A sweep YAML. Its space and fixed values are checked by building the training config of
+    every grid point (`check_against`), with the config's own models."""
+
+    metric: str  # a held-out metric the task reports
+    mode: Literal["max", "min"] = "max"
+    epochs: PositiveInt = 1
+    num_samples: PositiveInt = 1
+    seed: int = Field(0, ge=0)  # the search's random draws (choice, uniform, loguniform)
+    max_concurrent_trials: PositiveInt = 2
+    scheduler: tagged_union(SCHEDULERS, "name", "asha") = Field(default_factory=AshaOptions)
+    space: dict[str, Dimension] = Field(min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=dict)  # config values every trial uses (not swept)
+
+    @model_validator(mode="after")
+    def _keys(self) -> SweepSpec:
+        for key in self.space:
+            if key in SET_BY_THE_SWEEP:
+                raise ValueError(f"space.{key}: the sweep sets {key} itself")
+            if key in self.fixed:
+                raise ValueError(f"fixed.{key} is also in space")
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        """Trials the space defines: the product of the grids, times num_samples."""
+        return self.num_samples * math.prod(len(d.grid) for d in self.space.values() if isinstance(d, Grid))
+
+    def check_against(self, config: Config, metrics: tuple[str, ...]) -> None:
+        """The metric is one the config's task reports, and the config with the fixed values and
+        each point of the space (every grid and choice value, each range's ends) is a valid config."""
+        if self.metric not in metrics:
+            raise SweepError(f"metric: the {config.task} task reports {', '.join(metrics)}; got {self.metric!r}")
+        base = config.to_dict()
+        for key, value in self.fixed.items():
+            set_key(base, key, value)
+        keys = list(self.space)
+        for point in itertools.product(*(self.space[k].values() for k in keys)):
+            raw = copy.deepcopy(base)
+            for key, value in zip(keys, point):
+                set_key(raw, key, value)
+            try:
+                Config.from_dict(raw)
+            except ConfigError as e:
+                where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, point))
+                raise SweepError(f"the config at {where} (with the fixed values): {e}") from None
+
+
 def load_sweep(path: str | Path, config: Config) -> SweepSpec:
-    """Read and check a sweep YAML against the base `config` it sweeps: every key, the metric
-    (one the config's task reports), and every space field (an existing config field, each value
-    of its type). Values that only clash with other fields (a batch size the workers do not
-    divide) are left to the trial, which fails and is recorded as failed."""
+    """Read and check a sweep YAML against the base `config` it sweeps."""
+    from distributed_cl.tasks import TASKS
+
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
         raise SweepError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: the top level must be a mapping")
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(SweepSpec)})
-    if unknown:
-        raise SweepError(f"unknown sweep key {unknown[0]}")
-    if "metric" not in raw:
-        raise SweepError("metric is required (e.g. metric: knn_top1)")
-    scheduler = raw.get("scheduler", {})
-    if not isinstance(scheduler, dict):
-        raise SweepError(f"scheduler must be a mapping like {{name: asha}}, got {scheduler!r}")
-    unknown = sorted(set(scheduler) - {f.name for f in dataclasses.fields(SchedulerSpec)})
-    if unknown:
-        raise SweepError(f"unknown sweep key scheduler.{unknown[0]}")
-    spec = SweepSpec(**{k: v for k, v in raw.items() if k != "scheduler"}, scheduler=SchedulerSpec(**scheduler))
-    _check(spec, config)
+    try:
+        spec = parse(SweepSpec, raw, top="sweep")
+    except ConfigError as e:
+        raise SweepError(str(e).replace("unknown config key", "unknown sweep key")) from None
+    spec.check_against(config, TASKS[config.task].metric_names(config))
     return spec
-
-
-def _check(spec: SweepSpec, config: Config) -> None:
-    from distributed_cl.tasks import TASKS
-
-    metrics = TASKS[config.task].metric_names(config)
-    if spec.metric not in metrics:
-        raise SweepError(f"metric: the {config.task} task reports {', '.join(metrics)}; got {spec.metric!r}")
-    if spec.mode not in ("max", "min"):
-        raise SweepError(f"mode must be max or min, got {spec.mode!r}")
-    for name in ("epochs", "num_samples", "max_concurrent_trials"):
-        _int_at_least(name, getattr(spec, name), 1)
-    _int_at_least("seed", spec.seed, 0)
-    s = spec.scheduler
-    if s.name not in SCHEDULERS:
-        raise SweepError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {s.name!r}")
-    _int_at_least("scheduler.grace_period", s.grace_period, 1)
-    _int_at_least("scheduler.reduction_factor", s.reduction_factor, 2)
-    if s.max_t is not None:
-        _int_at_least("scheduler.max_t", s.max_t, 1)
-    if not isinstance(spec.space, dict) or not spec.space:
-        raise SweepError("space must map config fields to {grid|choice|uniform|loguniform: ...}")
-    for key, dist in spec.space.items():
-        _check_dimension(key, dist)
-    if not isinstance(spec.fixed, dict):
-        raise SweepError(f"fixed must map config fields to values, got {spec.fixed!r}")
-    for key, value in spec.fixed.items():
-        if key in spec.space:
-            raise SweepError(f"fixed.{key} is also in space")
-        try:
-            _coerce(f"fixed.{key}", _field_type(key), value)
-        except ConfigError as e:
-            raise SweepError(str(e)) from None
 
 
 def with_fixed(config: Config, spec: SweepSpec, overrides: list[str] = ()) -> Config:
@@ -136,55 +206,12 @@ def with_fixed(config: Config, spec: SweepSpec, overrides: list[str] = ()) -> Co
     ("key=value", as --set takes them: the command line wins over the sweep file), validated."""
     raw = config.to_dict()
     for key, value in spec.fixed.items():
-        _set(raw, key, value)
+        set_key(raw, key, value)
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     fixed = Config.from_dict(raw)
-    fixed.validate()
+    fixed.check_files()
     return fixed
-
-
-def _check_dimension(key: str, dist: Any) -> None:
-    where = f"space.{key}"
-    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in SPACE_KINDS:
-        raise SweepError(f"{where} must be one of {{grid: [...]}}, {{choice: [...]}}, {{uniform: [lo, hi]}}, "
-                         f"{{loguniform: [lo, hi]}}; got {dist!r}")
-    if key in ("train.name", "train.storage_path", "train.max_steps", "train.epochs"):
-        raise SweepError(f"{where}: the sweep sets {key} itself")
-    hint = _field_type(key)
-    (kind, values), = dist.items()
-    if not isinstance(values, list) or not values:
-        raise SweepError(f"{where}.{kind} must be a non-empty list, got {values!r}")
-    if kind in ("uniform", "loguniform"):
-        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise SweepError(f"{where}.{kind} must be [lo, hi] numbers, got {values!r}")
-        lo, hi = values
-        if not lo < hi or (kind == "loguniform" and lo <= 0):
-            raise SweepError(f"{where}.{kind} needs {'0 < ' if kind == 'loguniform' else ''}lo < hi, got {values!r}")
-    for value in values:
-        try:
-            _coerce(where, hint, value)
-        except ConfigError as e:
-            raise SweepError(str(e)) from None
-
-
-def _field_type(key: str):
-    """The type of config field `key` (dotted), or SweepError naming the key."""
-    cls = Config
-    *sections, name = key.split(".")
-    for part in [*sections, name]:
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            raise SweepError(f"space: {key} is not a config field")
-        cls = hints[part]
-    if dataclasses.is_dataclass(cls):
-        raise SweepError(f"space: {key} is a config section, not a field")
-    return cls
-
-
-def _int_at_least(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise SweepError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def search_algorithm(spec: SweepSpec, max_concurrent: int = 0):
@@ -196,9 +223,7 @@ def search_algorithm(spec: SweepSpec, max_concurrent: int = 0):
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's search space: one entry per swept field, keyed by its dotted name."""
-    make = {"grid": tune.grid_search, "choice": tune.choice,
-            "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
-    return {key: make[kind](values) for key, dist in spec.space.items() for kind, values in dist.items()}
+    return {key: dimension.search() for key, dimension in spec.space.items()}
 
 
 # ----------------------------------------------------------------------------- running a sweep
@@ -208,23 +233,14 @@ BEST_FILE = "best.yaml"
 TRIALS_DIR = "trials"  # each trial's Ray Train run (checkpoints, metrics.csv) under the sweep
 
 
-def _set(raw: dict, key: str, value) -> None:
-    *sections, name = key.split(".")
-    for section in sections:
-        raw = raw.setdefault(section, {})
-    raw[name] = value
-
-
 def trial_config(base: dict, params: dict, epochs: int, name: str, storage_path: str) -> Config:
     """The training config of one trial: the base with the trial's values, trained for the
     sweep's epochs under a fixed (storage_path, name), so that a restored trial resumes."""
     raw = copy.deepcopy(base)
     for key, value in params.items():
-        _set(raw, key, value)
+        set_key(raw, key, value)
     raw["train"].update(epochs=epochs, max_steps=None, name=name, storage_path=storage_path)
-    config = Config.from_dict(raw)
-    config.validate()  # a clash (batch not divisible by workers) fails this trial, not the sweep
-    return config
+    return Config.from_dict(raw)
 
 
 def _run_trial(params: dict, base: dict, epochs: int, storage_path: str) -> None:
@@ -244,8 +260,8 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
     trial's Ray Train log lines."""
     from distributed_cl import trainer
 
-    user_config, config = config, trainer.resolve_paths(config)  # trial workers chdir: absolute paths
-    storage_path = trainer.absolute(storage_path)
+    user_config, config = config, config.resolve_paths()  # trial workers chdir: absolute paths
+    storage_path = absolute(storage_path)
     sweep_path = _join(storage_path, name)
     trainer.connect_ray(log_to_driver=verbose)
     concurrent = _concurrent_trials(config, spec.max_concurrent_trials)
@@ -259,10 +275,7 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
               "continue from their latest checkpoints")
         tuner = tune.Tuner.restore(sweep_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        s = spec.scheduler
-        scheduler = (BudgetASHA(spec.epochs, time_attr="epoch", grace_period=s.grace_period,
-                                reduction_factor=s.reduction_factor, max_t=s.max_t or spec.epochs)
-                     if s.name == "asha" else FIFOScheduler())
+        scheduler = spec.scheduler.build(spec.epochs)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(spec),
@@ -335,30 +348,36 @@ def _concurrent_trials(config: Config, wanted: int) -> int:
     return min(wanted, fits)
 
 
-def results_table(results, spec: SweepSpec) -> list[dict]:
-    """One row per trial: its values, how it ended, its final and best metric."""
+def results_table(results: tune.ResultGrid, spec: SweepSpec) -> list[dict]:
+    """One row per trial: its values, how it ended, its final and best metric (Tune's
+    dataframes of each trial's last and best report)."""
+    last = results.get_dataframe().set_index("trial_id")
+    best = results.get_dataframe(filter_metric=spec.metric, filter_mode=spec.mode).set_index("trial_id")
     rows = []
     for result in results:
-        metrics, frame = result.metrics or {}, result.metrics_dataframe
-        values = frame[spec.metric].dropna() if frame is not None and spec.metric in frame else []
-        epochs = int(metrics.get("epoch", 0))
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        final = last.loc[trial_id] if trial_id in last.index else {}
+        epochs = int(final.get("epoch", 0) or 0)
         if result.error is not None:
             status = "failed"
         else:
             status = "completed" if epochs >= spec.epochs else "early_stopped"
-        best = (values.max() if spec.mode == "max" else values.min()) if len(values) else float("nan")
         rows.append({
-            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "trial_id": trial_id,
             "params": {key: result.config.get(key) for key in spec.space},
             "status": status,
             "early_stopped": status == "early_stopped",
             "epochs": epochs,
-            "steps": int(metrics.get("step", 0)),
-            f"final_{spec.metric}": float(values.iloc[-1]) if len(values) else float("nan"),
-            f"best_{spec.metric}": float(best),
+            "steps": int(final.get("step", 0) or 0),
+            f"final_{spec.metric}": _metric(last, trial_id, spec.metric),
+            f"best_{spec.metric}": _metric(best, trial_id, spec.metric),
             "error": "" if result.error is None else str(result.error).strip().splitlines()[-1][:500],
         })
     return sorted(rows, key=lambda r: [_sort_key(v) for v in r["params"].values()])
+
+
+def _metric(frame, trial_id: str, metric: str) -> float:
+    return float(frame.loc[trial_id].get(metric, math.nan)) if trial_id in frame.index else math.nan
 
 
 def _sort_key(value) -> tuple:
@@ -424,11 +443,10 @@ def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Pat
     stopped = {key for key, vs in points.items() if any(s for _, s in vs)}
     paths = [sweep_dir / f"{spec.metric}_vs_{x.split('.')[-1]}.png"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if series and not {"grid", "choice"} & set(spec.space[series]):
+    if series and not isinstance(spec.space[series], (Grid, Choice)):
         # a continuous series (a learning rate drawn per trial): points coloured by its value
-        log = "loguniform" in spec.space[series]
-        norm = (matplotlib.colors.LogNorm if log else matplotlib.colors.Normalize)(*spec.space[series][
-            "loguniform" if log else "uniform"])
+        log = isinstance(spec.space[series], LogUniform)
+        norm = (matplotlib.colors.LogNorm if log else matplotlib.colors.Normalize)(*spec.space[series].values())
         for early in (False, True):
             keys = [k for k in points if (k in stopped) == early]
             colours = plt.cm.viridis(norm([k[0] for k in keys]))
@@ -461,8 +479,8 @@ def plot_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec) -> list[Pat
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-    if series and all("grid" in spec.space[k] for k in (x, series)):
-        xs, ys = spec.space[x]["grid"], spec.space[series]["grid"]
+    if series and all(isinstance(spec.space[k], Grid) for k in (x, series)):
+        xs, ys = spec.space[x].grid, spec.space[series].grid
         grid = np.array([[mean.get((y, v), np.nan) for v in xs] for y in ys])
         fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2, 0.8 * len(ys) + 1.5))
         image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")

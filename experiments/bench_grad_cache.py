@@ -51,14 +51,14 @@ def _cap_memory(rank: int, cap_bytes: int) -> None:
 
 def _step_rank(rank: int, world: int, method: str, local_batch: int, cap_mib: int, chunk: int):
     from distributed_cl.losses import NTXentLoss
-    from distributed_cl.objectives import pair_views
+    from distributed_cl.losses.ntxent import NTXentOptions
     from distributed_cl.tasks import ContrastiveModel
     from distributed_cl.tasks.image import ImageTask
     from distributed_cl.train_loop import train_step
 
     config = Config.load(CONFIG)
     torch.manual_seed(0)
-    net = ContrastiveModel(ImageTask.build_towers(config), NTXentLoss(0.1, chunk_size=1024), pair_views)
+    net = ContrastiveModel(ImageTask.build_towers(config), NTXentLoss(0.1, chunk_size=1024), NTXentOptions())
     model = torch.nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     # glibc: blocks of 64 KiB and more are mmapped and unmapped when freed (as bench_loss.py

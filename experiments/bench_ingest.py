@@ -123,7 +123,7 @@ def decode_rate(root: Path) -> float:
                                     "dataset.image_size=28", "dataset.eval_fraction=0.01", "dataset.decode_cpus=1"])
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     start, rows = time.perf_counter(), 0
-    for batch in decoded_dataset(config, ("image", None), "train").iter_batches(batch_size=1024, batch_format="numpy"):
+    for batch in decoded_dataset(config.dataset, ("image", None), "train", config.train.seed).iter_batches(batch_size=1024, batch_format="numpy"):
         rows += len(batch["error"])
     rate = rows / (time.perf_counter() - start)
     ray.shutdown()

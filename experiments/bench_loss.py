@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distributed_cl.distributed import run_on_local_ranks  # noqa: E402
-from experiments.tensor_sizes import LargestTensors  # noqa: E402
+from distributed_cl.profiling import LargestTensors  # noqa: E402
 
 
 def _status_mib(key: str) -> float:

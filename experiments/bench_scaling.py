@@ -45,7 +45,6 @@ def samples_per_second(num_workers: int, steps: int, storage: str) -> float:
 
 
 def _plain_ddp_rank(rank: int, world: int, pipeline: str) -> float:
-    from distributed_cl.objectives import build_objective
     from distributed_cl.samplers import DistributedRandomBatchSampler
     from distributed_cl.tasks import ContrastiveModel
     from distributed_cl.tasks.image import ImageTask
@@ -55,7 +54,7 @@ def _plain_ddp_rank(rank: int, world: int, pipeline: str) -> float:
     task = ImageTask(config, rank, world)
     sampler = DistributedRandomBatchSampler(len(task.data.train), config.train.global_batch_size, world, rank)
     torch.manual_seed(0)
-    net = ContrastiveModel(ImageTask.build_towers(config), *build_objective(config.loss))
+    net = ContrastiveModel(ImageTask.build_towers(config), config.loss.build(), config.loss)
     model = torch.nn.parallel.DistributedDataParallel(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = iter(task.train_batches(sampler))
@@ -63,7 +62,7 @@ def _plain_ddp_rank(rank: int, world: int, pipeline: str) -> float:
         if i == 3:
             dist.barrier()
             start = time.perf_counter()
-        train_step(model, net, optimizer, next(batches), contextlib.nullcontext).item()
+        train_step(model, net, optimizer, next(batches), contextlib.nullcontext)[0].item()  # (loss, stats)
     return 30 * config.train.global_batch_size / (time.perf_counter() - start)
 
 

@@ -34,8 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from distributed_cl import trainer  # noqa: E402
 from distributed_cl.config import Config  # noqa: E402
 from distributed_cl.data.augment import BatchTwoViews  # noqa: E402
-from distributed_cl.data.images import TwoViews, load_images, two_view_transform  # noqa: E402
-from distributed_cl.objectives import build_objective  # noqa: E402
+from distributed_cl.data.images import TwoViews, two_view_transform  # noqa: E402
 from distributed_cl.samplers import DistributedRandomBatchSampler  # noqa: E402
 from distributed_cl.tasks import ContrastiveModel  # noqa: E402
 from distributed_cl.tasks.image import ImageTask  # noqa: E402
@@ -61,7 +60,7 @@ def rate(fn, batch: int, steps: int, device: torch.device, warmup: int = 2) -> f
 
 def pipeline_rates(config: Config, batch: int, steps: int, device: torch.device) -> dict[str, float]:
     d = config.data
-    data = load_images(d)
+    data = d.load()
     sampler = DistributedRandomBatchSampler(len(data.train_images), batch, 1, 0)
     loader = torch.utils.data.DataLoader(
         TwoViews(data.train_images, data.train_labels, two_view_transform(28, d.crop_scale_min, d.jitter, d.blur)),
@@ -91,7 +90,7 @@ def pipeline_rates(config: Config, batch: int, steps: int, device: torch.device)
 
 def step_rate(config: Config, batch: int, steps: int, device: torch.device) -> float:
     torch.manual_seed(0)
-    model = ContrastiveModel(ImageTask.build_towers(config), *build_objective(config.loss)).to(device)
+    model = ContrastiveModel(ImageTask.build_towers(config), config.loss.build(), config.loss).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     synthetic = {"a": torch.rand(batch, 1, 28, 28, device=device), "b": torch.rand(batch, 1, 28, 28, device=device),
                  "labels": torch.zeros(batch, dtype=torch.long, device=device)}

@@ -90,7 +90,7 @@ def local_ray():
 def tiny_clip(tmp_path_factory) -> str:
     """A tiny random transformers CLIP (32x32 images, 2 layers a tower) with a real CLIPTokenizer
     on a byte-level vocabulary of single characters, saved as a model directory."""
-    from experiments.tiny_clip import save_tiny_hf_clip
+    from distributed_cl.models.tiny_clip import save_tiny_hf_clip
 
     return str(save_tiny_hf_clip(tmp_path_factory.mktemp("tiny_clip")))
 
@@ -99,7 +99,7 @@ def tiny_clip(tmp_path_factory) -> str:
 def tiny_siglip(tmp_path_factory) -> str:
     """The same tiny model as a transformers SiglipModel (scale 10, bias -10), with its SigLIP
     image processor and the byte-level tokenizer, saved as a model directory."""
-    from experiments.tiny_clip import save_tiny_hf_siglip
+    from distributed_cl.models.tiny_clip import save_tiny_hf_siglip
 
     return str(save_tiny_hf_siglip(tmp_path_factory.mktemp("tiny_siglip")))
 
@@ -109,7 +109,7 @@ def tiny_open_clip(tmp_path_factory) -> dict:
     """A tiny open_clip model: its config JSON (known to open_clip by the file's stem, once
     registered) and a checkpoint of random weights; the `image_text` overrides that train it."""
     pytest.importorskip("open_clip")
-    from experiments.tiny_clip import save_tiny_open_clip
+    from distributed_cl.models.tiny_clip import save_tiny_open_clip
 
     model = save_tiny_open_clip(tmp_path_factory.mktemp("tiny_open_clip"), name="tiny-test-clip")
     return model | {"overrides": ["image_text.towers=open_clip", f"image_text.open_clip_config={model['config']}",

@@ -2,6 +2,7 @@
 machine runs train.py submitted with `ray job submit`, one worker per node, token auth on."""
 
 import copy
+import csv
 import json
 import shutil
 import subprocess
@@ -170,5 +171,10 @@ def test_ray_job_submit_trains_across_two_nodes_into_shared_storage(tmp_path, tw
     assert Path(result["encoder"]).parent == shared / "two-nodes"
     features = encoder(torch.rand(5, 1, 8, 8))
     assert features.shape[0] == 5 and torch.isfinite(features).all()
-    assert 0 < result["metrics"]["knn_top1_trained"] <= 1
+    # 30 steps teach the digits' kNN nothing (measured: 0.8148 trained, 0.8418 untrained): the run's
+    # figures pinned, as measured, the same run after run (242 of 297 test images; step 30's loss)
+    assert result["metrics"]["knn_top1_trained"] == pytest.approx(242 / 297), result["metrics"]
+    with open(Path(result["run_dir"], "metrics.csv")) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+    assert losses[-1] == pytest.approx(4.3616, abs=1e-3), losses
 

@@ -7,6 +7,7 @@ input gradient / W equals the reference gradient of its slice, the mean over ran
 """
 
 import copy
+import functools
 import warnings
 import zlib
 
@@ -27,7 +28,7 @@ from distributed_cl.losses import (
     pair_labels,
 )
 from distributed_cl.losses.core import Memory
-from experiments.tensor_sizes import LargestTensors
+from distributed_cl.profiling import LargestTensors
 
 D = 8
 SIZES = {2: [5, 3], 3: [4, 1, 6], 4: [3, 0, 5, 2]}  # world 4 has a rank with an empty batch
@@ -157,10 +158,10 @@ def _split(x, sizes, rank):
 
 def _run_case(module, inputs, call):
     inputs = [x.clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
-    loss = call(module, *inputs)
+    loss, stats = call(functools.partial(module, return_stats=True), *inputs)
     loss.backward()
     grads = [x.grad for x in inputs if x.is_floating_point()]
-    return loss.detach(), grads, [p.grad.clone() for p in module.parameters()], module.last_stats if hasattr(module, "last_stats") else None
+    return loss.detach(), grads, [p.grad.clone() for p in module.parameters()], stats
 
 
 class TwoTower(nn.Module):
@@ -243,8 +244,7 @@ def test_gradients_equal_single_process(ranks, name):
     for p, ref in enumerate(ref_param_grads):  # logit_scale: replicated, so DDP's mean
         mean_grad = sum(r[name][2][p] for r in results) / world
         assert rel_err(mean_grad, ref) < 1e-5
-    if ref_stats is not None:
-        assert all(r[name][3] == ref_stats for r in results)
+    assert all(r[name][3] == ref_stats for r in results)  # the global batch's statistics, on every rank
 
 
 def test_neighbour_exchange_holds_one_block_of_texts_never_all_of_them(ranks):

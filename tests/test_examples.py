@@ -12,17 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from distributed_cl.config import DataConfig
 from distributed_cl.data import examples
 from distributed_cl.data.emoji import EMOJI_FONT, load_emoji
-from distributed_cl.data.images import load_images
+from distributed_cl.data.images import fashion_mnist
 from distributed_cl.data.wordnet import SUPERSENSES, load_wordnet
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 20
 CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"]
 AVAILABLE = {  # dataset -> the Debian data it is made from
-    "fashion_mnist_png": Path(DataConfig.root).is_dir(),
+    "fashion_mnist_png": Path(examples.FASHION_MNIST_ROOT).is_dir(),
     "wordnet_pairs": Path("/usr/share/wordnet/data.noun").exists(),
     "emoji_wds": Path(EMOJI_FONT).exists(),
     "emoji_parquet": Path(EMOJI_FONT).exists(),
@@ -50,7 +49,7 @@ def emoji():
 
 @needs["fashion_mnist_png"]
 def test_fashion_mnist_png(out):
-    data = load_images(DataConfig())
+    data = fashion_mnist(examples.FASHION_MNIST_ROOT, examples.CACHE_DIR)
     for split, images, labels in (("train", data.train_images, data.train_labels),
                                   ("test", data.test_images, data.test_labels)):
         root = out / "fashion_mnist_png" / split

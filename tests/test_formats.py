@@ -19,7 +19,6 @@ from distributed_cl.data.formats import (
     decoded_dataset,
     expand_braces,
     held_out,
-    load_dataset_splits,
     materialize,
     resolve,
     stable_id,
@@ -66,7 +65,8 @@ def test_config_errors_name_the_field_and_what_the_data_has(tmp_path):
     text = ["task=text", "dataset.format=jsonl", f"dataset.path={tmp_path}/pairs.jsonl", "train.global_batch_size=8"]
     assert Config.load(overrides=[*text, "dataset.columns.a=anchor", "dataset.columns.b=positive"]).dataset.path
     cases = {
-        "dataset.path: .*nowhere.jsonl does not exist": ["dataset.path=/nowhere.jsonl"],
+        "dataset.path: .*nowhere.jsonl does not exist": ["dataset.path=/nowhere.jsonl", "dataset.columns.a=anchor",
+                                                         "dataset.columns.b=positive"],
         r"dataset.columns.b: column 'answer' is not in .*pairs.jsonl \(its columns: anchor, positive, caption, label\)":
             ["dataset.columns.a=anchor", "dataset.columns.b=answer"],
         "dataset.columns.b is required": ["dataset.columns.a=anchor"],
@@ -95,7 +95,7 @@ def test_rows_carry_their_hard_negative_and_pair_label_and_a_bad_label_is_skippe
     assert not pairs.labelled_loss  # pair labels, not classes: no M-per-class batches
     config = Config.load(overrides=[*base, "dataset.columns.negative=negative", "loss.name=infonce"])
     config.dataset.columns.is_same = "is_same"  # both columns at once (no loss takes both), to decode them together
-    splits = load_dataset_splits(config, TASKS["text"].sides)
+    splits = TASKS["text"].load_data(config)
     assert splits.skipped_rows == 2 and "is_same 2 is not 0/1" in splits.skipped_examples[0]
     table = Table.concat([splits.train, splits.test])
     assert len(table) == 58
@@ -126,7 +126,7 @@ def test_pair_columns_need_a_loss_that_uses_them(tmp_path):
         "dataset.columns.is_same belongs to rows of two sides": ["task=image", "dataset.format=imagefolder",
                                                                   "dataset.columns.is_same=same"],
         "loss.margin applies to contrastive": ["loss.margin=0.3"],
-        "loss.distance must be one of cosine, euclidean": ["dataset.columns.is_same=is_same", "loss.name=contrastive",
+        "loss.distance must be 'cosine' or 'euclidean', got 'manhattan'": ["dataset.columns.is_same=is_same", "loss.name=contrastive",
                                                            "loss.distance=manhattan"],
     }
     for message, overrides in cases.items():
@@ -150,26 +150,25 @@ def test_bad_rows_are_skipped_counted_and_named(tmp_path):
     write_imagefolder(tmp_path, 40)
     (tmp_path / "red" / "broken.png").write_bytes(b"not a png")
     config = image_config(tmp_path, "dataset.cache=true", "dataset.eval_fraction=0.25", "dataset.max_skipped_fraction=0.05")
-    splits = load_dataset_splits(config, TASKS["image"].sides)
+    splits = TASKS["image"].load_data(config)
     assert splits.skipped_rows == 1 and "red/broken.png: ValueError: not an image Pillow can decode" in splits.skipped_examples[0]
     assert len(splits.train) + len(splits.test) == 40  # nothing else lost
     # more than max_skipped_fraction stops the run, naming examples
     for i in range(3):
         (tmp_path / "blue" / f"bad{i}.png").write_bytes(b"")
     with pytest.raises(ValueError, match=r"4 of 44 rows \(9.1%\) .*max_skipped_fraction=0.05; e.g. .*png: ValueError: not an image Pillow can decode"):
-        load_dataset_splits(image_config(tmp_path, "dataset.cache=true", "dataset.max_skipped_fraction=0.05"),
-                            TASKS["image"].sides)
+        TASKS["image"].load_data(image_config(tmp_path, "dataset.cache=true", "dataset.max_skipped_fraction=0.05"))
 
 
 def test_held_out_rows_are_a_seeded_fraction_kept_out_of_training(tmp_path):
     write_imagefolder(tmp_path, 200)
     config = image_config(tmp_path, "dataset.cache=true", "dataset.eval_fraction=0.2")
-    splits = load_dataset_splits(config, TASKS["image"].sides)
+    splits = TASKS["image"].load_data(config)
     train, test = set(splits.train.digests()), set(splits.test.digests())
     assert not train & test and len(train) + len(test) == 200
     assert 0.1 < len(test) / 200 < 0.3
     assert (splits.test.labels < len(CLASSES)).all() and splits.test.labelled  # folder names, numbered
-    again = load_dataset_splits(config, TASKS["image"].sides)
+    again = TASKS["image"].load_data(config)
     assert again.test.digests() == splits.test.digests() and again.train.digests() == splits.train.digests()
     keys = np.array([f"k{i}" for i in range(10_000)], dtype=object)
     assert abs(held_out(keys, 0, 0.1).mean() - 0.1) < 0.01 and (held_out(keys, 0, 0.1) != held_out(keys, 1, 0.1)).any()
@@ -186,7 +185,7 @@ def test_parquet_image_bytes_decode_like_the_csv_image_files_with_string_labels(
                                         f"dataset.columns.a={image}", f"dataset.columns.b={caption}",
                                         "dataset.columns.label=label", "dataset.image_size=8",
                                         "train.global_batch_size=8", "dataset.eval_fraction=0.25"])
-        parts = [materialize(decoded_dataset(config, TASKS["image_text"].sides, split), labelled=True)
+        parts = [materialize(decoded_dataset(config.dataset, TASKS["image_text"].sides, split, config.train.seed), labelled=True)
                  for split in ("train", "eval")]
         assert all(skipped == 0 for _, skipped, _ in parts)
         table = Table.concat([t for t, _, _ in parts])
@@ -205,7 +204,7 @@ def test_parquet_image_bytes_decode_like_the_csv_image_files_with_string_labels(
 
 def shard_batches(config: Config, epoch: int = 0, start_batch: int = 0, world: int = 2, m: int | None = None):
     """Every rank's local batches (row digests) of one epoch, through Ray Data's equal split."""
-    dataset = decoded_dataset(config, TASKS[config.task].sides, "train")
+    dataset = decoded_dataset(config.dataset, TASKS[config.task].sides, "train", config.train.seed)
     shards = dataset.streaming_split(world, equal=True)
     out = [None] * world
 
@@ -235,7 +234,7 @@ def test_stream_is_deterministic_equal_per_rank_and_resumes_where_it_stopped(tmp
     assert all(len(digests) == 4 for rank in batches for digests, _ in rank)
     rows = [d for rank in batches for digests, _ in rank for d in digests]
     assert len(rows) == len(set(rows))  # no row twice in an epoch
-    train_rows = 120 - len(load_dataset_splits(config, TASKS["image_text"].sides).test)
+    train_rows = 120 - len(TASKS["image_text"].load_data(config).test)
     assert len(rows) + sum(rank[-1] for rank in first) >= train_rows - 1  # the rest is counted (the split drops < 2)
     resumed = shard_batches(config, start_batch=3)
     assert [rank[:-1] for rank in resumed] == [rank[3:] for rank in batches]

@@ -20,22 +20,24 @@ from distributed_cl.config import Config
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.grad_cache import grad_cache_backward, split_batch
 from distributed_cl.losses import ClipLoss, ContrastiveLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
-from distributed_cl.objectives import build_objective, margin_views, pair_views, supervised_views
+from distributed_cl.losses.ntxent import NTXentOptions
+from distributed_cl.losses.pairs import ContrastiveOptions
+from distributed_cl.losses.supcon import SupConOptions
 from distributed_cl.samplers import DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel
 
 LOSSES = {
-    "ntxent": (lambda: NTXentLoss(0.2), pair_views),
-    "supcon": (lambda: SupConLoss(0.2), supervised_views),
-    "infonce": (lambda: InfoNCELoss(0.2), pair_views),
-    "clip": (lambda: ClipLoss(0.1), pair_views),  # its logit_scale gradient comes from the cached loss
-    "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), pair_views),
-    "siglip": (lambda: SigLipLoss(5.0, -2.0), pair_views),  # logit_scale and logit_bias from the cached loss
-    "ntxent_decoupled_hard": (lambda: NTXentLoss(0.2, decoupled=True, hard_negative_beta=0.5), pair_views),
+    "ntxent": (lambda: NTXentLoss(0.2), NTXentOptions()),
+    "supcon": (lambda: SupConLoss(0.2), SupConOptions()),
+    "infonce": (lambda: InfoNCELoss(0.2), NTXentOptions()),
+    "clip": (lambda: ClipLoss(0.1), NTXentOptions()),  # its logit_scale gradient comes from the cached loss
+    "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), NTXentOptions()),
+    "siglip": (lambda: SigLipLoss(5.0, -2.0), NTXentOptions()),  # logit_scale and logit_bias from the cached loss
+    "ntxent_decoupled_hard": (lambda: NTXentLoss(0.2, decoupled=True, hard_negative_beta=0.5), NTXentOptions()),
     # rows that carry a hard negative (embedded by side b's tower) or pair labels
-    "infonce_hard_negatives": (lambda: InfoNCELoss(0.2), pair_views, ("negative",)),
-    "supcon_pair_labels": (lambda: SupConLoss(0.2), supervised_views, ("is_same",)),
-    "contrastive_pairs": (lambda: ContrastiveLoss(0.5), margin_views, ("is_same",)),
+    "infonce_hard_negatives": (lambda: InfoNCELoss(0.2), NTXentOptions(), ("negative",)),
+    "supcon_pair_labels": (lambda: SupConLoss(0.2), SupConOptions(), ("is_same",)),
+    "contrastive_pairs": (lambda: ContrastiveLoss(0.5), ContrastiveOptions(), ("is_same",)),
 }
 
 
@@ -81,8 +83,8 @@ def no_autocast():
 
 
 def whole_batch_loss(net, batch, chunk_size, autocast=no_autocast):
-    """The whole batch's loss, its towers run chunk by chunk with autograd (dropout masks drawn
-    in chunk order, as gradient caching draws them)."""
+    """The whole batch's loss and its statistics, its towers run chunk by chunk with autograd
+    (dropout masks drawn in chunk order, as gradient caching draws them)."""
     with autocast():
         parts = [net.embed(c) for c in split_batch(batch, chunk_size)]
         return net.loss([torch.cat(zs) for zs in zip(*parts)], batch)
@@ -102,11 +104,12 @@ def assert_same_grads(got, ref, tol=1e-5):
 def test_one_step_equals_the_whole_batch_step_with_dropout(loss):
     cached, reference, data = model(loss), model(loss), batch(loss=loss)
     torch.manual_seed(7)
-    cached_loss = grad_cache_backward(cached, cached, data, 5, no_autocast)  # chunks of 5, 5, 5, 5, 4
+    cached_loss, cached_stats = grad_cache_backward(cached, cached, data, 5, no_autocast)  # chunks of 5, 5, 5, 5, 4
     torch.manual_seed(7)
-    ref_loss = whole_batch_loss(reference, data, 5)
+    ref_loss, ref_stats = whole_batch_loss(reference, data, 5)
     ref_loss.backward()
     assert rel_err(cached_loss, ref_loss.detach()) < 1e-6
+    assert cached_stats == ref_stats  # the statistics of the whole batch, not of a chunk
     assert_same_grads(grads(cached), grads(reference))
     assert "loss_fn.logit_scale" in grads(cached) or loss != "clip"
     for net in (cached, reference):  # and the optimizer step that follows
@@ -118,7 +121,7 @@ def test_one_step_equals_the_whole_batch_step_with_dropout(loss):
 def test_without_dropout_it_equals_the_plain_one_pass_step():
     cached, plain, data = model(dropout=0.0), model(dropout=0.0), batch()
     grad_cache_backward(cached, cached, data, 7, no_autocast)
-    plain(data).backward()
+    plain(data)[0].backward()
     assert_same_grads(grads(cached), grads(plain))
 
 
@@ -131,7 +134,7 @@ def test_restoring_each_chunks_rng_state_is_what_makes_it_exact(monkeypatch):
     torch.manual_seed(7)
     grad_cache_backward(cached, cached, data, 6, no_autocast)
     torch.manual_seed(7)
-    whole_batch_loss(reference, data, 6).backward()
+    whole_batch_loss(reference, data, 6)[0].backward()
     assert rel_err(grads(cached)["towers.a.0.weight"], grads(reference)["towers.a.0.weight"]) > 1e-3
 
 
@@ -144,7 +147,7 @@ def test_autocast_applies_to_both_passes():
     grad_cache_backward(cached, cached, data, 8, autocast)
     assert passes == [(False, torch.bfloat16)] * 3 + [(True, torch.bfloat16)] * 3
     torch.manual_seed(3)
-    whole_batch_loss(reference, data, 8, autocast).backward()
+    whole_batch_loss(reference, data, 8, autocast)[0].backward()
     # bf16 matmuls: each chunk's weight gradient is rounded to bf16 before the chunks are summed,
     # where the reference rounds the whole sum once
     assert_same_grads(grads(cached), grads(reference), tol=1e-2)
@@ -155,7 +158,7 @@ def test_batch_norm_uses_each_chunks_statistics_and_updates_its_running_ones_onc
     torch.manual_seed(5)
     grad_cache_backward(cached, cached, data, 8, no_autocast)
     torch.manual_seed(5)
-    whole_batch_loss(reference, data, 8).backward()  # BatchNorm sees the same chunks
+    whole_batch_loss(reference, data, 8)[0].backward()  # BatchNorm sees the same chunks
     assert_same_grads(grads(cached), grads(reference))
     bn, ref_bn = cached.towers.a[1], reference.towers.a[1]
     assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == 3  # not 6: pass 1 undone
@@ -184,12 +187,12 @@ def test_every_tasks_towers_take_the_whole_batch_step(towers, tiny_bert, tiny_cl
     nets = []
     for _ in range(2):
         torch.manual_seed(0)
-        nets.append(ContrastiveModel(task.build_towers(config), *build_objective(config.loss)))
+        nets.append(ContrastiveModel(task.build_towers(config), config.loss.build(), config.loss))
     cached, reference = nets
     torch.manual_seed(1)
     grad_cache_backward(cached, cached, data, 6, no_autocast)
     torch.manual_seed(1)
-    whole_batch_loss(reference, data, 6).backward()
+    whole_batch_loss(reference, data, 6)[0].backward()
     assert_same_grads(grads(cached), grads(reference))
 
 
@@ -203,7 +206,7 @@ def _ddp_worker(rank, world, loss, out_dir):
     ddp = nn.parallel.DistributedDataParallel(net)
     data = {k: v[sum(LOCAL[:rank]) : sum(LOCAL[: rank + 1])] for k, v in batch(sum(LOCAL)).items()}
     torch.manual_seed(100 + rank)
-    loss_value = grad_cache_backward(ddp, net, data, 4, no_autocast)
+    loss_value, _ = grad_cache_backward(ddp, net, data, 4, no_autocast)
     torch.optim.SGD(net.parameters(), lr=0.5).step()
     torch.save((loss_value, {k: p.detach() for k, p in net.named_parameters()}), f"{out_dir}/{rank}.pt")
 

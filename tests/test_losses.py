@@ -103,21 +103,23 @@ def test_supcon_matches_closed_form_and_pytorch_metric_learning():
 def test_supcon_statistics():
     (z,) = leaves((6, 4))
     loss_fn = SupConLoss()
-    loss_fn(z, torch.tensor([0, 0, 0, 1, 2, 2]))
-    stats = loss_fn.last_stats
-    assert (stats.anchors, stats.anchors_without_positive) == (6, 1)
+    loss, stats = loss_fn(z, torch.tensor([0, 0, 0, 1, 2, 2]), return_stats=True)
+    assert (stats.anchors, stats.anchors_without_positive) == (6, 1) and not stats.empty
     assert stats.mean_positives == pytest.approx((2 + 2 + 2 + 1 + 1) / 5)
+    assert stats.logged() == {"anchors_without_positive": 1, "mean_positives": stats.mean_positives}
+    torch.testing.assert_close(loss, loss_fn(z, torch.tensor([0, 0, 0, 1, 2, 2])))  # the plain call: the loss alone
+    assert loss_fn.last_stats == stats  # the last call's, kept for interactive use
 
 
 def test_no_positives_gives_connected_zero_and_warns():
     (z,) = leaves((5, 4))
     loss_fn = SupConLoss()
     with pytest.warns(RuntimeWarning, match="no anchor"):
-        loss = loss_fn(z, torch.arange(5))
+        loss, stats = loss_fn(z, torch.arange(5), return_stats=True)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(z.grad, torch.zeros_like(z))  # finite zeros, not NaN
-    assert loss_fn.empty_batches == 1 and loss_fn.last_stats.anchors_without_positive == 5
+    assert stats.empty and stats.anchors_without_positive == 5  # the loop counts it as an empty batch
 
 
 def test_single_sample_batch_is_finite():
@@ -200,8 +202,8 @@ def test_pair_labels_make_positives_only_where_same():
     l1, l2 = pair_labels(is_same)
     z, labels = torch.cat([x1, x2]), torch.cat([l1, l2])
     loss_fn = SupConLoss(0.2)
-    loss = loss_fn(z, labels)
-    assert loss_fn.last_stats.anchors_without_positive == 2 * 3  # both members of 3 mismatched pairs
+    loss, stats = loss_fn(z, labels, return_stats=True)
+    assert stats.anchors_without_positive == 2 * 3  # both members of 3 mismatched pairs
     # closed form: anchors are the 3 matching pairs' members, one positive each
     torch.testing.assert_close(loss, supcon_loop(z, labels, 0.2))
 
@@ -231,6 +233,7 @@ def test_siglip_matches_closed_form_away_from_its_initial_point():
     ref = siglip_loop(img, txt, torch.tensor(3.0), torch.tensor(1.5))
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
     assert loss.logged() == pytest.approx({"temperature": 1 / 3.0, "logit_bias": 1.5})
+    assert tuple(loss.logged()) == SigLipLoss.log_keys  # metrics.csv's columns for it, known before training
 
 
 def test_siglip_backward_twice_is_refused():

@@ -51,12 +51,15 @@ def train(tmp_path, name, overrides, capsys, max_steps=16):
     return summary, captured.out + captured.err
 
 
-def assert_learned(summary, metric):
+def assert_learned(summary, metric, margin):
+    """The trained towers beat the same towers untrained on the held-out `metric` by `margin` (a
+    loss that gives no gradient leaves the untrained figure), and the loss falls on the user's rows."""
     m = summary["metrics"]
     losses = logged(summary)
     assert losses[-1] < losses[0], losses  # the loss falls on the user's rows
     for which in ("trained", "untrained"):
         assert 0.0 <= m[f"{metric}_{which}"] <= 1.0
+    assert m[f"{metric}_trained"] >= m[f"{metric}_untrained"] + margin, (metric, m)
     assert m["skipped_rows"] == 0 and m["anchors_without_positive_total"] == 0
 
 
@@ -75,7 +78,11 @@ def test_imagefolder_streamed_through_a_file_uri_with_supcon_and_a_corrupt_image
     assert positives and min(positives) >= 2 * 4 - 1  # both views of the 3 others of its class, and its own
     assert m["skipped_rows"] == 1 and 0 < m["stream_rows"] <= 161  # the corrupt image, counted once per pass
     # SupCon's value moves with how many classes a batch holds, so learning shows in the held-out kNN
-    assert m["knn_top1_trained"] >= m["knn_top1_untrained"] and m["knn_top1_trained"] > 0.5
+    # (measured: 1.0 trained, 0.93 untrained, of 28 held-out images); but colour tells these classes
+    # apart (raw pixels score 1.0), so a run with no gradient scores 1.0 as well (measured): the
+    # run's figure pinned too, its step-16 loss (3.381; 3.464 with no gradient), the same run after run
+    assert m["knn_top1_trained"] >= m["knn_top1_untrained"] and m["knn_top1_trained"] > 0.5, m
+    assert logged(streamed)[-1] == pytest.approx(3.3810, abs=1e-3)
 
 
 def test_a_stream_with_too_many_bad_rows_stops_with_the_reason(tmp_path, local_ray, capsys):
@@ -107,7 +114,8 @@ def test_jsonl_triplet_rows_train_infonce_with_every_rows_hard_negative(tmp_path
                                               "dataset.columns.negative=negative", "dataset.columns.label=label",
                                               f"text.tower.model={tiny_bert}", "loss.name=infonce",
                                               "loss.temperature=0.1"], capsys)
-    assert_learned(summary, "recall@1")  # (that every query meets the hard negatives: test_grad_cache, test_losses)
+    # measured: recall@1 1.0 trained, 0.88 untrained (50 held-out queries)
+    assert_learned(summary, "recall@1", margin=0.06)  # (that every query meets the hard negatives: test_grad_cache, test_losses)
     assert "knn_top1_trained" in summary["metrics"] and "knn_top1_baseline" in summary["metrics"]
 
 
@@ -122,7 +130,7 @@ def test_pair_labelled_rows_train_the_margin_loss(tmp_path, tiny_bert, local_ray
     m = summary["metrics"]
     held_out_matching = round(1 / m["recall@1_baseline"])
     assert 0 < held_out_matching < 0.2 * 240 * 0.9  # a third of the held-out rows do not match: not scored
-    assert m["recall@1_trained"] > m["recall@1_untrained"]
+    assert m["recall@1_trained"] >= m["recall@1_untrained"] + 0.04, m  # measured: 0.94 and 0.85 (32 and 29 of 34)
 
 
 def test_hf_clip_fine_tunes_on_labelled_csv_rows_with_zero_shot_and_exports(tmp_path, tiny_clip, local_ray, capsys):
@@ -136,12 +144,14 @@ def test_hf_clip_fine_tunes_on_labelled_csv_rows_with_zero_shot_and_exports(tmp_
                                          "dataset.columns.a=filepath", "dataset.columns.b=title",
                                          "dataset.columns.label=label", "dataset.image_size=32", "optim.lr=0.001",
                                          "train.grad_cache_chunk=4"], capsys)
-    assert_learned(summary, "i2t_recall@5")
+    assert_learned(summary, "i2t_recall@5", margin=0.2)  # measured: 0.74 trained, 0.30 untrained (23 held-out rows)
     m = summary["metrics"]
+    assert m["t2i_recall@5_trained"] >= m["t2i_recall@5_untrained"] + 0.2, m  # measured: 0.70 and 0.22
     temperatures = logged(summary, "temperature")
     assert temperatures[0] == pytest.approx(0.07, rel=0.05) and temperatures[-1] != temperatures[0]  # CLIP's own scale, trained
     assert m["zeroshot_top1_baseline"] == pytest.approx(0.25, abs=0.15)  # 4 classes
-    assert 0 <= m["zeroshot_top1_untrained"] <= 1 and m["zeroshot_top1_trained"] > m["zeroshot_top1_untrained"]
+    assert 0 <= m["zeroshot_top1_untrained"] <= 1
+    assert m["zeroshot_top1_trained"] >= m["zeroshot_top1_untrained"] + 0.1, m  # measured: 0.91 and 0.70
     assert {os.path.basename(p) for p in summary["exported"]} >= {"hf_clip", "towers.pt"}
     exported = CLIPModel.from_pretrained(os.path.join(summary["run_dir"], "hf_clip"))
     assert exported.logit_scale.item() == pytest.approx(-math.log(temperatures[-1]), rel=0.05)
@@ -193,6 +203,14 @@ def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert
     summary, out = train_killing_a_worker(tmp_path, "kill", overrides, capsys, max_steps=16)
     m = summary["metrics"]
     assert m["step"] == 16 and 8 <= m["start_step"] < 16, out
+    # 16 steps teach nothing the 41 held-out rows show (measured: i2t recall@5 0.146 trained, 0.122
+    # untrained): the figures pinned, as an uninterrupted run and every resumed one measure them
+    assert [m[f"{k}_trained"] for k in ("i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5")] == [
+        pytest.approx(2 / 41, abs=1e-6), pytest.approx(6 / 41, abs=1e-6), pytest.approx(2 / 41, abs=1e-6),
+        pytest.approx(8 / 41, abs=1e-6)], m
+    with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+    assert losses[-1] == pytest.approx(3.3846, abs=1e-3), losses  # step 16's
     logged = batch_log(log)
     epoch0 = sorted(b for (e, b) in logged if e == 0)
     assert epoch0 == list(range(len(epoch0))) and len(epoch0) >= 8

@@ -21,7 +21,6 @@ from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import zero_shot_top1
 from distributed_cl.models import TorchvisionEncoder, load_encoder
 from distributed_cl.models.image import cached_weights_file, torchvision_weights
-from distributed_cl.objectives import build_objective
 from distributed_cl.optim import param_groups
 from distributed_cl.tasks import TASKS, ContrastiveModel, load_towers
 from distributed_cl.tasks.image_text import ImageTextTask
@@ -44,6 +43,12 @@ def as_floats(images: list[Image.Image]) -> torch.Tensor:
 def hf_clip_config(tiny_clip: str, *overrides: str) -> Config:
     return Config.load(CONFIGS / "image_text_tiny.yaml",
                        ["image_text.towers=hf_clip", f"image_text.pretrained={tiny_clip}", *overrides])
+
+
+def loss_and_feed(name: str) -> tuple:
+    """The loss `loss.name: name` and its options, which feed it a batch's embeddings."""
+    options = Config.load(overrides=[f"loss.name={name}"]).loss
+    return options.build(), options
 
 
 def perturb(module: nn.Module, seed: int = 7) -> None:
@@ -123,7 +128,7 @@ def test_torchvision_weights_load_from_the_hub_cache_and_never_silently_from_the
                                                              r"\(known: IMAGENET1K_V1, DEFAULT\)"),
     (["model.weights=IMAGENET1K_V1"], "model.weights: small_cnn has no pretrained weights"),
     (["model.encoder=resnet_nine"], "model.encoder must be one of small_cnn, resnet18_small or a torchvision"),
-    (["model.lr_mult=0"], "model.lr_mult must be > 0"),
+    (["model.lr_mult=0"], "model.lr_mult: Input should be greater than 0"),
 ])
 def test_image_model_errors_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -186,15 +191,15 @@ def test_hf_clip_towers_embed_as_clipmodel_with_its_processor_and_tokenizer(tiny
 def test_the_clip_loss_starts_from_the_pretrained_logit_scale_and_trains_it(tiny_clip):
     config = hf_clip_config(tiny_clip, "loss.name=clip", "loss.temperature=0.5")
     towers = TASKS["image_text"].build_towers(config)
-    net = ContrastiveModel(towers, *build_objective(config.loss))
+    net = ContrastiveModel(towers, config.loss.build(), config.loss)
     assert net.loss_fn.scale.item() == pytest.approx(1 / 0.07, rel=1e-4)  # CLIP's init, not 1 / 0.5
     task = ImageTextTask(config)
     batch = task.augment(task.collate(task.data.train.head(8)))
-    net(batch).backward()
+    net(batch)[0].backward()  # (loss, stats)
     assert towers.model.logit_scale.grad is not None and towers.model.logit_scale.grad != 0
     # a loss of fixed temperature leaves it alone (unused, it would stall DDP)
     towers = TASKS["image_text"].build_towers(hf_clip_config(tiny_clip, "loss.name=infonce"))
-    ContrastiveModel(towers, *build_objective(Config.load(overrides=["loss.name=infonce"]).loss))
+    ContrastiveModel(towers, *loss_and_feed("infonce"))
     assert not towers.model.logit_scale.requires_grad
 
 
@@ -216,10 +221,10 @@ def test_hf_siglip_towers_embed_as_siglipmodel_and_the_loss_trains_its_scale_and
         torch.testing.assert_close(towers.embed_texts(task.tokenize(CAPTIONS)),
                                    reference.get_text_features(input_ids=inputs["input_ids"]).pooler_output,
                                    atol=1e-5, rtol=1e-4)
-    net = ContrastiveModel(towers.train(), *build_objective(config.loss))
+    net = ContrastiveModel(towers.train(), config.loss.build(), config.loss)
     assert net.loss_fn.scale.item() == pytest.approx(10.0) and net.loss_fn.logit_bias.item() == -10.0
     assert net.loss_fn.logit_bias is towers.model.logit_bias
-    net(task.augment(task.collate(task.data.train.head(8)))).backward()
+    net(task.augment(task.collate(task.data.train.head(8))))[0].backward()
     assert towers.model.logit_scale.grad.abs().item() > 0 and towers.model.logit_bias.grad.abs().item() > 0
 
 
@@ -227,13 +232,13 @@ def test_hf_siglip_towers_embed_as_siglipmodel_and_the_loss_trains_its_scale_and
 def test_a_locked_tower_keeps_its_weights_while_the_other_trains(tiny_clip, locked):
     config = hf_clip_config(tiny_clip, f"image_text.lock_{locked}=true", "loss.name=clip")
     towers = TASKS["image_text"].build_towers(config)
-    net = ContrastiveModel(towers, *build_objective(config.loss)).train()
+    net = ContrastiveModel(towers, config.loss.build(), config.loss).train()
     groups = param_groups(net, config.optim, towers.lr_mults())
     optimizer = torch.optim.AdamW(groups)
     before = {n: p.detach().clone() for n, p in towers.named_parameters()}
     task = ImageTextTask(config)
     batch = task.augment(task.collate(task.data.train.head(8)))
-    net(batch).backward()
+    net(batch)[0].backward()
     optimizer.step()
     tower_params = towers.tower_parameters()
     ids = {tower: {id(p) for p in params} for tower, params in tower_params.items()}
@@ -304,10 +309,10 @@ def test_an_open_clip_siglip_trains_with_the_sigmoid_loss_only(tmp_path, tiny_op
         Config.load(CONFIGS / "image_text_tiny.yaml", [*overrides, "loss.name=clip"])
     siglip = Config.load(CONFIGS / "image_text_tiny.yaml", [*overrides, "loss.name=siglip"])
     towers = TASKS["image_text"].build_towers(siglip)
-    net = ContrastiveModel(towers, *build_objective(siglip.loss))
+    net = ContrastiveModel(towers, siglip.loss.build(), siglip.loss)
     assert net.loss_fn.logit_bias is towers.model.logit_bias and net.loss_fn.logit_scale is towers.model.logit_scale
     with pytest.raises(ValueError, match="the pretrained towers are a SigLIP"):  # (hf-hub: ones meet this in the worker)
-        ContrastiveModel(towers, *build_objective(Config.load(overrides=["loss.name=clip"]).loss))
+        ContrastiveModel(towers, *loss_and_feed("clip"))
     with pytest.raises(ConfigError, match="names weights on the Hugging Face Hub, and image_text.download is false"):
         Config.load(CONFIGS / "image_text_tiny.yaml", ["image_text.towers=open_clip",
                                                        "image_text.pretrained=ViT-B-32:laion2b_s34b_b79k"])
@@ -470,17 +475,16 @@ def test_a_torchvision_resnet_from_cached_weights_fine_tunes_with_simclr(tmp_pat
 
 
 def test_relative_pretrained_paths_are_made_absolute_for_the_workers(tiny_clip, tiny_open_clip, tmp_path, monkeypatch):
-    from distributed_cl.trainer import resolve_paths
 
     shutil.copytree(tiny_clip, tmp_path / "clip")
     shutil.copy(tiny_open_clip["checkpoint"], tmp_path / "oc.pt")
     shutil.copy(tiny_open_clip["config"], tmp_path / "tiny-test-clip.json")
     monkeypatch.chdir(tmp_path)  # workers may run elsewhere: they must not depend on the driver's directory
-    hf = resolve_paths(hf_clip_config("clip")).image_text
+    hf = hf_clip_config("clip").resolve_paths().image_text
     assert hf.pretrained == str(tmp_path / "clip")
-    oc = resolve_paths(Config.load(CONFIGS / "image_text_tiny.yaml", [
+    oc = Config.load(CONFIGS / "image_text_tiny.yaml", [
         "image_text.towers=open_clip", "image_text.open_clip_config=tiny-test-clip.json",
-        "image_text.pretrained=tiny-test-clip:oc.pt"])).image_text
+        "image_text.pretrained=tiny-test-clip:oc.pt"]).resolve_paths().image_text
     assert (oc.pretrained, oc.open_clip_config) == (f"tiny-test-clip:{tmp_path}/oc.pt", str(tmp_path / "tiny-test-clip.json"))
 
 

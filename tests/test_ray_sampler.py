@@ -31,11 +31,10 @@ def train_loop(config):
     for epoch in range(2):
         sampler.set_epoch(epoch)
         for index, x, y in loader:
-            loss = loss_fn(model(x), y)
+            loss, stats = loss_fn(model(x), y, return_stats=True)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            stats = loss_fn.last_stats
             record["steps"].append({"epoch": epoch, "index": index.tolist(), "without_positive": stats.anchors_without_positive, "anchors": stats.anchors})
     Path(config["out"], f"rank{context.get_world_rank()}.json").write_text(json.dumps(record))
 

@@ -52,24 +52,24 @@ def test_shipped_sweeps_validate_against_their_configs():
     "keys,match",
     [
         ({"metric": "accuracy"}, "metric: the image task reports knn_top1"),
-        ({"mode": "maximum"}, "mode must be max or min"),
-        ({"epochs": 0}, "epochs must be an integer >= 1"),
-        ({"num_samples": "two"}, "num_samples must be an integer >= 1"),
+        ({"mode": "maximum"}, "mode: Input should be 'max' or 'min'"),
+        ({"epochs": 0}, "epochs: Input should be greater than 0"),
+        ({"num_samples": "two"}, "num_samples: Input should be a valid integer"),
         ({"scheduler": {"name": "pbt"}}, "scheduler.name must be one of asha, fifo"),
         ({"scheduler": {"name": "asha", "grace": 1}}, "unknown sweep key scheduler.grace"),
-        ({"scheduler": {"name": "asha", "reduction_factor": 1}}, "scheduler.reduction_factor must be an integer >= 2"),
-        ({"space": {"loss.temprature": {"grid": [0.1]}}}, "space: loss.temprature is not a config field"),
-        ({"space": {"loss": {"grid": [0.1]}}}, "space: loss is a config section"),
-        ({"space": {"loss.temperature": {"grid": []}}}, r"space.loss.temperature.grid must be a non-empty list"),
+        ({"scheduler": {"name": "asha", "reduction_factor": 1}}, "scheduler.reduction_factor: Input should be greater than or equal to 2"),
+        ({"space": {"loss.temprature": {"grid": [0.1]}}}, "the config at loss.temprature=0.1 .*unknown config key loss.temprature"),
+        ({"space": {"loss": {"grid": [0.1]}}}, "the config at loss=0.1 .*loss must be a mapping"),
+        ({"space": {"loss.temperature": {"grid": []}}}, r"space.loss.temperature.grid: List should have at least 1 item"),
         ({"space": {"loss.temperature": {"range": [0.1, 1]}}}, r"space.loss.temperature must be one of \{grid"),
-        ({"space": {"loss.temperature": {"loguniform": [0, 1]}}}, r"loguniform needs 0 < lo < hi"),
-        ({"space": {"loss.temperature": {"uniform": [0.5, 0.1]}}}, r"uniform needs lo < hi"),
-        ({"space": {"train.global_batch_size": {"grid": [64, "big"]}}}, "space.train.global_batch_size must be int"),
+        ({"space": {"loss.temperature": {"loguniform": [0, 1]}}}, r"space.loss.temperature.loguniform: needs 0 < lo < hi"),
+        ({"space": {"loss.temperature": {"uniform": [0.5, 0.1]}}}, r"space.loss.temperature.uniform: needs lo < hi"),
+        ({"space": {"train.global_batch_size": {"grid": [64, "big"]}}}, "the config at train.global_batch_size='big' .*train.global_batch_size: Input should be a valid integer"),
         ({"space": {"train.name": {"grid": ["a"]}}}, "the sweep sets train.name itself"),
-        ({"space": {}}, "space must map config fields"),
-        ({"fixed": {"train.cpus_per_workers": 0.5}}, "train.cpus_per_workers is not a config field"),
+        ({"space": {}}, "space: Dictionary should have at least 1 item"),
+        ({"fixed": {"train.cpus_per_workers": 0.5}}, "unknown config key train.cpus_per_workers"),
         ({"budget": 3}, "unknown sweep key budget"),
-        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_sweep_yaml_names_the_key(tmp_path, keys, match):
@@ -88,10 +88,10 @@ def test_fixed_values_apply_and_the_command_line_wins_over_them(tmp_path):
 
 def test_bad_sweep_exits_2_before_ray_starts(tmp_path, capsys):
     assert train.main(["sweep", "--config", str(DIGITS), "--sweep", str(write_sweep(tmp_path, mode="best"))]) == 2
-    assert "sweep error: mode must be max or min" in capsys.readouterr().err
+    assert "sweep error: mode: Input should be 'max' or 'min'" in capsys.readouterr().err
     assert train.main(["sweep", "--config", str(DIGITS), "--sweep", str(write_sweep(tmp_path)),
                        "--set", "loss.temperature=0"]) == 2
-    assert "config error: loss.temperature must be > 0" in capsys.readouterr().err
+    assert "config error: loss.temperature must be a finite number > 0" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -227,6 +227,11 @@ def test_asha_sweep_stops_trials_early_records_a_failed_one_frees_their_resource
         assert r["early_stopped"] == str(not whole_bank)
         assert int(r["epochs"]) == (2 if whole_bank else 1) and int(r["steps"]) > 0
         assert 0 < float(r["best_knn_top1"]) <= 1 and not r["error"]
+    # 16 steps teach the digits' kNN nothing (measured, the completed trial: 0.7306 trained, 0.7239
+    # untrained): the trials' figures pinned, as measured, the same run after run (of 297 test images)
+    scores = {r["data.eval_bank_size"]: (float(r["final_knn_top1"]), float(r["best_knn_top1"])) for r in rows}
+    assert scores["0"] == (pytest.approx(217 / 297), pytest.approx(240 / 297)), scores  # epoch 2, epoch 1
+    assert scores["10"] == (pytest.approx(98 / 297), pytest.approx(98 / 297)), scores  # stopped after epoch 1
     # trials that ran their whole budget ended by themselves (ASHA leaves their last report alone):
     # their exported model is in their last checkpoint (storage a URI: not copied beside it)
     trials = tmp_path / "sweeps" / "asha" / "trials"
@@ -277,3 +282,7 @@ def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkp
     with open(unfinished / "metrics.csv") as f:
         starts = {int(r["start_step"]) for r in csv.DictReader(f)}
     assert 0 in starts and max(starts) >= 5  # its second attempt began from a checkpoint
+    # one epoch (23 steps) teaches the digits' kNN nothing (measured: 0.82 and 0.83 trained, 0.84
+    # untrained): the figures pinned, as uninterrupted trials score them (a resumed trial too)
+    scores = {r["loss.temperature"]: float(r["final_knn_top1"]) for r in rows}
+    assert scores == {"0.1": pytest.approx(244 / 297), "0.2": pytest.approx(247 / 297)}, scores

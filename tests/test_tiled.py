@@ -10,7 +10,7 @@ import torch
 from reference import ntxent_loop, rel_err
 
 from distributed_cl.losses import ClipLoss, InfoNCELoss, Memory, NTXentLoss, SigLipLoss, SupConLoss
-from experiments.tensor_sizes import LargestTensors
+from distributed_cl.profiling import LargestTensors
 
 
 def paired_negatives(b):

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_cl.config import Config, LossConfig, ModelConfig
-from distributed_cl.objectives import OBJECTIVES, build_objective
+from distributed_cl.config import Config
+from distributed_cl.losses import LOSSES
+from distributed_cl.models.image import ImageEncoderOptions
 from distributed_cl.optim import warmup_cosine
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import ContrastiveModel
 from distributed_cl.tasks.image import ImageTask
 
-LOSS_CONFIGS = {name: {} for name in OBJECTIVES} | {
+LOSS_CONFIGS = {name: {} for name in LOSSES} | {
     "ntxent_decoupled_hard": {"name": "ntxent", "decoupled": True, "hard_negative_beta": 0.5},
     "infonce_decoupled": {"name": "infonce", "decoupled": True},
     "siglip_tiled": {"name": "siglip", "chunk_size": 3, "init_scale": 5.0, "init_bias": -1.0},
@@ -26,18 +27,20 @@ LOSS_CONFIGS = {name: {} for name in OBJECTIVES} | {
 @pytest.mark.parametrize("encoder", ["small_cnn", "resnet18_small"])
 def test_every_configured_loss_trains_through_the_model(loss, encoder):
     torch.manual_seed(0)
-    config = Config(model=ModelConfig(encoder=encoder, width=8, pool=2, projection_hidden=16, projection_dim=8))
-    options = {"name": loss, "temperature": 0.2} | LOSS_CONFIGS[loss]
-    loss_fn, objective = build_objective(LossConfig(**options))
-    model = ContrastiveModel(ImageTask.build_towers(config), loss_fn, objective)
+    config = Config(model=ImageEncoderOptions(encoder=encoder, width=8, pool=2, projection_hidden=16, projection_dim=8))
+    options = {"name": loss} | LOSS_CONFIGS[loss]
+    kind = LOSSES[options["name"]]
+    options = kind(**options, **({"temperature": 0.2} if "temperature" in kind.model_fields else {}))
+    model = ContrastiveModel(ImageTask.build_towers(config), options.build(), options)
     batch = {"a": torch.rand(8, 1, 28, 28), "b": torch.rand(8, 1, 28, 28), "labels": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])}
-    if OBJECTIVES[options["name"]].needs_is_same:
+    if options.needs_is_same:
         batch["is_same"] = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1])
-    loss_value = model(batch)
+    loss_value, stats = model(batch)
     loss_value.backward()
     assert torch.isfinite(loss_value) and loss_value > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
-    assert model.loss_fn.last_stats.anchors_without_positive == 0
+    assert stats.anchors in (8, 16) and stats.anchors_without_positive == 0 and not stats.empty  # rows, or both views
+    assert tuple(model.loss_fn.logged()) == type(model.loss_fn).log_keys  # what metrics.csv's columns say it logs
 
 
 def test_warmup_then_cosine_to_zero():
@@ -85,7 +88,7 @@ def test_small_cnn_features_are_the_full_map_and_its_head_pools_them():
     """kNN and the export see the whole 7x7 map; the projection head sees it pooled to pool x pool."""
     from distributed_cl.models import GridPool, build_encoder, build_head
 
-    config = ModelConfig(encoder="small_cnn", width=4, pool=3, projection_hidden=16, projection_dim=8)
+    config = ImageEncoderOptions(encoder="small_cnn", width=4, pool=3, projection_hidden=16, projection_dim=8)
     encoder = build_encoder(config).eval()
     x = torch.rand(5, 1, 28, 28)
     features = encoder(x)
@@ -98,7 +101,8 @@ def test_small_cnn_features_are_the_full_map_and_its_head_pools_them():
 
 
 @pytest.mark.parametrize("module,absent", [("distributed_cl.callbacks", "torch"),
-                                           ("distributed_cl.train_loop", "torchvision")])
+                                           ("distributed_cl.train_loop", "torchvision"),
+                                           ("distributed_cl.train_loop", "distributed_cl.callbacks")])
 def test_what_each_ray_train_process_imports_leaves_out_what_it_does_not_need(module, absent):
     """Ray Train's controller imports the callbacks' module, a worker the train loop's, each in a
     new process every run: torch (for the controller) and torchvision (for workers with no

@@ -32,14 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from distributed_cl.config import DataConfig
 from distributed_cl.data.emoji import load_emoji
-from distributed_cl.data.images import load_images
+from distributed_cl.data.images import fashion_mnist
 from distributed_cl.data.wordnet import SUPERSENSES, load_wordnet
 
 # Fashion-MNIST's classes in label order, made filesystem-safe ("T-shirt/top", "Ankle boot").
 FASHION_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle_boot")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian dataset-fashion-mnist
 CACHE_DIR = "~/.cache/distributed_cl"  # where the loaders stage Fashion-MNIST and cache the rendered emoji
 SHARD_SIZE = 500  # samples per webdataset shard
 _PNG_CHUNK = 2000  # Fashion-MNIST images per worker task
@@ -48,7 +48,7 @@ _MTIME = 946684800  # 2000-01-01 UTC: tar members' fixed mtime, so that shards a
 
 def write_fashion_mnist_png(dest: Path, max_rows: int | None = None) -> tuple[int, int]:
     """Fashion-MNIST as 28x28 grayscale PNGs in dest/{train,test}/<class>/<index>.png; returns the row counts."""
-    data = load_images(DataConfig(cache_dir=CACHE_DIR))
+    data = fashion_mnist(FASHION_MNIST_ROOT, CACHE_DIR)
     jobs, counts = [], []
     for split, images, labels in (("train", data.train_images, data.train_labels),
                                   ("test", data.test_images, data.test_labels)):

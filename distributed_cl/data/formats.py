@@ -1,6 +1,6 @@
 """Your own data: files in a standard format, read and decoded by Ray Data, for any task.
 
-The formats (FORMATS, checked by `dataset.format`):
+The formats (FORMATS, by `dataset.format`; each an options model of the `dataset` section):
 - imagefolder: `path/<class>/<file>`; the folder names are the labels (sorted, as torchvision's
   ImageFolder numbers them).
 - csv, jsonl, parquet: rows with the columns `dataset.columns` names. An image column holds a
@@ -34,13 +34,13 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from distributed_cl.config import Config, ConfigError, DatasetConfig
+from distributed_cl.options import ConfigError, Options, absolute, field_error
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -128,14 +128,6 @@ def held_out(keys: np.ndarray, seed: int, fraction: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- formats
 
 
-@dataclass(frozen=True)
-class Format:
-    extensions: tuple[str, ...] | None  # the files a directory path is listed for
-    columns: Callable  # (fs, files) -> the columns (extensions) of the data, for the config check
-    count: Callable  # (fs, files) -> rows, or None where counting would read the whole data
-    read: Callable  # (fs, files, shuffle) -> ray.data.Dataset of raw rows, with a "path" column
-
-
 def _csv_columns(fs, files):
     with fs.open_input_stream(files[0]) as f:
         return next(csv.reader(io.TextIOWrapper(f, encoding="utf-8")), [])
@@ -217,89 +209,223 @@ def _read(reader: str, files_per_block: int = 1, **options):
         return getattr(ray.data, reader)(files, filesystem=fs, include_paths=True, shuffle=shuffle,
                                          override_num_blocks=blocks, **options)
 
-    return read
+    return staticmethod(read)
 
 
-FORMATS: dict[str, Format] = {
-    "imagefolder": Format(IMAGE_EXTENSIONS, lambda fs, files: ["image", "label"], lambda fs, files: len(files),
-                          _read("read_binary_files", files_per_block=256)),
-    "csv": Format(("csv",), _csv_columns, functools.partial(_count_lines, header=True), _read("read_csv")),
-    "jsonl": Format(("jsonl", "json"), _jsonl_columns, functools.partial(_count_lines, header=False),
-                    _read("read_json")),  # Arrow's JSON reader reads JSON Lines
-    "parquet": Format(("parquet",), _parquet_columns, _count_parquet, _read("read_parquet")),
-    "webdataset": Format(("tar",), _webdataset_columns, _count_tar_keys, _read("read_webdataset", decoder=None)),
-}
-WEBDATASET_DEFAULTS = {"image": "jpg;jpeg;png;webp", "text": "txt"}
+# ----------------------------------------------------------------------------- the formats' options
 
 
-# ----------------------------------------------------------------------------- the config check
+class Columns(Options):
+    """Which columns (csv, jsonl, parquet) or file extensions (webdataset, `;` between
+    alternatives: `jpg;png`) feed side a, side b and the labels."""
+
+    a: str | None = None  # image: the image; text: the anchor; image_text: the image
+    b: str | None = None  # text: the positive; image_text: the caption
+    label: str | None = None  # optional: an int or a string per row (imagefolder: the folder names)
+    # text, image_text: one hard negative per row, of side b's kind (a text / a caption), which
+    # every query of the global batch meets as a negative (loss.name: infonce)
+    negative: str | None = None
+    # text, image_text: 0/1 per row, whether a and b match (pair-labelled rows): positives only
+    # where 1 (loss.name: supcon or ntxent, through pair labels; contrastive: the margin loss)
+    is_same: str | None = None
 
 
 PAIR_COLUMNS = ("negative", "is_same")  # per-row extras of tasks with a side b
 
 
-def side_columns(x: DatasetConfig, sides: tuple[str, str | None]) -> dict[str, str]:
-    """{"a": column, "b": column, "label": column, "negative": column, "is_same": column} that
-    feed this task, defaults filled in (label, negative and is_same only where the data has them)."""
-    chosen = {}
-    for side, kind in zip(("a", "b"), sides):
-        column = getattr(x.columns, side)
-        if kind is None:
-            continue
-        if x.format == "imagefolder" and side == "a":
-            column = "image"
-        elif column is None and x.format == "webdataset":
-            column = WEBDATASET_DEFAULTS[kind]
-        if column is None:
-            raise ConfigError(f"dataset.columns.{side} is required: the {kind} column of side {side}")
-        chosen[side] = column
-    if x.format == "imagefolder":
-        chosen["label"] = "label"
-    elif x.columns.label is not None:
-        chosen["label"] = x.columns.label
-    for extra in PAIR_COLUMNS:
-        column = getattr(x.columns, extra)
-        if column is None:
-            continue
-        if sides[1] is None or x.format == "imagefolder":
+class DatasetOptions(Options):
+    """Your own data, for any task (the `dataset` section; absent: the task's built-in data).
+    Each format subclasses it with how its files are listed, counted and read."""
+
+    format: str
+    path: str  # a directory, file, glob or brace pattern, or an s3:// / gs:// / file:// URI
+    eval_path: str | None = None  # held-out split; null: a seeded eval_fraction of `path` is held out
+    eval_fraction: float = Field(0.05, ge=0, le=0.5)
+    columns: Columns = Field(default_factory=Columns)
+    image_size: int = Field(64, ge=8)  # images are decoded, converted to RGB, resized (shorter side) and centre-cropped
+    # decode once and serve from memory (the built-ins' path); null: when the decoded training
+    # split is known to fit in cache_limit_mb, else stream through Ray Data
+    cache: bool | None = None
+    cache_limit_mb: int = Field(2048, ge=0)
+    max_skipped_fraction: float = Field(0.01, ge=0, le=1)  # more undecodable images / empty texts stop the run
+    shuffle_buffer: int = Field(2048, ge=0)  # streamed: rows each worker shuffles among, re-seeded every epoch
+    deterministic: bool = True  # streamed: same batches for the same seed (Ray Data's preserve_order)
+    eval_max_rows: int = Field(10000, ge=2)  # held-out rows evaluated (decoded into memory)
+    eval_bank_size: int = Field(10000, ge=1)  # training rows in the kNN bank (labelled images and texts)
+    decode_cpus: float = Field(1.0, gt=0)  # CPUs per Ray Data decode task
+
+    extensions: ClassVar[tuple[str, ...] | None] = None  # the files a directory path is listed for
+    kind: ClassVar[str] = "column"  # what `columns` names
+
+    @staticmethod
+    def read(fs, files, shuffle):
+        """ray.data.Dataset of the raw rows, with a "path" column."""
+        raise NotImplementedError
+
+    @staticmethod
+    def columns_found(fs, files) -> list[str]:
+        """The columns (extensions) the data has, read from its first file."""
+        raise NotImplementedError
+
+    @staticmethod
+    def count(fs, files) -> int | None:
+        """Rows, or None where counting would read the whole data."""
+        return None
+
+    @model_validator(mode="after")
+    def _held_out_split(self) -> DatasetOptions:
+        if self.eval_path is None and self.eval_fraction == 0:
+            raise field_error("eval_fraction", "must be > 0 without an eval_path (it holds out the evaluation rows)")
+        return self
+
+    def absolute_paths(self) -> DatasetOptions:
+        return self.model_copy(update={"path": absolute(self.path),
+                                       "eval_path": self.eval_path and absolute(self.eval_path)})
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the rows have class labels."""
+        return self.columns.label is not None
+
+    def default_column(self, kind: str) -> str | None:
+        return None
+
+    def classes(self) -> tuple[str, ...]:
+        """Class names that number the labels (imagefolder's folders); none where labels are columns."""
+        return ()
+
+    def side_columns(self, sides: tuple[str, str | None]) -> dict[str, str]:
+        """{"a": column, "b": column, "label": column, "negative": column, "is_same": column} that
+        feed this task, defaults filled in (label, negative and is_same only where the data has them)."""
+        chosen = {}
+        for side, kind in zip(("a", "b"), sides):
+            if kind is None:
+                continue
+            column = getattr(self.columns, side) or self.default_column(kind)
+            if column is None:
+                raise ConfigError(f"dataset.columns.{side} is required: the {kind} column of side {side}")
+            chosen[side] = column
+        if self.columns.label is not None:
+            chosen["label"] = self.columns.label
+        for extra in PAIR_COLUMNS:
+            column = getattr(self.columns, extra)
+            if column is not None and sides[1] is None:
+                raise ConfigError(f"dataset.columns.{extra} belongs to rows of two sides (task: text or image_text, "
+                                  "from csv, jsonl, parquet or webdataset); the image task makes both views of one image")
+            if column is not None:
+                chosen[extra] = column
+        return chosen
+
+    def check_files(self, sides: tuple[str, str | None], global_batch_size: int) -> None:
+        """Every error that reading the data's listing and first rows can find, before Ray starts:
+        missing paths, columns or extensions the data lacks (listing the ones it has), an eval_path
+        with other columns, data smaller than one global batch."""
+        fs, files, _ = resolve(self.path, self.extensions)
+        found = self.columns_found(fs, files)
+        for side, column in self.side_columns(sides).items():
+            if _missing(column, found):
+                raise ConfigError(f"dataset.columns.{side}: {self.kind} {column!r} is not in {files[0]} "
+                                  f"(its {self.kind}s: {', '.join(found) or 'none'})")
+        if self.eval_path is not None:
+            eval_fs, eval_files, _ = resolve(self.eval_path, self.extensions, "dataset.eval_path")
+            eval_found = self.columns_found(eval_fs, eval_files)
+            if set(eval_found) != set(found):
+                raise ConfigError(f"dataset.eval_path: {eval_files[0]} has the {self.kind}s {', '.join(eval_found)}, "
+                                  f"but dataset.path's {files[0]} has {', '.join(found)}")
+        rows = self.count(fs, files)
+        if rows is not None:
+            train = rows if self.eval_path else int(rows * (1 - self.eval_fraction))
+            if train < global_batch_size:
+                raise ConfigError(f"dataset.path: {rows} rows (about {train} for training) cannot fill one global "
+                                  f"batch of train.global_batch_size={global_batch_size}")
+
+
+class ImageFolderOptions(DatasetOptions):
+    """`path/<class>/<file>`; the folder names are the labels (sorted, as torchvision's ImageFolder
+    numbers them)."""
+
+    format: Literal["imagefolder"] = "imagefolder"
+    extensions: ClassVar = IMAGE_EXTENSIONS
+    read = _read("read_binary_files", files_per_block=256)
+    columns_found = staticmethod(lambda fs, files: ["image", "label"])
+    count = staticmethod(lambda fs, files: len(files))
+
+    @property
+    def labelled(self) -> bool:
+        return True
+
+    def classes(self) -> tuple[str, ...]:
+        """The class folders of the training path, sorted: they number the labels of both splits."""
+        import pyarrow.fs as pafs
+
+        fs, _, root = resolve(self.path, self.extensions)
+        return tuple(sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                            if i.type == pafs.FileType.Directory))
+
+    def side_columns(self, sides: tuple[str, str | None]) -> dict[str, str]:
+        if self.columns.is_same is not None or self.columns.negative is not None:
+            extra = "is_same" if self.columns.is_same is not None else "negative"
             raise ConfigError(f"dataset.columns.{extra} belongs to rows of two sides (task: text or image_text, "
                               "from csv, jsonl, parquet or webdataset); the image task makes both views of one image")
-        chosen[extra] = column
-    return chosen
+        chosen = {"a": "image", "label": "label"}
+        if sides[1] is not None:
+            raise ConfigError(f"dataset.format: imagefolder holds images only; the {sides[1]} side needs csv, jsonl, "
+                              "parquet or webdataset")
+        return chosen
+
+
+class CsvOptions(DatasetOptions):
+    """Rows with the columns `dataset.columns` names; an image column holds a file path (relative to
+    the file that lists it, or a URI) or the encoded bytes; a label an int or a string."""
+
+    format: Literal["csv"] = "csv"
+    extensions: ClassVar = ("csv",)
+    read = _read("read_csv")
+    columns_found = staticmethod(lambda fs, files: _csv_columns(fs, files))
+    count = staticmethod(lambda fs, files: _count_lines(fs, files, header=True))
+
+
+class JsonlOptions(DatasetOptions):
+    """JSON Lines, as csv (Arrow's JSON reader reads JSON Lines)."""
+
+    format: Literal["jsonl"] = "jsonl"
+    extensions: ClassVar = ("jsonl", "json")
+    read = _read("read_json")
+    columns_found = staticmethod(lambda fs, files: _jsonl_columns(fs, files))
+    count = staticmethod(lambda fs, files: _count_lines(fs, files, header=False))
+
+
+class ParquetOptions(DatasetOptions):
+    """Parquet files, as csv."""
+
+    format: Literal["parquet"] = "parquet"
+    extensions: ClassVar = ("parquet",)
+    read = _read("read_parquet")
+    columns_found = staticmethod(lambda fs, files: _parquet_columns(fs, files))
+    count = staticmethod(lambda fs, files: _count_parquet(fs, files))
+
+
+class WebDatasetOptions(DatasetOptions):
+    """Tar shards of `{key}.{ext}` files, as open_clip and img2dataset write them; `columns` names
+    extensions, `;` between alternatives (`jpg;png;webp`)."""
+
+    format: Literal["webdataset"] = "webdataset"
+    extensions: ClassVar = ("tar",)
+    kind: ClassVar[str] = "extension"
+    read = _read("read_webdataset", decoder=None)
+    columns_found = staticmethod(lambda fs, files: _webdataset_columns(fs, files))
+    count = staticmethod(lambda fs, files: _count_tar_keys(fs, files))
+
+    def default_column(self, kind: str) -> str | None:
+        return {"image": "jpg;jpeg;png;webp", "text": "txt"}[kind]
+
+
+FORMATS: dict[str, type[DatasetOptions]] = {options.model_fields["format"].default: options for options in (
+    ImageFolderOptions, CsvOptions, JsonlOptions, ParquetOptions, WebDatasetOptions)}
 
 
 def _missing(wanted: str, found: list[str]) -> bool:
     return not any(alternative in found for alternative in wanted.split(";"))
-
-
-def check_dataset(config: Config, sides: tuple[str, str | None], labelled_loss: bool) -> None:
-    """Every `dataset` error that can be found before Ray starts, as a ConfigError naming the field:
-    missing paths, columns or extensions the data lacks (listing the ones it has), a labelled
-    loss without labels, an eval_path with other columns, data smaller than one global batch."""
-    x, fmt = config.dataset, FORMATS[config.dataset.format]
-    fs, files, _ = resolve(x.path, fmt.extensions)
-    found = fmt.columns(fs, files)
-    chosen = side_columns(x, sides)
-    if labelled_loss and "label" not in chosen and "is_same" not in chosen:
-        raise ConfigError(f"dataset.columns.label is required: loss.name={config.loss.name} learns from class labels "
-                          "(or dataset.columns.is_same: pair-labelled rows)")
-    kind = "extension" if x.format == "webdataset" else "column"
-    for side, column in chosen.items():
-        if _missing(column, found):
-            raise ConfigError(f"dataset.columns.{side}: {kind} {column!r} is not in {files[0]} "
-                              f"(its {kind}s: {', '.join(found) or 'none'})")
-    if x.eval_path is not None:
-        eval_fs, eval_files, _ = resolve(x.eval_path, fmt.extensions, "dataset.eval_path")
-        eval_found = fmt.columns(eval_fs, eval_files)
-        if set(eval_found) != set(found):
-            raise ConfigError(f"dataset.eval_path: {eval_files[0]} has the {kind}s {', '.join(eval_found)}, but "
-                              f"dataset.path's {files[0]} has {', '.join(found)}")
-    rows = fmt.count(fs, files)
-    if rows is not None:
-        train = rows if x.eval_path else int(rows * (1 - x.eval_fraction))
-        if train < config.train.global_batch_size:
-            raise ConfigError(f"dataset.path: {rows} rows (about {train} for training) cannot fill one global batch "
-                              f"of train.global_batch_size={config.train.global_batch_size}")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -466,34 +592,24 @@ def _is_same(batch, column: str, n: int, keys, errors) -> np.ndarray:
 # ----------------------------------------------------------------------------- datasets and splits
 
 
-def _classes(fs, root: str) -> tuple[str, ...]:
-    import pyarrow.fs as pafs
-
-    return tuple(sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory))
-
-
-def decoded_dataset(config: Config, sides: tuple[str, str | None], split: str):
+def decoded_dataset(dataset: DatasetOptions, sides: tuple[str, str | None], split: str, seed: int,
+                    verbose: bool = False):
     """The Ray Data pipeline of decoded rows for `split` ("train" or "eval"): read (files shuffled
     by a fixed seed for training), decode in CPU tasks. Ordered when dataset.deterministic."""
     import ray.data
 
-    x, fmt = config.dataset, FORMATS[config.dataset.format]
+    x = dataset
     from_eval_path = split == "eval" and x.eval_path is not None
-    fs, files, root = resolve(x.eval_path if from_eval_path else x.path, fmt.extensions)
-    if x.format == "imagefolder" and from_eval_path:  # the training folders number the classes
-        classes = _classes(*resolve(x.path, fmt.extensions)[::2])
-    else:
-        classes = _classes(fs, root) if x.format == "imagefolder" else ()
-    plan = DecodePlan(sides, side_columns(x, sides), x.image_size,
-                      None if x.eval_path is not None else split, config.train.seed, x.eval_fraction,
-                      root, classes, x.format)
+    fs, files, root = resolve(x.eval_path if from_eval_path else x.path, x.extensions)
+    plan = DecodePlan(sides, x.side_columns(sides), x.image_size, None if x.eval_path is not None else split, seed,
+                      x.eval_fraction, root, x.classes(), x.format)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = x.deterministic
-    if not config.train.verbose:  # Ray Data's progress lines would bury the trainer's
+    if not verbose:  # Ray Data's progress lines would bury the trainer's
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         context.enable_progress_bars = False
-    shuffle = ray.data.FileShuffleConfig(seed=config.train.seed, reseed_after_execution=False) if split == "train" else None
-    raw = fmt.read(fs, files, shuffle)
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=False) if split == "train" else None
+    raw = x.read(fs, files, shuffle)
     return raw.map_batches(functools.partial(decode_batch, plan=plan), batch_format="numpy", batch_size=64,
                            num_cpus=x.decode_cpus)
 
@@ -518,7 +634,7 @@ def materialize(dataset, labelled: bool, limit: int | None = None) -> tuple[Tabl
     return (table.head(limit) if limit is not None else table), skipped, examples
 
 
-def should_cache(x: DatasetConfig, sides: tuple[str, str | None], rows: int | None) -> bool:
+def should_cache(x: DatasetOptions, sides: tuple[str, str | None], rows: int | None) -> bool:
     """`dataset.cache`, or where it is null whether `rows` (None: unknown) fit the cache limit decoded."""
     if x.cache is not None:
         return x.cache
@@ -529,32 +645,39 @@ def should_cache(x: DatasetConfig, sides: tuple[str, str | None], rows: int | No
     return rows * row_bytes <= x.cache_limit_mb * 2**20
 
 
-def load_dataset_splits(config: Config, sides: tuple[str, str | None]) -> Splits:
+def load_dataset_splits(dataset: DatasetOptions, sides: tuple[str, str | None], seed: int,
+                        verbose: bool = False) -> Splits:
     """The held-out split and kNN bank decoded into memory, and the training split too where it is
-    cached; a streamed training split is left to `decoded_dataset(config, sides, "train")`."""
+    cached; a streamed training split is left to `decoded_dataset(dataset, sides, "train", seed)`."""
     from distributed_cl.data.table import Splits
-    x = config.dataset
-    labelled = "label" in side_columns(x, sides)
-    test, skipped, examples = materialize(decoded_dataset(config, sides, "eval"), labelled, x.eval_max_rows)
+
+    x = dataset
+    labelled = "label" in x.side_columns(sides)
+    decoded = functools.partial(decoded_dataset, x, sides, seed=seed, verbose=verbose)
+    test, skipped, examples = materialize(decoded(split="eval"), labelled, x.eval_max_rows)
     if len(test) < 2:
         raise ConfigError(f"dataset: the held-out split has {len(test)} rows; raise dataset.eval_fraction or give eval_path")
-    fmt = FORMATS[x.format]
-    rows = fmt.count(*resolve(x.path, fmt.extensions)[:2])  # read once: the cache decision and the epoch length
+    rows = x.count(*resolve(x.path, x.extensions)[:2])  # read once: the cache decision and the epoch length
     if should_cache(x, sides, rows):
-        train, train_skipped, train_examples = materialize(decoded_dataset(config, sides, "train"), labelled)
+        train, train_skipped, train_examples = materialize(decoded(split="train"), labelled)
         skipped, examples, train_rows = skipped + train_skipped, examples + train_examples, len(train)
-        order = np.random.default_rng(config.train.seed).permutation(len(train))[: x.eval_bank_size]
+        order = np.random.default_rng(seed).permutation(len(train))[: x.eval_bank_size]
         bank = train.take(order.tolist())
         check_skipped(skipped, skipped + len(train) + len(test), x.max_skipped_fraction, examples)
     else:
         train = None
-        bank = materialize(decoded_dataset(config, sides, "train"), labelled, x.eval_bank_size)[0] if labelled else None
+        bank = materialize(decoded(split="train"), labelled, x.eval_bank_size)[0] if labelled else None
         train_rows = None if rows is None else rows if x.eval_path else int(rows * (1 - x.eval_fraction))
     return Splits(train, test, bank=bank, skipped_rows=skipped, skipped_examples=examples[:5], train_rows=train_rows)
 
 
 class TooManySkippedRows(ValueError):
     """More rows failed to decode than dataset.max_skipped_fraction allows."""
+
+
+# The key of a stream's last report when it has too many such rows (the workers send it, the
+# controller's callbacks.StopOnDataError raises TooManySkippedRows from it).
+DATA_ERROR = "data_error"
 
 
 def skipped_rows_error(skipped: int, total: int, limit: float, examples: list[str]) -> str | None:

@@ -19,8 +19,6 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     from torchvision.transforms import v2
 
-from distributed_cl.config import DataConfig
-
 _FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -38,22 +36,16 @@ class ImageData:
         return self.train_images.shape[-1]
 
 
-def load_images(config: DataConfig) -> ImageData:
-    if config.name == "fashion_mnist":
-        return _fashion_mnist(config)
-    if config.name == "digits":
-        return _digits()
-    raise ValueError(f"data.name: unknown dataset {config.name!r}")
-
-
-def _fashion_mnist(config: DataConfig) -> ImageData:
+def fashion_mnist(root: str, cache_dir: str, download: bool = False) -> ImageData:
+    """Fashion-MNIST from its IDX files (.gz or not) in `root`, or with `download` from
+    torchvision's online mirrors into `cache_dir`."""
     from torchvision.datasets import FashionMNIST
 
-    cache = Path(config.cache_dir).expanduser()
-    if not config.download:
-        _stage_idx_files(Path(config.root), cache / "FashionMNIST" / "raw")
-    train = FashionMNIST(str(cache), train=True, download=config.download)
-    test = FashionMNIST(str(cache), train=False, download=config.download)
+    cache = Path(cache_dir).expanduser()
+    if not download:
+        _stage_idx_files(Path(root), cache / "FashionMNIST" / "raw")
+    train = FashionMNIST(str(cache), train=True, download=download)
+    test = FashionMNIST(str(cache), train=False, download=download)
     return ImageData(train.data, train.targets, test.data, test.targets)
 
 
@@ -73,7 +65,8 @@ def _stage_idx_files(source: Path, raw_dir: Path) -> None:
         os.replace(tmp, target)
 
 
-def _digits() -> ImageData:
+def digits(root: str = "", cache_dir: str = "", download: bool = False) -> ImageData:
+    """sklearn's 8x8 digits (tiny, for tests): the arguments are unused, it ships inside scikit-learn."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # only the tests use it
@@ -84,6 +77,10 @@ def _digits() -> ImageData:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     test, train = order[:297], order[297:]
     return ImageData(images[train], labels[train], images[test], labels[test])
+
+
+# the built-in image datasets (`data.name`): (root, cache_dir, download) -> ImageData
+IMAGE_DATASETS = {"fashion_mnist": fashion_mnist, "digits": digits}
 
 
 def to_float(images: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ log-sum-exps (N floats each; see fused.ClipBlock). One product forward, two back
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -16,14 +17,17 @@ from torch import Tensor, nn
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    LossAndStats,
     Memory,
     autocast_off,
     check_embeddings,
     check_same_length,
     normalized_fp32,
+    returns_stats,
     with_memory,
 )
 from distributed_cl.losses.fused import ClipBlock, RowCrossEntropy
+from distributed_cl.losses.options import SoftmaxOptions
 from distributed_cl.losses.tiled import row_and_column_logsumexp, row_logsumexp
 
 MAX_LOGIT_SCALE = 100.0
@@ -49,8 +53,9 @@ class ClipLoss(GatheredLoss):
     def logged(self) -> dict[str, float]:
         return {"temperature": 1 / self.scale.item()}
 
+    @returns_stats
     @autocast_off
-    def forward(self, image_emb: Tensor, text_emb: Tensor, *, memory: Memory | None = None) -> Tensor:
+    def forward(self, image_emb: Tensor, text_emb: Tensor, *, memory: Memory | None = None) -> LossAndStats:
         """`memory`: past images and texts; image rows get the texts as extra negatives, text rows
         the images."""
         check_embeddings("image_emb", image_emb)
@@ -82,3 +87,12 @@ class ClipLoss(GatheredLoss):
             return rows - 2 * (image * text).sum()
         targets = layout.offset + torch.arange(len(image), device=image.device)
         return RowCrossEntropy.apply(image, texts, targets, None) + RowCrossEntropy.apply(text, images, targets, None)
+
+
+class ClipOptions(SoftmaxOptions):
+    """`loss.name: clip`: images against captions both ways, a learnt temperature from `temperature`."""
+
+    name: Literal["clip"] = "clip"
+
+    def build(self) -> ClipLoss:
+        return ClipLoss(self.temperature, chunk_size=self.chunk_size)

@@ -10,11 +10,13 @@ loss. Logits are fp32 whatever the input dtype; masked entries hold float32's mo
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +29,26 @@ MASKED = torch.finfo(torch.float32).min
 
 @dataclass(frozen=True)
 class LossStats:
-    """Global statistics of one loss call (identical on every rank)."""
+    """Global statistics of one loss call (identical on every rank): what a loss's forward
+    returns beside the loss with `return_stats=True`."""
 
     anchors: int
     anchors_without_positive: int
     mean_positives: float  # over anchors that have at least one positive
+
+    # what the trainer logs of them (`anchors` is the global batch, which the config sets)
+    log_keys: ClassVar[tuple[str, ...]] = ("anchors_without_positive", "mean_positives")
+
+    @property
+    def empty(self) -> bool:
+        """No anchor of the global batch has a positive: the loss is a connected zero."""
+        return self.anchors_without_positive == self.anchors
+
+    def logged(self) -> dict[str, int | float]:
+        return {key: getattr(self, key) for key in self.log_keys}
+
+
+LossAndStats = tuple[Tensor, LossStats]  # what a loss's forward computes (`returns_stats` unpacks it)
 
 
 @dataclass(frozen=True)
@@ -217,6 +234,26 @@ def autocast_off(forward):
     return wrapper
 
 
+def returns_stats(forward: Callable[..., LossAndStats]) -> Callable[..., Tensor | LossAndStats]:
+    """Decorates a loss's forward, which computes (loss, LossStats) (`_finish` returns both): a
+    plain call returns the loss, `return_stats=True` both. The last call's statistics also stay
+    on `loss_fn.last_stats`, a convenience for interactive use (the trainer reads the returned ones)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, return_stats: bool = False, **kwargs):
+        loss, stats = forward(self, *args, **kwargs)
+        self.last_stats = stats
+        return (loss, stats) if return_stats else loss
+
+    signature = inspect.signature(forward)  # help() and IDEs show return_stats, and what it returns
+    keyword = inspect.Parameter("return_stats", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+    parameters = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
+    wrapper.__signature__ = signature.replace(parameters=[*parameters[:at], keyword, *parameters[at:]],
+                                              return_annotation="Tensor | tuple[Tensor, LossStats]")
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- the maths
 
 
@@ -303,8 +340,10 @@ class GatheredLoss(nn.Module):
         self.temperature = check_temperature(temperature)
         self.gather = gather
         self.chunk_size = check_chunk_size(chunk_size)
-        self.last_stats: LossStats | None = None
-        self.empty_batches = 0  # calls whose whole global batch had no positive pair
+        self.last_stats: LossStats | None = None  # the last call's (`returns_stats`)
+
+    # what `logged()` returns: the columns metrics.csv gives the loss, known before a worker starts
+    log_keys: tuple[str, ...] = ("temperature",)
 
     def logged(self) -> dict[str, float]:
         """What the console and metrics.csv show of the loss (a learnt scale shows as its temperature)."""
@@ -316,29 +355,28 @@ class GatheredLoss(nn.Module):
 
     def _finish(
         self, loss_sum: Tensor, layout: BatchLayout, anchors: int, with_positive: int, positives: int
-    ) -> Tensor:
-        """L_r = W / A * sum of this rank's anchor losses (A = global anchors with a positive)."""
-        self.last_stats = LossStats(
+    ) -> LossAndStats:
+        """L_r = W / A * sum of this rank's anchor losses (A = global anchors with a positive), and the statistics."""
+        stats = LossStats(
             anchors=anchors,
             anchors_without_positive=anchors - with_positive,
             mean_positives=positives / with_positive if with_positive else 0.0,
         )
         if with_positive == 0:
-            self.empty_batches += 1
             warnings.warn(
                 f"{type(self).__name__}: no anchor in the global batch of {anchors} has a positive; "
                 "the loss is 0 (use DistributedMPerClassSampler to guarantee positives)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return loss_sum * 0.0  # zero, but still on the graph: backward and DDP run everywhere
-        return loss_sum * (layout.world / with_positive)
+            return loss_sum * 0.0, stats  # zero, but still on the graph: backward and DDP run everywhere
+        return loss_sum * (layout.world / with_positive), stats
 
-    def _finish_single_positive(self, loss_sum: Tensor, layout: BatchLayout) -> Tensor:
+    def _finish_single_positive(self, loss_sum: Tensor, layout: BatchLayout) -> LossAndStats:
         """Every anchor has exactly one positive (SimCLR, InfoNCE, CLIP): no counts to exchange."""
         return self._finish(loss_sum, layout, layout.total, layout.total, layout.total)
 
-    def _finish_labelled(self, losses: Tensor, num_pos: Tensor, layout: BatchLayout) -> Tensor:
+    def _finish_labelled(self, losses: Tensor, num_pos: Tensor, layout: BatchLayout) -> LossAndStats:
         """Counts are summed over ranks in one small all-reduce."""
         has_pos = num_pos > 0
         counts = torch.stack([has_pos.sum(), num_pos.sum()]).to(torch.float64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from distributed_cl.losses.core import (
     MASKED,
     BatchLayout,
     GatheredLoss,
+    LossAndStats,
     Memory,
     anchor_losses,
     autocast_off,
@@ -23,9 +25,11 @@ from distributed_cl.losses.core import (
     negative_log_mass,
     negative_options_repr,
     normalized_fp32,
+    returns_stats,
     with_memory,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
+from distributed_cl.losses.options import NegativeWeighting, SoftmaxOptions
 from distributed_cl.losses.tiled import Logits, row_logsumexp
 
 
@@ -51,9 +55,10 @@ class InfoNCELoss(GatheredLoss):
     def extra_repr(self) -> str:
         return super().extra_repr() + negative_options_repr(self)
 
+    @returns_stats
     @autocast_off
     def forward(self, query: Tensor, positive_key: Tensor, negative_keys: Tensor | None = None, *,
-                memory: Memory | None = None, hard_negatives: Tensor | None = None) -> Tensor:
+                memory: Memory | None = None, hard_negatives: Tensor | None = None) -> LossAndStats:
         """`memory`: past positive keys (its side b), extra negatives for every query (MoCo's queue).
         `hard_negatives` (n, d): one hard negative key per query, gathered with the positive keys,
         so that every query meets every row's positive and hard negative (sentence-transformers'
@@ -134,3 +139,14 @@ class InfoNCELoss(GatheredLoss):
             return lambda c: row_logsumexp(q, pool, self.chunk_size, Logits(c))
         logits = logits_of(q, pool)
         return lambda c: torch.logsumexp(logits * c, dim=1)
+
+
+class InfoNCEOptions(SoftmaxOptions, NegativeWeighting):
+    """`loss.name: infonce`: queries against their keys (MNRL), with a hard negative per row."""
+
+    name: Literal["infonce"] = "infonce"
+    rows: ClassVar[tuple[str, ...]] = ("negative",)
+
+    def build(self) -> InfoNCELoss:
+        return InfoNCELoss(self.temperature, chunk_size=self.chunk_size, decoupled=self.decoupled,
+                           hard_negative_beta=self.hard_negative_beta)

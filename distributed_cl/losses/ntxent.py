@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,7 @@ from distributed_cl.losses.core import (
     MASKED,
     BatchLayout,
     GatheredLoss,
+    LossAndStats,
     Memory,
     anchor_losses,
     as_labels,
@@ -22,9 +25,11 @@ from distributed_cl.losses.core import (
     negative_log_mass,
     negative_options_repr,
     normalized_fp32,
+    returns_stats,
     with_memory,
 )
 from distributed_cl.losses.fused import RowCrossEntropy
+from distributed_cl.losses.options import NegativeWeighting, SoftmaxOptions
 from distributed_cl.losses.tiled import (
     Logits,
     class_index,
@@ -64,9 +69,10 @@ class NTXentLoss(GatheredLoss):
     def extra_repr(self) -> str:
         return super().extra_repr() + negative_options_repr(self)
 
+    @returns_stats
     @autocast_off
     def forward(self, view_a: Tensor, view_b: Tensor | None = None, labels: Tensor | None = None, *,
-                memory: Memory | None = None) -> Tensor:
+                memory: Memory | None = None) -> LossAndStats:
         """`memory`: past keys of both sides, extra negatives for every anchor (with labels, the
         same-label ones are positives: XBM)."""
         check_embeddings("view_a", view_a)
@@ -119,7 +125,7 @@ class NTXentLoss(GatheredLoss):
         log_mass = negative_log_mass(lse, len(candidates) - 2, self.hard_negative_beta)
         return anchor_losses(positive, log_mass, self.decoupled).sum()
 
-    def _labelled(self, z: Tensor, labels: Tensor, views: int, extra: Tensor | None, extra_labels: Tensor | None) -> Tensor:
+    def _labelled(self, z: Tensor, labels: Tensor, views: int, extra: Tensor | None, extra_labels: Tensor | None) -> LossAndStats:
         # Two views share their sample's label, so a_i and b_i are positives of each other.
         layout = BatchLayout.exchange(z.shape[0] // views, z.device, self.gather).scaled(views)
         candidates = with_memory(layout.gather(z), extra)
@@ -146,7 +152,7 @@ class NTXentLoss(GatheredLoss):
         return self._finish_labelled(losses, num_pos, layout)
 
     def _labelled_tiled(self, z: Tensor, labels: Tensor, candidates: Tensor, labels_all: Tensor,
-                        layout: BatchLayout) -> Tensor:
+                        layout: BatchLayout) -> LossAndStats:
         t = self.temperature
         index = class_index(labels_all)
         num_pos = positive_counts(index, layout.offset, len(z))
@@ -162,3 +168,14 @@ class NTXentLoss(GatheredLoss):
             spec = Logits(1 / t, layout.offset, labels, labels_all)
             pair_sum = positive_softplus_sum(z, candidates, log_mass, spec, self.chunk_size)
         return self._finish_labelled(pair_sum / num_pos.clamp(min=1), num_pos, layout)
+
+
+class NTXentOptions(SoftmaxOptions, NegativeWeighting):
+    """`loss.name: ntxent`: two views of each row (or a text pair), labelled through pair labels."""
+
+    name: Literal["ntxent"] = "ntxent"
+    rows: ClassVar[tuple[str, ...]] = ("is_same",)
+
+    def build(self) -> NTXentLoss:
+        return NTXentLoss(self.temperature, chunk_size=self.chunk_size, decoupled=self.decoupled,
+                          hard_negative_beta=self.hard_negative_beta)

@@ -2,42 +2,23 @@
 
 from __future__ import annotations
 
-import torch
+from typing import ClassVar, Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distributed_cl.losses.core import (
     BatchLayout,
+    LossAndStats,
     LossStats,
     autocast_off,
     check_embeddings,
     check_same_length,
     normalized_fp32,
+    returns_stats,
 )
-
-
-def _as_is_same(is_same, n: int, device: torch.device) -> Tensor:
-    is_same = torch.as_tensor(is_same, device=device)
-    if is_same.dim() != 1 or is_same.shape[0] != n:
-        raise ValueError(f"is_same must have shape ({n},), got shape {tuple(is_same.shape)}")
-    if is_same.is_floating_point() or not bool(((is_same == 0) | (is_same == 1)).all()):
-        raise ValueError("is_same must hold booleans or 0/1 integers")
-    return is_same.bool()
-
-
-def pair_labels(is_same, gather: bool = True) -> tuple[Tensor, Tensor]:
-    """Class ids for x1 and x2 so that x1[i] and x2[i] are positives exactly where is_same[i].
-
-    Ids are unique across ranks (each pair's id is its global index), so under
-    torch.distributed pairs on different ranks never collide. Use with
-    `SupConLoss()(torch.cat([x1, x2]), torch.cat(pair_labels(is_same)))` (or NTXentLoss).
-    Anchors of a non-matching pair have no positive and serve only as negatives.
-    """
-    is_same = torch.as_tensor(is_same)
-    is_same = _as_is_same(is_same, len(is_same), is_same.device)
-    layout = BatchLayout.exchange(len(is_same), is_same.device, gather)
-    ids = layout.offset + torch.arange(len(is_same), device=is_same.device)
-    return ids, torch.where(is_same, ids, ids + layout.total)
+from distributed_cl.losses.labels import as_is_same, pair_labels  # noqa: F401 (pair_labels: public here too)
+from distributed_cl.losses.options import LossOptions
 
 
 class ContrastiveLoss(nn.Module):
@@ -56,18 +37,20 @@ class ContrastiveLoss(nn.Module):
         if distance not in ("cosine", "euclidean"):
             raise ValueError(f"distance must be 'cosine' or 'euclidean', got {distance!r}")
         self.margin, self.distance, self.gather = float(margin), distance, gather
-        self.last_stats: LossStats | None = None  # anchors: the global pairs; none lacks its target
-        self.empty_batches = 0
+        self.last_stats: LossStats | None = None  # the last call's (`returns_stats`)
+
+    log_keys: tuple[str, ...] = ()  # no temperature: the margin is fixed
 
     def logged(self) -> dict[str, float]:
-        return {}  # no temperature: the margin is fixed
+        return {}
 
+    @returns_stats
     @autocast_off
-    def forward(self, x1: Tensor, x2: Tensor, is_same) -> Tensor:
+    def forward(self, x1: Tensor, x2: Tensor, is_same) -> LossAndStats:
         check_embeddings("x1", x1)
         check_embeddings("x2", x2, dim=x1.shape[1])
         check_same_length("x1", x1, "x2", x2)
-        y = _as_is_same(is_same, len(x1), x1.device).float()
+        y = as_is_same(is_same, len(x1), x1.device).float()
         a, b = normalized_fp32(x1), normalized_fp32(x2)
         if self.distance == "cosine":
             d = 1.0 - (a * b).sum(dim=1)
@@ -77,5 +60,24 @@ class ContrastiveLoss(nn.Module):
         layout = BatchLayout.exchange(len(x1), x1.device, self.gather)
         if layout.total == 0:
             raise ValueError("ContrastiveLoss got an empty global batch")
-        self.last_stats = LossStats(anchors=layout.total, anchors_without_positive=0, mean_positives=1.0)
-        return losses.sum() * (layout.world / layout.total)
+        stats = LossStats(anchors=layout.total, anchors_without_positive=0, mean_positives=1.0)  # anchors: the global pairs
+        return losses.sum() * (layout.world / layout.total), stats
+
+
+class ContrastiveOptions(LossOptions):
+    """`loss.name: contrastive`: the margin loss on pair-labelled rows (dataset.columns.is_same):
+    pulled together where is_same, pushed past the margin elsewhere."""
+
+    name: Literal["contrastive"] = "contrastive"
+    margin: float = 0.5
+    distance: str = "cosine"  # cosine | euclidean (ContrastiveLoss checks it)
+    rows: ClassVar[tuple[str, ...]] = ("is_same",)
+    needs_is_same: ClassVar[bool] = True
+
+    def build(self) -> ContrastiveLoss:
+        return ContrastiveLoss(self.margin, self.distance)
+
+    def __call__(self, loss_fn, z_a, z_b, labels, memory=None, negative=None, is_same=None):
+        if is_same is None:
+            raise ValueError("the margin loss trains on pair-labelled rows: the batch has no is_same")
+        return loss_fn(z_a, z_b, is_same)

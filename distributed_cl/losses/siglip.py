@@ -23,6 +23,7 @@ Candidates reach a rank in one of two ways:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,16 @@ from torch import Tensor, nn
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    LossAndStats,
     autocast_off,
     check_embeddings,
     check_same_length,
     gemm_dtype,
     mm,
     normalized_fp32,
+    returns_stats,
 )
+from distributed_cl.losses.options import LossOptions
 
 MAX_LOGIT_SCALE = 100.0  # as ClipLoss: exp(logit_scale) is clamped here in the forward pass
 
@@ -167,11 +171,14 @@ class SigLipLoss(GatheredLoss):
     def scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
 
+    log_keys = ("temperature", "logit_bias")
+
     def logged(self) -> dict[str, float]:
         return {"temperature": 1 / self.scale.item(), "logit_bias": self.logit_bias.item()}
 
+    @returns_stats
     @autocast_off
-    def forward(self, image_emb: Tensor, text_emb: Tensor, *, memory=None) -> Tensor:
+    def forward(self, image_emb: Tensor, text_emb: Tensor, *, memory=None) -> LossAndStats:
         if memory is not None:
             raise ValueError("SigLipLoss takes no memory of past keys (loss.queue_size is for the softmax losses)")
         check_embeddings("image_emb", image_emb)
@@ -185,3 +192,18 @@ class SigLipLoss(GatheredLoss):
         else:
             loss_sum = _GatheredSigmoid.apply(image, layout.gather(text), scale, bias, layout.offset, self.chunk_size)
         return self._finish_single_positive(loss_sum, layout)
+
+
+class SigLipOptions(LossOptions):
+    """`loss.name: siglip`: the sigmoid loss; the learnt scale and bias start from init_scale and
+    init_bias (the SigLIP paper's); neighbour_exchange passes the texts around the ring of workers
+    instead of gathering them (no worker holds all N)."""
+
+    name: Literal["siglip"] = "siglip"
+    init_scale: float = 10.0
+    init_bias: float = -10.0
+    chunk_size: int | None = None  # tiles of (chunk_size x chunk_size) logits
+    neighbour_exchange: bool = False
+
+    def build(self) -> SigLipLoss:
+        return SigLipLoss(self.init_scale, self.init_bias, self.chunk_size, self.neighbour_exchange)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 from torch import Tensor
 
 from distributed_cl.losses.core import (
     BatchLayout,
     GatheredLoss,
+    LossAndStats,
     Memory,
     as_labels,
     autocast_off,
@@ -15,8 +18,11 @@ from distributed_cl.losses.core import (
     masked_logits,
     multi_positive_row_losses,
     normalized_fp32,
+    returns_stats,
     with_memory,
 )
+from distributed_cl.losses.labels import pair_labels
+from distributed_cl.losses.options import LabelledOptions, SoftmaxOptions
 from distributed_cl.losses.tiled import Logits, class_index, class_sums, positive_counts, row_logsumexp
 
 
@@ -27,8 +33,9 @@ class SupConLoss(GatheredLoss):
     def __init__(self, temperature: float = 0.1, gather: bool = True, chunk_size: int | None = None) -> None:
         super().__init__(temperature, gather, chunk_size)
 
+    @returns_stats
     @autocast_off
-    def forward(self, embeddings: Tensor, labels: Tensor, *, memory: Memory | None = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, *, memory: Memory | None = None) -> LossAndStats:
         """`memory`: past keys of both sides with their labels, extra candidates; same-label ones
         are positives (XBM, Wang et al. 2020)."""
         check_embeddings("embeddings", embeddings)
@@ -48,7 +55,7 @@ class SupConLoss(GatheredLoss):
         losses, num_pos = multi_positive_row_losses(logits, positives, denominator="all")
         return self._finish_labelled(losses, num_pos, layout)
 
-    def _tiled(self, z: Tensor, labels: Tensor, candidates: Tensor, labels_all: Tensor, layout: BatchLayout) -> Tensor:
+    def _tiled(self, z: Tensor, labels: Tensor, candidates: Tensor, labels_all: Tensor, layout: BatchLayout) -> LossAndStats:
         # -mean_p log softmax_ip = lse_i - q_i . mean_p z_p: the positives' logits through their class sum
         lse = row_logsumexp(z, candidates, self.chunk_size, Logits(1 / self.temperature, layout.offset))
         index = class_index(labels_all)
@@ -58,3 +65,19 @@ class SupConLoss(GatheredLoss):
         positive_logits = (z * (sums[own] - z)).sum(1) / self.temperature  # the class sum less the anchor
         losses = torch.where(num_pos > 0, lse - positive_logits / num_pos.clamp(min=1), 0.0)
         return self._finish_labelled(losses, num_pos, layout)
+
+
+class SupConOptions(SoftmaxOptions, LabelledOptions):
+    """`loss.name: supcon`: both sides as one labelled set; positives share a class (with pair
+    labels: the two sides of a matching row only)."""
+
+    name: Literal["supcon"] = "supcon"
+    labelled: ClassVar[bool] = True
+    rows: ClassVar[tuple[str, ...]] = ("is_same",)
+
+    def build(self) -> SupConLoss:
+        return SupConLoss(self.temperature, chunk_size=self.chunk_size)
+
+    def __call__(self, loss_fn, z_a, z_b, labels, memory=None, negative=None, is_same=None):
+        labels = torch.cat(pair_labels(is_same) if is_same is not None else [labels, labels])
+        return loss_fn(torch.cat([z_a, z_b]), labels, memory=memory)

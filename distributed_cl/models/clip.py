@@ -13,13 +13,30 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distributed_cl.config import ImageTextConfig
 from distributed_cl.models.text import TextTokenizer
+from distributed_cl.options import absolute
+
+
+class TowerLr(Protocol):
+    lr_mult: float
+
+
+class ClipSource(Protocol):
+    """What the pretrained towers read of the image_text section."""
+
+    pretrained: str | None
+    download: bool
+    open_clip_config: str | None
+    lock_image: bool
+    lock_text: bool
+    image_tower: TowerLr
+    text_tower: TowerLr
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -57,7 +74,7 @@ class PretrainedClip(nn.Module):
     Subclasses set `self.model` and `self.logit_scale` and name the image tower's modules; the
     text tower is the rest of the model."""
 
-    def __init__(self, image_size: int, mean, std, config: ImageTextConfig) -> None:
+    def __init__(self, image_size: int, mean, std, config: ClipSource) -> None:
         super().__init__()
         self.image_size, self.lock_image, self.lock_text = image_size, config.lock_image, config.lock_text
         self.lr_mult = {"image": config.image_tower.lr_mult, "text": config.text_tower.lr_mult}
@@ -125,7 +142,7 @@ class HFClipTowers(PretrainedClip):
     by `save_pretrained`, or a Hub name with image_text.download), or, with `architecture`, its
     config alone (weights loaded afterwards, as `load_towers` does)."""
 
-    def __init__(self, config: ImageTextConfig, architecture: dict | None = None) -> None:
+    def __init__(self, config: ClipSource, architecture: dict | None = None) -> None:
         from distributed_cl.models.text import _quiet_progress_bars
 
         _quiet_progress_bars()
@@ -180,7 +197,7 @@ class HFClipTowers(PretrainedClip):
         return path
 
 
-def resolve_hf_clip(config: ImageTextConfig) -> str:
+def resolve_hf_clip(config: ClipSource) -> str:
     """A local CLIP directory as an absolute path, or a Hub name (fetched only with image_text.download)."""
     path = os.path.expanduser(config.pretrained or "")
     if os.path.isdir(path):
@@ -210,7 +227,7 @@ def hf_model_type(source: str, download: bool) -> str:
     return AutoConfig.from_pretrained(source, local_files_only=not download).model_type
 
 
-def check_hf_clip(config: ImageTextConfig, loss_name: str) -> None:
+def check_hf_clip(config: ClipSource, loss_name: str) -> None:
     """Before Ray starts: the checkpoint is there, is a dual encoder transformers has, and a SigLIP
     one trains with the sigmoid loss."""
     kind = hf_model_type(resolve_hf_clip(config), config.download)
@@ -221,7 +238,7 @@ def check_hf_clip(config: ImageTextConfig, loss_name: str) -> None:
         raise _siglip_error(config.pretrained)
 
 
-def hf_clip_tokenizer(config: ImageTextConfig) -> TextTokenizer:
+def hf_clip_tokenizer(config: ClipSource) -> TextTokenizer:
     """The checkpoint's own tokenizer, truncating at the model's context length (SigLIP's texts
     padded to it, as it was trained)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -233,10 +250,24 @@ def hf_clip_tokenizer(config: ImageTextConfig) -> TextTokenizer:
                          pad_to_max_length=not HF_DUAL_ENCODERS[model_config.model_type][3])
 
 
+def absolute_hf_clip(spec: str) -> str:
+    """A CLIP directory made absolute (a Hub name unchanged)."""
+    return absolute(spec) if os.path.isdir(os.path.expanduser(spec)) else spec
+
+
+def absolute_open_clip(spec: str) -> str:
+    """open_clip's `local-dir:/path` or `NAME:/path/to/checkpoint.pt` made absolute."""
+    if spec.startswith("local-dir:"):
+        return "local-dir:" + absolute(spec.removeprefix("local-dir:"))
+    name, _, checkpoint = spec.partition(":")
+    local = checkpoint and not spec.startswith("hf-hub:") and os.path.isfile(os.path.expanduser(checkpoint))
+    return f"{name}:{absolute(checkpoint)}" if local else spec
+
+
 OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # a model and its weights together, as open_clip names them
 
 
-def open_clip_spec(config: ImageTextConfig) -> tuple[str, str | None]:
+def open_clip_spec(config: ClipSource) -> tuple[str, str | None]:
     """`image_text.pretrained` as open_clip's (model name, pretrained tag or checkpoint path):
     "ViT-B-32:laion2b_s34b_b79k", "ViT-B-32:/path/open_clip.pt", a bare name (random weights), or
     "hf-hub:org/repo" / "local-dir:/path" (config and weights together: the name alone)."""
@@ -267,14 +298,14 @@ def _open_clip():
     return open_clip
 
 
-def register_open_clip_config(config: ImageTextConfig) -> None:
+def register_open_clip_config(config: ClipSource) -> None:
     """Make `image_text.open_clip_config` (a model config JSON, open_clip's format) known under its
     file's stem, in this process (every worker calls this before building)."""
     if config.open_clip_config:
         _open_clip().add_model_config(os.path.expanduser(config.open_clip_config))
 
 
-def check_open_clip(config: ImageTextConfig, loss_name: str) -> None:
+def check_open_clip(config: ClipSource, loss_name: str) -> None:
     """Before Ray starts: the model is known, its weights reachable, and a SigLIP one trains with
     the sigmoid loss."""
     open_clip = _open_clip()
@@ -300,7 +331,7 @@ class OpenClipTowers(PretrainedClip):
     """An open_clip model (`create_model_and_transforms(name, pretrained=...)`), or with
     `architecture` its model config alone (weights loaded afterwards)."""
 
-    def __init__(self, config: ImageTextConfig, architecture: dict | None = None) -> None:
+    def __init__(self, config: ClipSource, architecture: dict | None = None) -> None:
         open_clip = _open_clip()
         if architecture is None:
             register_open_clip_config(config)
@@ -349,7 +380,7 @@ class OpenClipTowers(PretrainedClip):
 class OpenClipTokenizer:
     """open_clip's tokenizer for the model: every caption padded to its context length."""
 
-    def __init__(self, config: ImageTextConfig) -> None:
+    def __init__(self, config: ClipSource) -> None:
         name = open_clip_spec(config)[0]
         if _open_clip().get_model_config(name) is None:  # (load_towers has registered the saved one)
             register_open_clip_config(config)

@@ -7,15 +7,15 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt, field_validator, model_validator
 from torch import Tensor, nn
 
-from distributed_cl.config import ModelConfig
+from distributed_cl.options import Options, field_error
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -73,10 +73,56 @@ def resnet18_small(in_channels: int = 1) -> nn.Module:
 
 # `model.encoder` names one of these (the small-input encoders of the built-in data), or any
 # torchvision classification model: (config, in_channels) -> encoder with an `out_dim`
-ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+ENCODERS: dict[str, Callable[[ImageEncoderOptions, int], nn.Module]] = {
     "small_cnn": lambda config, in_channels: SmallCNN(in_channels, config.width),
     "resnet18_small": lambda config, in_channels: resnet18_small(in_channels),
 }
+
+
+class ImageEncoderOptions(Options):
+    """An image encoder and its projection head (the image task's `model` section; image_text's
+    `image_tower`)."""
+
+    # small_cnn | resnet18_small (28x28 stems, for the built-in data: ENCODERS), or any torchvision
+    # classification model (resnet50, convnext_tiny, vit_b_16, ...) without its classifier
+    encoder: str = "small_cnn"
+    weights: str | None = None  # torchvision only: a weights enum member (IMAGENET1K_V2, DEFAULT); null: random
+    download: bool = False  # fetch `weights` from download.pytorch.org when the torch hub cache lacks them
+    lr_mult: float = Field(1.0, gt=0)  # the encoder's learning rate relative to optim.lr (the head's stays 1)
+    width: PositiveInt = 32  # small_cnn channels of the first block
+    pool: PositiveInt = 3  # small_cnn: its feature map is pooled to pool x pool for the projection head
+    projection_hidden: PositiveInt = 256
+    projection_dim: PositiveInt = 128
+
+    @field_validator("encoder")
+    @classmethod
+    def _known(cls, encoder: str) -> str:
+        if encoder not in ENCODERS and encoder not in torchvision_encoders():
+            raise ValueError(f"must be one of {', '.join(ENCODERS)} or a torchvision classification model "
+                             f"(torchvision.models.list_models()); got {encoder!r}")
+        return encoder
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> ImageEncoderOptions:
+        if self.weights is not None and self.encoder in ENCODERS:
+            raise field_error("weights", f"{self.encoder} has no pretrained weights (torchvision models do)")
+        if self.weights is not None:
+            try:
+                torchvision_weights(self.encoder, self.weights)
+            except ValueError as e:
+                raise field_error("weights", str(e)) from None
+        return self
+
+    def check(self, where: str) -> None:
+        """Before Ray starts: pretrained weights must be in the torch hub cache, or allowed to download."""
+        if self.weights is None or self.download:
+            return
+        weights = torchvision_weights(self.encoder, self.weights)
+        if not cached_weights_file(weights).is_file():
+            raise FileNotFoundError(
+                f"{where}.weights: {self.encoder}'s {self.weights} weights are not in the torch hub cache "
+                f"({cached_weights_file(weights)}); set {where}.download=true to fetch them from {weights.url}, or "
+                "put the file there (TORCH_HOME moves the cache)")
 
 
 @functools.cache
@@ -203,7 +249,7 @@ def _per_channel(values, channels: int) -> tuple[float, ...]:
     return tuple(values) if channels == len(values) else (sum(values) / len(values),) * channels
 
 
-def build_encoder(config: ModelConfig, in_channels: int = 1, load_weights: bool = True) -> nn.Module:
+def build_encoder(config: ImageEncoderOptions, in_channels: int = 1, load_weights: bool = True) -> nn.Module:
     """The encoder `config.encoder` names. `load_weights=False` skips reading pretrained weights
     (a saved state dict replaces them: export loading)."""
     if config.encoder in ENCODERS:
@@ -219,7 +265,7 @@ def projection_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
-def build_head(encoder: nn.Module, config: ModelConfig) -> nn.Sequential:
+def build_head(encoder: nn.Module, config: ImageEncoderOptions) -> nn.Sequential:
     """The projection head for `encoder`: small_cnn's feature map is pooled to a
     `config.pool` x `config.pool` grid first, so the contrastive loss sees features that a small
     shift of the crop barely moves, while the map keeps its full layout for evaluation."""
@@ -229,8 +275,8 @@ def build_head(encoder: nn.Module, config: ModelConfig) -> nn.Sequential:
     return projection_head(encoder.out_dim, config.projection_hidden, config.projection_dim)
 
 
-def save_encoder(encoder: nn.Module, config: ModelConfig, in_channels: int, path: str | Path) -> None:
-    torch.save({"model_config": asdict(config), "in_channels": in_channels, "state_dict": encoder.state_dict()}, path)
+def save_encoder(encoder: nn.Module, config: ImageEncoderOptions, in_channels: int, path: str | Path) -> None:
+    torch.save({"model_config": config.model_dump(), "in_channels": in_channels, "state_dict": encoder.state_dict()}, path)
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -240,6 +286,6 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         features = encoder(images)      # images: (n, C, H, W) floats in [0, 1]
     """
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    encoder = build_encoder(ModelConfig(**saved["model_config"]), saved["in_channels"], load_weights=False)
+    encoder = build_encoder(ImageEncoderOptions(**saved["model_config"]), saved["in_channels"], load_weights=False)
     encoder.load_state_dict(saved["state_dict"])
     return encoder.eval()

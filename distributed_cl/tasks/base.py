@@ -11,36 +11,68 @@ call, optimizer and schedule, checkpoints, progress and reports.
 
 from __future__ import annotations
 
+import functools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distributed_cl.config import Config
+from distributed_cl.data.formats import FORMATS, load_dataset_splits
 from distributed_cl.data.table import Splits, Table
+from distributed_cl.options import Options
+
+if TYPE_CHECKING:
+    from distributed_cl.losses import LossStats
 
 TOWERS_FILE = "towers.pt"
+
+# The composed run configuration (config.py, which imports the tasks): a task reads its own
+# sections, `dataset`, `train` and `loss` of it.
+Config = Any
 
 
 class Task(ABC):
     """Built in every worker with its rank and world size (evaluation is sharded across them)."""
 
     name: str
-    baseline_name: str = "baseline"  # `baselines()` keys are f"{metric}_{baseline_name}"
+    sections: ClassVar[dict[str, type[Options]]]  # the config sections it owns: its built-in data and towers
+    baseline_name: str = "baseline"
+    summary_files: ClassVar[dict[str, str]] = {}  # output JSON keys of export files, e.g. {"encoder": "encoder.pt"}  # `baselines()` keys are f"{metric}_{baseline_name}"
     sides: tuple[str, str | None]  # what sides a and b hold: "image", "text" or None (both views from a)
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
                  data: Splits | None = None) -> None:
         self.config, self.rank, self.world, self.device = config, rank, world, torch.device(device)
-        if data is None:  # outside the trainer (tests, notebooks): load it here
-            from distributed_cl.data.sources import load_splits
+        self.data = type(self).load_data(config) if data is None else data  # outside the trainer: loaded here
 
-            data = load_splits(config, type(self))
-        self.data = data
+    @classmethod
+    def load_data(cls, config: Config) -> Splits:
+        """The config's data: its `dataset` section (decoded into memory, or set up to stream), else
+        the task's built-in dataset. The data comes by side; `collate` maps the sides to the towers."""
+        if config.dataset is None:
+            return cls.builtin(config)
+        return load_dataset_splits(config.dataset, cls.sides, config.train.seed, config.train.verbose)
+
+    @classmethod
+    @abstractmethod
+    def check_files(cls, config: Config) -> None:
+        """Before Ray starts: the built-in data's files (without a `dataset`), model directories and
+        weights the towers read. Raises FileNotFoundError or ValueError naming the field."""
+
+    @classmethod
+    def saved_config(cls, raw: dict) -> Any:
+        """What `build_towers` and `saved_tokenizer` read of a saved config (towers.pt): the task's
+        own sections and `dataset`, without the config of the run that saved it."""
+        dataset = raw.get("dataset")
+        sections = {name: options.model_validate(raw[name]) for name, options in cls.sections.items()}
+        return SimpleNamespace(task=cls.name, dataset=dataset and FORMATS[dataset["format"]].model_validate(dataset),
+                               **sections)
 
     @staticmethod
     @abstractmethod
@@ -53,9 +85,7 @@ class Task(ABC):
     def labelled(cls, config: Config) -> bool:
         """Whether the config's rows have class labels: the built-in data's own, an imagefolder's
         folder names, or a `dataset.columns.label` column."""
-        if config.dataset is None:
-            return cls.builtin_labelled
-        return config.dataset.format == "imagefolder" or config.dataset.columns.label is not None
+        return cls.builtin_labelled if config.dataset is None else config.dataset.labelled
 
     @classmethod
     @abstractmethod
@@ -196,7 +226,8 @@ class ContrastiveModel(nn.Module):
         z_a, z_b = self.towers(batch["a"], batch["b"])
         return (z_a, z_b) if "negative" not in batch else (z_a, z_b, self.towers.embed_b(batch["negative"]))
 
-    def forward(self, batch: dict, embed_only: bool = False) -> Tensor | tuple[Tensor, ...]:
+    def forward(self, batch: dict, embed_only: bool = False) -> tuple[Tensor, LossStats] | tuple[Tensor, ...]:
+        """The loss and its statistics (`loss`), or with `embed_only` the embeddings."""
         embeddings = self.embed(batch)
         if embed_only:  # gradient caching's second pass (grad_cache.py)
             # The loss's parameters took their gradient from the cached loss; a zero use here puts
@@ -205,12 +236,14 @@ class ContrastiveModel(nn.Module):
             return z_a + sum((p.flatten()[0] * 0 for p in self.loss_fn.parameters() if p.requires_grad), 0.0), *rest
         return self.loss(embeddings, batch)
 
-    def loss(self, embeddings: tuple[Tensor, ...], batch: dict) -> Tensor:
-        """The objective on a batch's embeddings (`embed`'s); `batch["memory"]`, if any, holds past
-        keys (the queue), `batch["is_same"]` the rows' pair labels."""
+    def loss(self, embeddings: tuple[Tensor, ...], batch: dict) -> tuple[Tensor, LossStats]:
+        """The objective on a batch's embeddings (`embed`'s), and the loss's statistics of the
+        global batch; `batch["memory"]`, if any, holds past keys (the queue), `batch["is_same"]`
+        the rows' pair labels."""
         z_a, z_b, *negative = embeddings
         self.step_keys = (z_a.detach(), z_b.detach())
-        return self.objective(self.loss_fn, z_a, z_b, batch["labels"], batch.get("memory"),
+        loss_fn = functools.partial(self.loss_fn, return_stats=True)  # the objective returns what the loss does
+        return self.objective(loss_fn, z_a, z_b, batch["labels"], batch.get("memory"),
                               negative[0] if negative else None, batch.get("is_same"))
 
 

@@ -6,22 +6,48 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field, NonNegativeInt
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distributed_cl.config import Config
 from distributed_cl.data.augment import BatchTwoViews
-from distributed_cl.data.images import TwoViews, to_float, two_view_transform
-from distributed_cl.data.sources import fashion_mnist
+from distributed_cl.data.images import IMAGE_DATASETS, ImageData, TwoViews, to_float, two_view_transform
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import recall_at_k, sharded_embed, sharded_knn_top1
 from distributed_cl.models import build_encoder, build_head, save_encoder
-from distributed_cl.tasks.base import Task
+from distributed_cl.models.image import ImageEncoderOptions
+from distributed_cl.options import Options, absolute, choice
+from distributed_cl.tasks.base import Config, Task
 
 ENCODER_FILE = "encoder.pt"
 VIEW_SEED = 1234  # the held-out views of `view_recall@1`, the same for every model compared
+
+
+class ImageDataOptions(Options):
+    """The `data` section: the image task's built-in data and its augmentations."""
+
+    name: Annotated[str, choice(IMAGE_DATASETS)] = "fashion_mnist"  # digits: sklearn's, tiny, for tests
+    root: str = "/usr/share/datasets/fashion-mnist"  # IDX files (.gz or not); Debian dataset-fashion-mnist
+    download: bool = False  # fetch from torchvision's online mirrors into cache_dir instead
+    cache_dir: str = "~/.cache/distributed_cl"
+    # batched: data on the device, views made per batch there | per_sample: DataLoader + v2
+    pipeline: Literal["batched", "per_sample"] = "batched"
+    crop_scale_min: float = Field(0.5, gt=0, le=1)  # RandomResizedCrop scale=(crop_scale_min, 1)
+    jitter: float = Field(0.4, ge=0, le=1)  # brightness and contrast jitter (blocks the intensity-histogram shortcut)
+    blur: float = Field(0.0, ge=0, le=5)  # Gaussian blur, sigma up to this many pixels, on half of the views; 0: none
+    train_subset: NonNegativeInt = 0  # train on the first N training images only (0: all), e.g. for quick sweeps
+    eval_bank_size: NonNegativeInt = 10000  # training images in the kNN bank (0: all)
+    eval_test_size: NonNegativeInt = 10000  # held-out images scored by kNN (0: all)
+
+    def absolute_paths(self) -> ImageDataOptions:
+        return self.model_copy(update={"root": absolute(self.root), "cache_dir": absolute(self.cache_dir)})
+
+    def load(self) -> ImageData:
+        return IMAGE_DATASETS[self.name](self.root, self.cache_dir, self.download)
 
 
 def image_channels(config: Config) -> int:
@@ -54,9 +80,10 @@ class ImageTask(Task):
     invariance SimCLR trains for, measured on images it never saw."""
 
     name = "image"
+    sections = {"data": ImageDataOptions, "model": ImageEncoderOptions}
+    summary_files = {"encoder": ENCODER_FILE}
     baseline_name = "raw_pixels"
     sides = ("image", None)
-    builtin = staticmethod(fashion_mnist)
     builtin_labelled = True
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
@@ -64,6 +91,28 @@ class ImageTask(Task):
         d = config.data
         self.image_size = self.data.test.a.shape[-1]
         self.views = BatchTwoViews(self.image_size, d.crop_scale_min, d.jitter, blur=d.blur)
+
+    @staticmethod
+    def builtin(config: Config) -> Splits:
+        """Fashion-MNIST (or sklearn's digits), grayscale 28x28. The kNN bank is a seeded sample of
+        the training images."""
+        d = config.data
+        data = d.load()
+        train = Table(data.train_images, labels=data.train_labels, labelled=True)
+        if d.train_subset:
+            train = train.head(d.train_subset)
+        bank = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.train.seed))
+        test = Table(data.test_images, labels=data.test_labels, labelled=True)
+        return Splits(train, test.head(d.eval_test_size or len(test)),
+                      bank=train.take(bank[: d.eval_bank_size or None]), train_rows=len(train))
+
+    @classmethod
+    def check_files(cls, config: Config) -> None:
+        d = config.data
+        if config.dataset is None and d.name == "fashion_mnist" and not d.download and not Path(d.root).is_dir():
+            raise FileNotFoundError(f"data.root: {d.root} does not exist (install Debian's dataset-fashion-mnist, "
+                                    "point data.root at the IDX files, or set data.download=true)")
+        config.model.check("model")
 
     @classmethod
     def metric_names(cls, config: Config) -> tuple[str, ...]:

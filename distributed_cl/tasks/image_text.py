@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from distributed_cl.config import Config, ImageTextConfig
 from distributed_cl.data.augment import BatchTwoViews
+from distributed_cl.data.emoji import load_emoji
 from distributed_cl.data.images import to_float
-from distributed_cl.data.sources import emoji_captions
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import recall_at_k, sharded_embed, zero_shot_top1
 from distributed_cl.models import TextTokenizer, TextTower, build_encoder, build_head
@@ -26,17 +28,22 @@ from distributed_cl.models.clip import (
     HFClipTowers,
     OpenClipTokenizer,
     OpenClipTowers,
+    absolute_hf_clip,
+    absolute_open_clip,
     check_hf_clip,
     check_open_clip,
     hf_clip_tokenizer,
 )
-from distributed_cl.tasks.base import Task, pair_extras, to_device
+from distributed_cl.models.image import ImageEncoderOptions
+from distributed_cl.models.text import TextTowerOptions
+from distributed_cl.options import Options, absolute, choice, field_error
+from distributed_cl.tasks.base import Config, Task, pair_extras, to_device
 
 
 class DualEncoder(nn.Module):
     """`model(images, tokens) -> (image_z, text_z)` in one shared space (CLIP's layout)."""
 
-    def __init__(self, config: ImageTextConfig, architecture: dict | None = None) -> None:
+    def __init__(self, config: ImageTextOptions, architecture: dict | None = None) -> None:
         super().__init__()
         self.image_encoder = build_encoder(config.image_tower, in_channels=3, load_weights=architecture is None)
         self.image_projection = build_head(self.image_encoder, config.image_tower)
@@ -69,24 +76,88 @@ class DualEncoder(nn.Module):
 @dataclass(frozen=True)
 class TowerChoice:
     """One `image_text.towers` choice: how to build the towers (from the pretrained source, or from
-    a saved architecture), the captions' tokenizer, and the check run before Ray starts."""
+    a saved architecture), the captions' tokenizer, the check run before Ray starts, and what it
+    does with `image_text.pretrained`."""
 
-    build: Callable[[ImageTextConfig, dict | None], nn.Module]
-    tokenizer: Callable[[ImageTextConfig], Callable[[list[str]], dict]]
-    check: Callable[[ImageTextConfig, str], None] | None = None  # (image_text section, loss.name)
+    build: Callable[[ImageTextOptions, dict | None], nn.Module]
+    tokenizer: Callable[[ImageTextOptions], Callable[[list[str]], dict]]
+    check: Callable[[ImageTextOptions, str], None] | None = None  # (image_text section, loss.name)
+    pretrained: bool = True  # it starts from image_text.pretrained (else from image_tower / text_tower)
+    absolute_pretrained: Callable[[str], str] = str  # local paths in image_text.pretrained made absolute
+    # the tokenizer of a saved towers.pt: None rebuilds it from the tokenizer's saved files
+    saved_tokenizer: Callable[[ImageTextOptions], Callable[[list[str]], dict]] | None = None
 
 
 TOWERS: dict[str, TowerChoice] = {
-    "scratch": TowerChoice(DualEncoder, lambda x: TextTokenizer(x.text_tower)),
-    "hf_clip": TowerChoice(HFClipTowers, hf_clip_tokenizer, check_hf_clip),
-    "open_clip": TowerChoice(OpenClipTowers, OpenClipTokenizer, check_open_clip),
+    "scratch": TowerChoice(DualEncoder, lambda x: TextTokenizer(x.text_tower), pretrained=False),
+    "hf_clip": TowerChoice(HFClipTowers, hf_clip_tokenizer, check_hf_clip, absolute_pretrained=absolute_hf_clip),
+    # open_clip's tokenizers ship with the package
+    "open_clip": TowerChoice(OpenClipTowers, OpenClipTokenizer, check_open_clip, absolute_pretrained=absolute_open_clip,
+                             saved_tokenizer=OpenClipTokenizer),
 }
+
+
+class ImageTowerOptions(ImageEncoderOptions):
+    projection_dim: PositiveInt = 256  # the shared space of both towers
+
+
+class CaptionTowerOptions(TextTowerOptions):
+    max_length: int = Field(32, ge=2)
+    freeze: bool = True
+
+
+class ImageTextOptions(Options):
+    """The `image_text` section: emoji rendered from Noto Color Emoji, captioned by their CLDR
+    names; the towers trained from scratch or fine-tuned from a pretrained CLIP."""
+
+    # scratch: image_tower + text_tower below | hf_clip: a transformers CLIPModel | open_clip: an open_clip model
+    towers: Annotated[str, choice(TOWERS)] = "scratch"
+    # hf_clip: a directory saved by CLIPModel.save_pretrained, or a Hub name (openai/clip-vit-base-patch32);
+    # open_clip: NAME:TAG or NAME:/path/to/checkpoint.pt (ViT-B-32:laion2b_s34b_b79k), hf-hub:org/repo, local-dir:/path
+    pretrained: str | None = None
+    download: bool = False  # allow fetching `pretrained` from the Hugging Face Hub
+    open_clip_config: str | None = None  # open_clip: a model config JSON of your own, known by its file's stem
+    lock_image: bool = False  # freeze the image tower (with a trained text tower: LiT)
+    lock_text: bool = False  # freeze the text tower
+    zeroshot_template: str = "a photo of a {}."  # labelled rows: the class prompts of zeroshot_top1
+
+    font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian fonts-noto-color-emoji
+    image_size: int = Field(32, ge=8)
+    test_size: int = Field(300, ge=2)  # held-out emoji
+    max_train: PositiveInt | None = None  # keep only the first N training emoji (tiny runs)
+    crop_scale_min: float = Field(0.6, gt=0, le=1)  # RandomResizedCrop scale=(crop_scale_min, 1) on training images
+    cache_dir: str = "~/.cache/distributed_cl"  # rendered emoji are cached here
+    image_tower: ImageTowerOptions = Field(default_factory=ImageTowerOptions)
+    text_tower: CaptionTowerOptions = Field(default_factory=CaptionTowerOptions)
+
+    @model_validator(mode="after")
+    def _towers(self) -> ImageTextOptions:
+        if "{}" not in self.zeroshot_template:
+            raise field_error("zeroshot_template", f"must hold {{}} for the class name, got {self.zeroshot_template!r}")
+        if self.lock_image and self.lock_text:
+            raise ValueError("image_text.lock_image and image_text.lock_text are both true: nothing would train")
+        if TOWERS[self.towers].pretrained and not self.pretrained:
+            raise field_error("towers", f"{self.towers} needs image_text.pretrained (a model directory, a Hub name "
+                              "with image_text.download=true, or for open_clip NAME:TAG / NAME:/path/to/ckpt.pt)")
+        if not TOWERS[self.towers].pretrained and (self.lock_image or self.lock_text):
+            raise ValueError("image_text.lock_image / lock_text lock pretrained towers (hf_clip, open_clip); scratch "
+                             "towers train both sides, or freeze the text one: image_text.text_tower.freeze")
+        if not TOWERS[self.towers].pretrained and self.pretrained is not None:
+            raise field_error("pretrained", "needs image_text.towers: hf_clip or open_clip (scratch towers read "
+                              "image_text.image_tower and image_text.text_tower)")
+        return self
+
+    def absolute_paths(self) -> ImageTextOptions:
+        pretrained = self.pretrained and TOWERS[self.towers].absolute_pretrained(self.pretrained)
+        return self.model_copy(update={"font": absolute(self.font), "cache_dir": absolute(self.cache_dir),
+                                       "pretrained": pretrained,
+                                       "open_clip_config": self.open_clip_config and absolute(self.open_clip_config)})
 
 
 class ImageTextTask(Task):
     name = "image_text"
+    sections = {"image_text": ImageTextOptions}
     sides = ("image", "text")
-    builtin = staticmethod(emoji_captions)
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
         super().__init__(config, rank, world, device, data)
@@ -94,6 +165,27 @@ class ImageTextTask(Task):
         self.tokenize = TOWERS[x.towers].tokenizer(x)
         # mild crops only: no flips (arrows, hands) and no colour jitter (colour names the emoji)
         self.crop = BatchTwoViews(self.data.test.a.shape[-1], x.crop_scale_min, jitter=0, flip=False, ratio=(0.9, 1.1))
+
+    @staticmethod
+    def builtin(config: Config) -> Splits:
+        """Emoji drawn from Noto Color Emoji with their CLDR names. Every emoji is its own class."""
+        x = config.image_text
+        data = load_emoji(x.font, x.image_size, x.test_size, seed=config.train.seed, cache_dir=x.cache_dir,
+                          max_train=x.max_train)
+        train, test = (Table(p.images, p.captions) for p in (data.train, data.test))
+        return Splits(train, test, train_rows=len(train))
+
+    @classmethod
+    def check_files(cls, config: Config) -> None:
+        x = config.image_text
+        if config.dataset is None and not Path(x.font).expanduser().is_file():
+            raise FileNotFoundError(f"image_text.font: {x.font} does not exist (apt-get install "
+                                    "fonts-noto-color-emoji, or point image_text.font at NotoColorEmoji.ttf)")
+        if not TOWERS[x.towers].pretrained:
+            x.image_tower.check("image_text.image_tower")
+            x.text_tower.check("image_text.text_tower")
+        elif TOWERS[x.towers].check is not None:
+            TOWERS[x.towers].check(x, config.loss.name)
 
     @classmethod
     def metric_names(cls, config: Config) -> tuple[str, ...]:
@@ -145,9 +237,8 @@ class ImageTextTask(Task):
 
     @staticmethod
     def saved_tokenizer(config: Config, state: dict | None):
-        if config.image_text.towers == "open_clip":  # open_clip's tokenizers ship with the package
-            return OpenClipTokenizer(config.image_text)
-        return Task.saved_tokenizer(config, state)
+        saved = TOWERS[config.image_text.towers].saved_tokenizer
+        return saved(config.image_text) if saved is not None else Task.saved_tokenizer(config, state)
 
     def export(self, towers: nn.Module, directory: str) -> None:
         super().export(towers, directory)

@@ -5,16 +5,32 @@ the held-out pairs, and by kNN over their labels where the rows have labels."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
-from distributed_cl.config import Config
-from distributed_cl.data.sources import wordnet_pairs
 from distributed_cl.data.table import Splits, Table
+from distributed_cl.data.wordnet import load_wordnet
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed
 from distributed_cl.models import TextTokenizer, TextTower, save_sentence_transformer
-from distributed_cl.models.text import SENTENCE_TRANSFORMER_DIR
-from distributed_cl.tasks.base import Task, pair_extras, to_device
+from distributed_cl.models.text import SENTENCE_TRANSFORMER_DIR, TextTowerOptions
+from distributed_cl.options import Options, absolute
+from distributed_cl.tasks.base import Config, Task, pair_extras, to_device
+
+
+class TextOptions(Options):
+    """The `text` section: WordNet (definition, example sentence) pairs, supersense labels for
+    SupCon, and the text tower (which your own text data uses too)."""
+
+    root: str = "/usr/share/wordnet"  # Debian wordnet-base
+    heldout_synsets: int = Field(2000, ge=2)  # evaluation pool: definition -> example retrieval among these
+    max_train_pairs: PositiveInt | None = None  # keep only the first N training pairs (tiny runs)
+    eval_bank_size: PositiveInt = 2000  # training definitions that vote in the supersense kNN evaluation
+    tower: TextTowerOptions = Field(default_factory=TextTowerOptions)
+
+    def absolute_paths(self) -> TextOptions:
+        return self.model_copy(update={"root": absolute(self.root)})
 
 
 class SiameseText(nn.Module):
@@ -45,13 +61,29 @@ class TextTask(Task):
     (`supersense_knn_top1` on WordNet, what SupCon on supersenses trains for; `knn_top1` on yours)."""
 
     name = "text"
+    sections = {"text": TextOptions}
     sides = ("text", "text")
-    builtin = staticmethod(wordnet_pairs)
     builtin_labelled = True
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
         super().__init__(config, rank, world, device, data)
         self.tokenize = TextTokenizer(config.text.tower)
+
+    @staticmethod
+    def builtin(config: Config) -> Splits:
+        """WordNet (definition, example sentence) pairs labelled by supersense."""
+        x = config.text
+        data = load_wordnet(x.root, x.heldout_synsets, seed=config.train.seed, max_train_pairs=x.max_train_pairs)
+        train, test = (Table(p.anchors, p.positives, p.labels, labelled=True) for p in (data.train, data.test))
+        return Splits(train, test, bank=train.head(x.eval_bank_size), train_rows=len(train))
+
+    @classmethod
+    def check_files(cls, config: Config) -> None:
+        x = config.text
+        if config.dataset is None and not Path(x.root, "data.noun").is_file():
+            raise FileNotFoundError(f"text.root: no WordNet database at {x.root} (apt-get install wordnet-base, "
+                                    "or point text.root at a WordNet 3.0 dict directory)")
+        x.tower.check("text.tower")
 
     @classmethod
     def knn_metric(cls, config: Config) -> str | None:

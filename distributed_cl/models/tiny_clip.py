@@ -2,7 +2,7 @@
 downloaded here): the transformers CLIP and SigLIP as model directories, the open_clip one as a
 model config JSON and a checkpoint. They check the plumbing, not quality.
 
-    python experiments/tiny_clip.py [--out data/tiny_clip]
+    python -m distributed_cl.models.tiny_clip [--out data/tiny_clip]
     bash scripts/train.sh --config experiments/image_text_emoji.yaml \
         --set image_text.towers=hf_clip --set image_text.pretrained=data/tiny_clip/hf_clip
     bash scripts/train.sh --config experiments/image_text_emoji.yaml --set loss.name=siglip \
