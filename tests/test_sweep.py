@@ -69,6 +69,10 @@ def test_shipped_sweeps_validate_against_their_configs():
         ({"space": {}}, "space: Dictionary should have at least 1 item"),
         ({"fixed": {"train.cpus_per_workers": 0.5}}, "unknown config key train.cpus_per_workers"),
         ({"budget": 3}, "unknown sweep key budget"),
+        ({"space": {"data.eval_bank_size": {"grid": [0, -1]}}},  # every point's config is built: a bad one stops it
+         r"the config at data.eval_bank_size=-1 .*data.eval_bank_size: Input should be greater than or equal to 0"),
+        ({"space": {"train.global_batch_size": {"grid": [64, 63]}}},
+         "the config at train.global_batch_size=63 .*not divisible by train.num_workers=2"),
         ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
     ],
 )
@@ -199,16 +203,18 @@ def run_sweep_process(cmd, env, timeout=480):  # a guard against a hang, not a s
 # its kNN against the whole bank (its 512 training images) and runs its 2 epochs; trial 2, trained
 # the same (same seed), scores against a bank of 10 images, worse by construction, so at the one
 # rung (epoch 1; reduction factor 3 over 2 epochs) it falls below trial 1's score there and is
-# stopped. Trial 3's bank of -1 is not a valid config: that trial fails, with its error in the
-# CSV, and the sweep goes on.
-ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 10, -1]}}
+# stopped. The fashion_mnist trials are valid configs whose data is missing (data.root points
+# nowhere; the sweep file is checked before Ray starts, the trials' files are not): they fail as
+# they load it, before any worker starts, with the error in the CSV, and the sweep goes on.
+ASHA_SPACE = {"data.eval_bank_size": {"grid": [0, 10]}, "data.name": {"grid": ["digits", "fashion_mnist"]}}
 
 
 def test_asha_sweep_stops_trials_early_records_a_failed_one_frees_their_resources_and_writes_best(tmp_path, cluster):
     """Its storage is a URI, as on a cluster (s3://, gs://); its trials cache gradients, 8 samples
     at a time."""
     fixed = {"train.cpus_per_worker": 0.5, "train.log_every": 5, "train.checkpoint_every": 10,
-             "train.grad_cache_chunk": 8, "data.train_subset": 512}  # epochs of 8 steps
+             "train.grad_cache_chunk": 8, "data.train_subset": 512,  # epochs of 8 steps
+             "data.root": str(tmp_path / "no-fashion-mnist")}
     sweep = write_sweep(tmp_path, epochs=2, space=ASHA_SPACE, fixed=fixed,
                         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3},
                         max_concurrent_trials=1)
@@ -216,12 +222,12 @@ def test_asha_sweep_stops_trials_early_records_a_failed_one_frees_their_resource
     assert "Trial status:" in out and "data.eval_bank_size" in out  # Tune's table, our summary
     assert "Started training worker group" not in out  # trials' Ray Train lines only with --verbose
     rows = results(tmp_path, "asha")
-    assert sorted(r["data.eval_bank_size"] for r in rows) == ["-1", "0", "10"]
-    (failed,) = [r for r in rows if r["data.eval_bank_size"] == "-1"]
-    assert failed["status"] == "failed" and "data.eval_bank_size must be >= 0" in failed["error"]
+    assert sorted((r["data.name"], r["data.eval_bank_size"]) for r in rows) == [
+        ("digits", "0"), ("digits", "10"), ("fashion_mnist", "0"), ("fashion_mnist", "10")]
+    failed = [r for r in rows if r["data.name"] == "fashion_mnist"]
+    assert all(r["status"] == "failed" and "data.root: neither" in r["error"] for r in failed), failed
+    rows = [r for r in rows if r not in failed]
     for r in rows:
-        if r is failed:
-            continue
         whole_bank = r["data.eval_bank_size"] == "0"
         assert r["status"] == ("completed" if whole_bank else "early_stopped"), r
         assert r["early_stopped"] == str(not whole_bank)
