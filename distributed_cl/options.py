@@ -43,7 +43,8 @@ def resolve_paths(options: Options) -> Options:
 
 def field_error(field: str, message: str) -> PydanticCustomError:
     """An error of a section's `field`, raised from a validator of the section (a cross-field rule,
-    or a plug-in's own constructor check): rendered as `<section>.<field>: <message>`."""
+    or a plug-in's own constructor check): rendered as `<section>.<field>: <message>`, or as
+    `<section>.<message>` where the message starts with the field's name."""
     return PydanticCustomError("field", "{message}", {"field": field, "message": message})
 
 
@@ -89,13 +90,13 @@ def unknown_option(section: str, raw: Any, registry: Mapping[str, type[Options]]
                               f"{raw.get(field, default)}")
 
 
-def config_error(error: ValidationError, raw: Any, top: str = "config") -> ConfigError:
+def config_error(error: ValidationError, top: str = "config") -> ConfigError:
     """Pydantic's errors as one ConfigError, a line per error, each naming the field in the
     config's own dotted form (`loss.temperature: Input should be greater than 0`)."""
-    return ConfigError("; ".join(_line(e, raw, top) for e in error.errors(include_url=False)))
+    return ConfigError("; ".join(_line(e, top) for e in error.errors(include_url=False)))
 
 
-def _line(e: dict, raw: Any, top: str) -> str:
+def _line(e: dict, top: str) -> str:
     where = ".".join(str(part) for part in e["loc"] if not str(part).startswith("<"))  # tags left out
     kind, ctx, value = e["type"], e.get("ctx", {}), e["input"]
     if kind == "extra_forbidden":
@@ -124,5 +125,5 @@ def parse(model: type[Options], raw: Any, top: str = "config") -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise config_error(e, raw, top) from None
+        raise config_error(e, top) from None
 

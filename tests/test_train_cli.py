@@ -1,6 +1,7 @@
 """train.py end to end: 2 Ray Train workers in local mode that survive a killed worker, an interrupted driver."""
 
 import atexit
+import contextlib
 import csv
 import json
 import os
@@ -87,6 +88,18 @@ def kill_a_worker(proc, mark: str) -> str:
     return before
 
 
+def kill_the_run(proc, mark: str) -> None:
+    """SIGKILL the driver and every process of its local Ray at once. Killing the driver's process
+    group is not enough: Ray starts its actors (the Train controller, the workers) in groups of
+    their own, and they would train on for a second or two until they notice that the raylet is
+    gone, long enough to reach the last step's checkpoint."""
+    for pid in pids_with_env(f"{RUN_MARK}={mark}"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def finish(proc, timeout=240):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out
@@ -106,8 +119,7 @@ def test_cli_survives_a_killed_worker_and_an_interrupted_driver_and_exports_the_
     proc = start(cmd, mark)
     out = kill_a_worker(proc, mark)
     out += wait_for_registered_checkpoint(proc)  # the restarted group's first
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_the_run(proc, mark)
     assert not (tmp_path / "cli.json").exists()  # killed before it finished
     last = finish(start(cmd))
     summary = json.loads((tmp_path / "cli.json").read_text())
