@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, NonNegativeInt, PositiveInt, create_model, model_validator
+from pydantic import Discriminator, Field, NonNegativeInt, PositiveInt, Tag, create_model, model_validator
 
-from distributed_cl.data.formats import FORMATS
+from distributed_cl.data.formats import FORMATS, DatasetOptions
+from distributed_cl.data.sources import SourcesOptions, sources_of
 from distributed_cl.losses import LOSSES
 from distributed_cl.optim import OPTIMIZERS
 from distributed_cl.options import (
@@ -89,13 +90,35 @@ TAGGED = (("loss", LOSSES, "name", "ntxent"), ("optim", OPTIMIZERS, "name", "ada
           ("dataset", FORMATS, "format", "imagefolder"))
 
 
+def _one_or_sources(value: Any) -> str:
+    many = isinstance(value, SourcesOptions) or (isinstance(value, dict) and "sources" in value)
+    return "<sources>" if many else "<one>"
+
+
+# `dataset`: one source (its format names its options), or `sources:`, a list of them
+DATASET = Annotated[Annotated[tagged_union(*TAGGED[2][1:]), Tag("<one>")] | Annotated[SourcesOptions, Tag("<sources>")],
+                    Discriminator(_one_or_sources)]
+
+
 class ConfigBase(Options):
     """The rules between sections; the sections themselves are composed below from the registries."""
 
     @property
+    def datasets(self) -> list[DatasetOptions]:
+        """The sources of training data: `dataset`, or each of `dataset.sources` (none: built-in data)."""
+        return sources_of(self.dataset)
+
+    def source_configs(self) -> list[Config]:
+        """A config per source of training data, its `dataset` that source (this config where
+        there is one source, or none)."""
+        if not isinstance(self.dataset, SourcesOptions):
+            return [self]
+        return [self.model_copy(update={"dataset": source}) for source in self.dataset.sources]
+
+    @property
     def pair_labelled(self) -> bool:
-        """Whether the rows carry 0/1 pair labels (dataset.columns.is_same)."""
-        return self.dataset is not None and self.dataset.columns.is_same is not None
+        """Whether the rows carry 0/1 pair labels (dataset.columns.is_same; every source alike)."""
+        return any(d.pair_labelled for d in self.datasets)
 
     @property
     def labelled_loss(self) -> bool:
@@ -111,7 +134,7 @@ class ConfigBase(Options):
         if train.momentum and not queue:
             raise ValueError("train.momentum makes the keys of the negative queue: set loss.queue_size too")
         for row in ("negative", "is_same"):
-            if self.dataset is not None and getattr(self.dataset.columns, row) is not None and row not in loss.rows:
+            if any(getattr(d.columns, row) is not None for d in self.datasets) and row not in loss.rows:
                 users = ", ".join(name for name, options in LOSSES.items() if row in options.rows)
                 raise ValueError(f"dataset.columns.{row}: loss.name={loss.name} does not use it (the losses that "
                                  f"do: {users})")
@@ -121,8 +144,8 @@ class ConfigBase(Options):
         if self.pair_labelled and queue:
             raise ValueError("loss.queue_size with dataset.columns.is_same: pair labels name pairs within a batch, "
                              "so past keys would match today's by accident; use a queue with class labels")
-        if self.dataset is not None:
-            columns = self.dataset.side_columns(TASKS[self.task].sides)
+        for dataset in self.datasets:
+            columns = dataset.side_columns(TASKS[self.task].sides)
             if self.labelled_loss and "label" not in columns:
                 raise ValueError(f"dataset.columns.label is required: loss.name={loss.name} learns from class "
                                  "labels (or dataset.columns.is_same: pair-labelled rows)")
@@ -153,9 +176,16 @@ class ConfigBase(Options):
     def check_files(self) -> None:
         """What reading the disk can find before Ray starts: the data's files and columns, model
         directories and weights (the worker's `from_dict` does not read them again)."""
+        many = isinstance(self.dataset, SourcesOptions)
+        for config in self.source_configs():
+            where = f"dataset.sources[{config.dataset.name}]: " if many else ""  # which source the error is of
+            try:
+                if config.dataset is not None:
+                    config.dataset.check_files(TASKS[self.task].sides, self.train.global_batch_size)
+                TASKS[self.task].check_benchmark(config)
+            except (ValueError, FileNotFoundError, ImportError, OSError) as e:
+                raise ConfigError(f"{where}{e}") from None
         try:
-            if self.dataset is not None:
-                self.dataset.check_files(TASKS[self.task].sides, self.train.global_batch_size)
             TASKS[self.task].check_files(self)
         except (ValueError, FileNotFoundError, ImportError, OSError) as e:
             raise ConfigError(str(e)) from None
@@ -179,7 +209,7 @@ Config = create_model(
     __base__=ConfigBase,
     __module__=__name__,
     task=(Annotated[str, choice(TASKS)], "image"),
-    dataset=(tagged_union(*TAGGED[2][1:]) | None, None),  # your own data; null: the task's built-in
+    dataset=(DATASET | None, None),  # your own data (one source, or `sources:`); null: the task's built-in
     **_task_sections(),
     loss=(tagged_union(*TAGGED[0][1:]), Field(default_factory=LOSSES["ntxent"])),
     optim=(tagged_union(*TAGGED[1][1:]), Field(default_factory=OPTIMIZERS["adamw"])),

@@ -32,7 +32,9 @@ if TYPE_CHECKING:
 
 
 def split_batch(batch, size: int) -> list:
-    """A batch (tensors in nested dicts) cut into consecutive chunks of `size` samples along dim 0."""
+    """A batch (tensors in nested dicts) cut into consecutive chunks of `size` samples along dim 0.
+    Every tensor's dim 0 is the rows: the rows' h hard negatives are (n, h, ...) (tasks' pair_extras),
+    so a chunk takes all h of each of its rows."""
     n = len(batch["labels"])
     return [_slice(batch, slice(start, start + size)) for start in range(0, n, size)]
 
@@ -82,7 +84,7 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
                 cached.append(net.embed(chunk))
     end_state = _rng_state()
 
-    embeddings = [torch.cat(side).detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives)
+    embeddings = [torch.cat(side).detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives (n, h, d))
     del cached  # the chunks' copies: memory per sample is what sets the largest batch
     with autocast():
         loss, stats = net.loss(embeddings, batch)

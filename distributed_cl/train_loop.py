@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import ray.train
@@ -39,6 +39,7 @@ from torch import nn
 from distributed_cl import distributed as dist_utils
 from distributed_cl.config import Config
 from distributed_cl.data.formats import DATA_ERROR, TooManySkippedRows, check_skipped
+from distributed_cl.data.sources import SourcesOptions, source_of_step
 from distributed_cl.data.stream import StreamBatches
 from distributed_cl.data.table import Splits
 from distributed_cl.grad_cache import grad_cache_backward
@@ -52,6 +53,13 @@ STATE_FILE = "state.pt"
 EXPORT_DIR = "export"
 WORKERS_FILE = "workers.json"  # in every checkpoint: where each rank ran
 TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(datasets=...)
+
+
+def stream_name(source: Config, config: Config) -> str:
+    """A streamed training split's name in TorchTrainer(datasets=...): `source` is one of
+    `config.source_configs()`."""
+    return TRAIN_DATASET if source is config or not isinstance(config.dataset, SourcesOptions) \
+        else f"{TRAIN_DATASET}_{source.dataset.name}"
 
 
 # ----------------------------------------------------------------------------- the step
@@ -138,6 +146,19 @@ def set_rng_state(state: dict) -> None:
 
 
 @dataclass
+class SourceState:
+    """Where one of several sources (dataset.sources) stands: its own epoch and batch within it,
+    the batches it gave the run, and its stream's counts (as Progress's, for one pass over it)."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    batches: int = 0
+    stream_rows: int = 0
+    stream_skipped_rows: int = 0
+    stream_dropped_rows: int = 0
+
+
+@dataclass
 class Progress:
     """Where training stands; saved in every checkpoint with the weights and every rank's RNG."""
 
@@ -151,13 +172,21 @@ class Progress:
     stream_rows: int = 0
     stream_skipped_rows: int = 0
     stream_dropped_rows: int = 0
+    sources: list[SourceState] = field(default_factory=list)  # with several sources: each one's
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        return cls(**{**state, "sources": [SourceState(**x) for x in state.get("sources", [])]})
 
 
 def save_state(directory: str, net: ContrastiveModel, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, rng_states: list,
                negatives: NegativeQueue | None = None) -> None:
     torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": vars(progress), "rng": rng_states,
+                "progress": progress.state_dict(), "rng": rng_states,
                 "negatives": negatives.state_dict() if negatives else None}, os.path.join(directory, STATE_FILE))
 
 
@@ -172,7 +201,7 @@ def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optim
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rank])
-    return Progress(**state["progress"])
+    return Progress.from_state(state["progress"])
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -273,15 +302,17 @@ class EpochBatches:
     (M-per-class for labelled losses, else a seeded permutation), or this worker's shard of the
     stream, which ends the epoch for every rank when one runs out."""
 
-    def __init__(self, task: Task, config: Config, rank: int, world: int) -> None:
+    def __init__(self, task: Task, config: Config, rank: int, world: int, stream: str = TRAIN_DATASET) -> None:
+        """`stream`: the streamed split's name in TorchTrainer(datasets=...) (stream_name)."""
         self.task, self.world, self.rank, t = task, world, rank, config.train
         self.batch_log = t.batch_log
         if self.batch_log:
             os.makedirs(self.batch_log, exist_ok=True)
+        self.source = config.dataset.name if config.dataset is not None else None
         self.stream: StreamBatches | None = None
         if task.data.streamed:
             x = config.dataset
-            self.stream = StreamBatches(ray.train.get_dataset_shard(TRAIN_DATASET), t.global_batch_size // world,
+            self.stream = StreamBatches(ray.train.get_dataset_shard(stream), t.global_batch_size // world,
                                         t.seed, rank, labelled=task.labelled(config), shuffle_buffer=x.shuffle_buffer,
                                         m=config.loss.m if config.labelled_loss else None)
             rows = task.data.train_rows
@@ -310,8 +341,56 @@ class EpochBatches:
                 return
             if self.batch_log:
                 with open(os.path.join(self.batch_log, f"rank{self.rank}.jsonl"), "a") as f:
-                    f.write(json.dumps({"epoch": epoch, "batch": batch_index, "rows": local.digests()}) + "\n")
+                    f.write(json.dumps({"source": self.source, "epoch": epoch, "batch": batch_index,
+                                        "rows": local.digests()}) + "\n")
             yield self.task.augment(to_device(self.task.collate(local), self.task.device))
+
+
+class SourceMix:
+    """The training batches of several sources (dataset.sources), with EpochBatches' interface:
+    step s's global batch comes from the source `source_of_step` draws for s (every rank draws the
+    same), and each source walks its own epochs (Progress.sources), restarting where it runs out.
+    The run's epoch is as many steps as the sources' epochs have batches together (unknown where a
+    stream's size is: then only the steps end the run). The sources' iterators stay open across
+    the run's epochs; a resume reopens each at its own position."""
+
+    stream = None  # the run's epoch is known whole by its count of batches, as cached data's
+
+    def __init__(self, sources: list[EpochBatches], accounts: list[DataAccounts], weights: np.ndarray,
+                 seed: int) -> None:
+        self.sources, self.accounts, self.weights, self.seed = sources, accounts, weights, seed
+        known = [b.batches_per_epoch for b in sources]
+        self.batches_per_epoch = None if None in known else sum(known)
+        self.progress: Progress | None = None  # the recipe's, set once restored
+        self.open: dict[int, Iterator[dict]] = {}
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        p = self.progress
+        if not p.sources:
+            p.sources = [SourceState() for _ in self.sources]
+        batch_in_epoch = start_batch
+        while self.batches_per_epoch is None or batch_in_epoch < self.batches_per_epoch:
+            i = source_of_step(self.weights, self.seed, p.step)
+            yield self._next(i)
+            batch_in_epoch += 1
+
+    def _next(self, i: int) -> dict:
+        """Source i's next batch; where its epoch has run out, the first of its next epoch."""
+        state = self.progress.sources[i]
+        for _ in range(2):
+            if i not in self.open:
+                self.open[i] = self.sources[i].epoch(state.epoch, state.batch_in_epoch)
+            batch = next(self.open[i], None)
+            if batch is not None:
+                state.batch_in_epoch, state.batches = state.batch_in_epoch + 1, state.batches + 1
+                return batch
+            del self.open[i]
+            if state.batch_in_epoch == 0:
+                raise RuntimeError(f"dataset.sources[{self.sources[i].source}]: epoch {state.epoch} had no full "
+                                   "batch of train.global_batch_size")
+            self.accounts[i].close_epoch(state)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        raise AssertionError("unreachable: a fresh epoch either gives a batch or raises")
 
 
 class DataAccounts:
@@ -338,8 +417,9 @@ class DataAccounts:
         rows, skipped, dropped = dist_utils.all_reduce_sum(counts).tolist()
         return rows, skipped, dropped
 
-    def metrics(self, progress: Progress) -> dict[str, int]:
-        """Rows lost to decoding and batching in one pass over the data."""
+    def metrics(self, progress: Progress | SourceState) -> dict[str, int]:
+        """Rows lost to decoding and batching in one pass over the data (`progress`: where the
+        finished epochs' maxima are kept)."""
         rows, skipped, dropped = self.epoch_counts()
         return {"skipped_rows": self.loaded_skipped_rows + max(progress.stream_skipped_rows, skipped),
                 "stream_rows": max(progress.stream_rows, rows),
@@ -357,7 +437,7 @@ class DataAccounts:
         examples = [e for ex in _all_ranks(self.stream.skipped_examples, self.world) for e in ex]
         check_skipped(skipped, rows, self.max_skipped_fraction, examples)
 
-    def close_epoch(self, progress: Progress) -> None:
+    def close_epoch(self, progress: Progress | SourceState) -> None:
         """The epoch's counts are whole: check them, and keep their maxima in the progress."""
         if self.stream is None:
             return
@@ -368,6 +448,27 @@ class DataAccounts:
         progress.stream_dropped_rows = max(progress.stream_dropped_rows, dropped)
 
 
+class SourceAccounts:
+    """Several sources' DataAccounts as one: their rows summed (each source's one pass), and the
+    batches each source gave the run (`batches_<name>`). Each source closes its own epochs (SourceMix)."""
+
+    def __init__(self, accounts: list[DataAccounts], names: list[str]) -> None:
+        self.accounts, self.names = accounts, names
+
+    def check(self, whole_epoch: bool) -> None:
+        for accounts in self.accounts:
+            accounts.check(whole_epoch)
+
+    def close_epoch(self, progress: Progress) -> None:
+        pass
+
+    def metrics(self, progress: Progress) -> dict[str, int]:
+        states = progress.sources or [SourceState() for _ in self.accounts]
+        parts = [accounts.metrics(state) for accounts, state in zip(self.accounts, states)]
+        return {key: sum(part[key] for part in parts) for key in parts[0]} | \
+            {f"batches_{name}": state.batches for name, state in zip(self.names, states)}
+
+
 def evaluate_towers(task: Task, towers: nn.Module) -> dict[str, float]:
     """The task's held-out metrics of rank 0's model, the one exported: BatchNorm's running
     statistics differ between ranks after a step (DDP broadcasts rank 0's before each forward,
@@ -376,7 +477,7 @@ def evaluate_towers(task: Task, towers: nn.Module) -> dict[str, float]:
     was_training = towers.training
     towers.eval()
     with torch.no_grad():
-        metrics = task.evaluate(towers)
+        metrics = task.evaluate_all(towers)
     towers.train(was_training)
     return metrics
 
@@ -399,11 +500,19 @@ class ContrastiveRecipe:
         model, optimizer and schedule, then the latest checkpoint if there is one."""
         config, t = self.config, self.config.train
         self.rank, self.world, self.device, self.workers = setup_worker(config)
-        splits: Splits = ray.get(data) if data is not None else TASKS[config.task].load_data(config)
-        self.task = TASKS[config.task](config, self.rank, self.world, self.device, splits)
-        self.batches = EpochBatches(self.task, config, self.rank, self.world)
-        limit = config.dataset.max_skipped_fraction if config.dataset is not None else 0.0  # (only a stream is judged)
-        self.accounts = DataAccounts(self.batches.stream, splits.skipped_rows, limit, self.world, self.device)
+        sources = config.source_configs()  # one, or each of dataset.sources
+        every: list[Splits] = ray.get(data) if data is not None else [TASKS[config.task].load_data(c) for c in sources]
+        self.tasks = [TASKS[config.task](c, self.rank, self.world, self.device, s) for c, s in zip(sources, every)]
+        self.task = self.tasks[0]  # builds and exports the towers
+        batches = [EpochBatches(task, c, self.rank, self.world, stream_name(c, config)) for task, c in zip(self.tasks, sources)]
+        accounts = [DataAccounts(b.stream, s.skipped_rows, c.dataset.max_skipped_fraction if c.dataset else 0.0,  # (only a
+                                 self.world, self.device) for b, s, c in zip(batches, every, sources)]  # stream is judged)
+        self.names = [c.dataset.name for c in sources] if isinstance(config.dataset, SourcesOptions) else None
+        if self.names is None:
+            self.batches, self.accounts = batches[0], accounts[0]
+        else:
+            self.batches = SourceMix(batches, accounts, config.dataset.weights, t.seed)
+            self.accounts = SourceAccounts(accounts, self.names)
 
         # Towers, loss and optimizer. Same seed on every rank: identical initial weights.
         torch.manual_seed(t.seed)
@@ -418,7 +527,9 @@ class ContrastiveRecipe:
         torch.manual_seed(t.seed * 10_000 + self.rank)  # augmentations differ per rank
 
         self.restore()
-        self.last_eval = dict.fromkeys(self.task.metric_names(config), float("nan"))  # until the first epoch ends
+        if isinstance(self.batches, SourceMix):
+            self.batches.progress = self.progress
+        self.last_eval = dict.fromkeys(TASKS[config.task].all_metric_names(config), float("nan"))  # until an epoch ends
         self.send = Reporter()
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
                                           enabled=self.device.type == "cuda")
@@ -483,7 +594,19 @@ class ContrastiveRecipe:
 
     def evaluate(self) -> None:
         """The held-out metrics, reported with every report from now on."""
-        self.last_eval = evaluate_towers(self.task, self.net.towers)
+        self.last_eval = self.evaluate_sources(self.net.towers)
+
+    def evaluate_sources(self, towers: nn.Module) -> dict[str, float]:
+        """The held-out metrics of `towers`: the data's, or each source's prefixed by its name."""
+        if self.names is None:
+            return evaluate_towers(self.task, towers)
+        return {f"{name}_{key}": value for name, task in zip(self.names, self.tasks)
+                for key, value in evaluate_towers(task, towers).items()}
+
+    def baselines(self) -> dict[str, float]:
+        if self.names is None:
+            return self.task.baselines()
+        return {f"{name}_{key}": value for name, task in zip(self.names, self.tasks) for key, value in task.baselines().items()}
 
     # ------------------------------------------------------------------------- reports and checkpoints
 
@@ -530,11 +653,11 @@ class ContrastiveRecipe:
         the task's baselines, in the last report, whose checkpoint holds the export."""
         self.evaluate()
         torch.manual_seed(self.config.train.seed)
-        untrained = evaluate_towers(self.task, self.task.build_towers(self.config).to(self.device))
+        untrained = self.evaluate_sources(self.task.build_towers(self.config).to(self.device))
         final = {f"{name}_trained": value for name, value in self.last_eval.items()}
         final |= {f"{name}_untrained": value for name, value in untrained.items()}
         final["peak_memory_mib"] = max(_all_ranks(peak_memory_mib(self.device), self.world))  # the largest worker's
-        self.report(final | self.task.baselines(), save=True, final=True)
+        self.report(final | self.baselines(), save=True, final=True)
         self.send.flush()  # every rank's last report is in before the worker returns
 
 

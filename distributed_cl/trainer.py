@@ -23,7 +23,7 @@ from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
 from distributed_cl.data.table import Splits
 from distributed_cl.losses import LossStats
 from distributed_cl.tasks import TASKS, Task
-from distributed_cl.train_loop import EXPORT_DIR, TRAIN_DATASET, train_loop_per_worker
+from distributed_cl.train_loop import EXPORT_DIR, stream_name, train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
 # ray.train.report blocks until then (measured: 1.9 s per report). Poll every 0.25 s instead.
@@ -73,30 +73,34 @@ def warn_unless_shared(storage_path: str) -> None:
               file=sys.stderr, flush=True)
 
 
-def prepare_data(config: Config) -> tuple[Splits, dict]:
-    """The data, read here once for every worker: the splits held in memory (a Ray object the
-    workers fetch), and the Ray Data pipeline of a streamed training split (TorchTrainer splits
-    it across the workers). Bad rows were counted while decoding."""
+def prepare_data(config: Config) -> tuple[list[Splits], dict]:
+    """The data, read here once for every worker, a source at a time (one, or each of
+    dataset.sources): the splits held in memory (a Ray object the workers fetch), and the Ray Data
+    pipeline of each streamed training split (TorchTrainer splits it across the workers). Bad rows
+    were counted while decoding."""
     task = TASKS[config.task]
-    splits = task.load_data(config)
-    datasets = {}
-    if splits.streamed:
-        if config.train.epochs is not None and splits.train_rows is None:
-            raise ConfigError("train.epochs needs the training split's size, which this stream does not tell "
-                              "before reading it all: set train.max_steps")
-        datasets[TRAIN_DATASET] = decoded_dataset(config.dataset, task.sides, "train", config.train.seed,
-                                                  config.train.verbose)
-        free = ray.cluster_resources().get("CPU", 0) - config.train.num_workers * config.train.cpus_per_worker
-        if free < config.dataset.decode_cpus:
-            raise ConfigError(
-                f"dataset: streaming decodes in Ray Data tasks of dataset.decode_cpus={config.dataset.decode_cpus} CPU, "
-                f"but the {config.train.num_workers} workers x train.cpus_per_worker={config.train.cpus_per_worker} "
-                f"leave {free:g} of this cluster's CPUs: lower train.cpus_per_worker or dataset.decode_cpus, add "
-                "CPU nodes, or set dataset.cache=true")
-    if splits.skipped_rows:
-        print(f"[distributed_cl] skipped {splits.skipped_rows} rows that did not decode or had an empty text, e.g. "
-              f"{'; '.join(splits.skipped_examples[:3])}", file=sys.stderr, flush=True)
-    return splits, datasets
+    every, datasets = [], {}
+    for source in config.source_configs():
+        splits = task.load_data(source)
+        x, named = source.dataset, f"dataset.sources[{source.dataset.name}]: " if source is not config else ""
+        if splits.streamed:
+            if config.train.epochs is not None and splits.train_rows is None:
+                raise ConfigError(f"{named}train.epochs needs the training split's size, which this stream does not "
+                                  "tell before reading it all: set train.max_steps")
+            datasets[stream_name(source, config)] = decoded_dataset(x, task.sides, "train", config.train.seed,
+                                                                    config.train.verbose)
+            free = ray.cluster_resources().get("CPU", 0) - config.train.num_workers * config.train.cpus_per_worker
+            if free < x.decode_cpus:
+                raise ConfigError(
+                    f"{named}dataset: streaming decodes in Ray Data tasks of dataset.decode_cpus={x.decode_cpus} CPU, "
+                    f"but the {config.train.num_workers} workers x train.cpus_per_worker={config.train.cpus_per_worker} "
+                    f"leave {free:g} of this cluster's CPUs: lower train.cpus_per_worker or dataset.decode_cpus, add "
+                    "CPU nodes, or set dataset.cache=true")
+        if splits.skipped_rows:
+            print(f"[distributed_cl] {named}skipped {splits.skipped_rows} rows that did not decode or had an empty "
+                  f"text, e.g. {'; '.join(splits.skipped_examples[:3])}", file=sys.stderr, flush=True)
+        every.append(splits)
+    return every, datasets
 
 
 def run(config: Config, output_json: str | None = None, callbacks: list = (), console: bool = True) -> dict[str, Any]:
@@ -114,9 +118,9 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
         warn_unless_shared(t.storage_path)
     splits, datasets = prepare_data(config)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    metric_names = TASKS[config.task].metric_names(config)
+    metric_names = TASKS[config.task].all_metric_names(config)
     loss_keys = getattr(type(config.loss.build()), "log_keys", ())  # what the loss logs: metrics.csv's columns
-    preserve_order = config.dataset is not None and config.dataset.deterministic
+    preserve_order = bool(config.datasets) and all(x.deterministic for x in config.datasets)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "data": ray.put(splits)},

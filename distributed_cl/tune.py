@@ -197,7 +197,7 @@ def load_sweep(path: str | Path, config: Config) -> SweepSpec:
         spec = parse(SweepSpec, raw, top="sweep")
     except ConfigError as e:
         raise SweepError(str(e).replace("unknown config key", "unknown sweep key")) from None
-    spec.check_against(config, TASKS[config.task].metric_names(config))
+    spec.check_against(config, TASKS[config.task].all_metric_names(config))
     return spec
 
 

@@ -38,10 +38,19 @@ def rows(n: int, start: int = 0) -> list[dict]:
     return out
 
 
-def write_text_rows(path: Path, n: int, start: int = 0, bad_is_same: int = 0, mismatched: bool = True) -> Path:
+def hard_negatives(i: int) -> list[str]:
+    """Row i's hard negatives: its answer with each of the other three colours (the first: its `negative`)."""
+    k = i % len(CLASSES)
+    return [f"answer {i} is {other}" for other in CLASSES[k + 1:] + CLASSES[:k]]
+
+
+def write_text_rows(path: Path, n: int, start: int = 0, bad_is_same: int = 0, mismatched: bool = True,
+                    negatives: bool = False, broken_negatives: int = 0) -> Path:
     """JSONL rows for the pair columns: anchor, positive, a hard `negative` (row i's answer with
     another colour), and `is_same` (with `mismatched`, 0 on every third row, whose `positive` is
-    then another row's answer); the first `bad_is_same` rows get is_same 2."""
+    then another row's answer); the first `bad_is_same` rows get is_same 2. With `negatives`, the
+    three hard negatives of `hard_negatives` too, twice: in columns negative_1..negative_3 and as
+    one list-valued column `negatives`; the first `broken_negatives` rows lack negative_2 (and list two)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for r in rows(n, start):
@@ -52,6 +61,12 @@ def write_text_rows(path: Path, n: int, start: int = 0, bad_is_same: int = 0, mi
                       "negative": f"answer {i} is {other}", "is_same": int(same), "label": label}
             if i - start < bad_is_same:
                 record["is_same"] = 2  # (an int still: Arrow's JSON reader wants one type a column)
+            if negatives:
+                listed = hard_negatives(i)
+                record |= {f"negative_{j + 1}": text for j, text in enumerate(listed)} | {"negatives": listed}
+                if i - start < broken_negatives:
+                    del record["negative_2"]
+                    record["negatives"] = listed[:2]
             f.write(json.dumps(record) + "\n")
     return path
 

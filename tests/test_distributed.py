@@ -13,7 +13,8 @@ import zlib
 
 import pytest
 import torch
-from reference import rel_err
+import torch.nn.functional as F
+from reference import rel_err, weighted_negatives_loop
 from torch import nn
 
 from distributed_cl import distributed as dist_utils
@@ -301,3 +302,79 @@ def _rank_one_fails(rank, world):
 def test_run_on_local_ranks_reports_a_failed_rank():
     with pytest.raises(RuntimeError, match=r"rank exit codes \[0, 1\]"):
         run_on_local_ranks(_rank_one_fails, 2, timeout=60)
+
+
+# ----------------------------------------------------------------------------- h hard negatives a row
+
+H = 3
+HARD_SIZES = {1: [5], 2: [4, 2], 3: [3, 0, 5]}  # unequal local batches, one of them empty
+HARD_VARIANTS = {  # name: (the loss's options, input dtype, under bf16 autocast)
+    "plain": ({}, torch.float32, False),
+    "chunked": ({"chunk_size": 2}, torch.float32, False),
+    "decoupled_hard": ({"decoupled": True, "hard_negative_beta": 0.5}, torch.float32, False),
+    "decoupled_hard_chunked": ({"decoupled": True, "hard_negative_beta": 0.5, "chunk_size": 2}, torch.float32, False),
+    "hard_weighted": ({"hard_negative_beta": 0.7}, torch.float32, False),
+    "bf16": ({}, torch.bfloat16, False),
+    "chunked_bf16": ({"chunk_size": 2}, torch.bfloat16, False),
+    "autocast": ({}, torch.float32, True),
+    "chunked_autocast": ({"chunk_size": 3}, torch.float32, True),
+}
+
+
+def _hard_inputs(sizes, dtype):
+    """The global batch: queries, positive keys and H hard negatives a row (rounded to `dtype`)."""
+    n = sum(sizes)
+    return [x.to(dtype) for x in (_rand("hq", n, D), _rand("hk", n, D), _rand("hn", n, H, D))]
+
+
+def _hard_negatives_worker(rank, world, sizes, out_dir):
+    results = {}
+    for name, (options, dtype, autocast) in HARD_VARIANTS.items():
+        local = [_split(x, sizes, rank).clone().requires_grad_() for x in _hard_inputs(sizes, dtype)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = InfoNCELoss(0.1, **options)(local[0], local[1], hard_negatives=local[2])
+        loss.backward()
+        results[name] = (loss.detach(), [x.grad.float() for x in local], [x.grad.dtype for x in local])
+    torch.save(results, f"{out_dir}/{rank}.pt")
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def hard_negative_ranks(request, tmp_path_factory):
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"hard_world{world}")
+    run_on_local_ranks(_hard_negatives_worker, world, HARD_SIZES[world], str(out_dir), timeout=180)
+    return world, HARD_SIZES[world], [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _mnrl_reference(q, k, negatives, temperature, decoupled=False, beta=0.0):
+    """Independent of the loss: each query's softmax over [every positive, every row's every hard
+    negative], its own positive the target (plain cross-entropy); with decoupled / beta, the
+    weighted-negatives loop over the same candidates less its positive."""
+    candidates = F.normalize(torch.cat([k, negatives.reshape(-1, k.shape[1])]), dim=1)
+    logits = F.normalize(q, dim=1) @ candidates.T / temperature
+    if not decoupled and beta == 0:
+        return F.cross_entropy(logits, torch.arange(len(q)))
+    pos = [[logits[i, i]] for i in range(len(q))]
+    neg = [[logits[i, j] for j in range(len(candidates)) if j != i] for i in range(len(q))]
+    return weighted_negatives_loop(q, pos, neg, beta, decoupled)
+
+
+@pytest.mark.parametrize("name", HARD_VARIANTS)
+def test_several_hard_negatives_a_row_equal_one_softmax_over_every_ranks_rows(hard_negative_ranks, name):
+    """H = 3 hard negatives a row, gathered from every rank: the mean of the ranks' losses is the
+    single-process loss of the global batch, and each rank's input gradients (/ W, DDP's mean) its
+    slice of the reference's, for the positives and all H negatives of every row."""
+    world, sizes, results = hard_negative_ranks
+    options, dtype, _ = HARD_VARIANTS[name]
+    inputs = [x.float().requires_grad_() for x in _hard_inputs(sizes, dtype)]  # the ranks' values, in fp32
+    ref = _mnrl_reference(*inputs, 0.1, options.get("decoupled", False), options.get("hard_negative_beta", 0.0))
+    ref_grads = torch.autograd.grad(ref, inputs)
+
+    assert rel_err(sum(r[name][0] for r in results) / world, ref.detach()) < 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 inputs: their gradients come back rounded to bf16
+    for rank, r in enumerate(results):
+        _, grads, dtypes = r[name]
+        assert dtypes == [dtype] * 3
+        assert grads[2].shape == (sizes[rank], H, D)
+        for i, ref_grad in enumerate(ref_grads):
+            assert rel_err(grads[i] / world, _split(ref_grad, sizes, rank)) < tol, (name, rank, i)

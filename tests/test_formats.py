@@ -9,7 +9,16 @@ import threading
 import numpy as np
 import pytest
 import torch
-from own_data import CLASSES, write_csv, write_imagefolder, write_jsonl, write_parquet, write_shards, write_text_rows
+from own_data import (
+    CLASSES,
+    hard_negatives,
+    write_csv,
+    write_imagefolder,
+    write_jsonl,
+    write_parquet,
+    write_shards,
+    write_text_rows,
+)
 from own_data import rows as own_rows
 
 from distributed_cl.config import Config, ConfigError
@@ -25,7 +34,7 @@ from distributed_cl.data.formats import (
 )
 from distributed_cl.data.stream import StreamBatches
 from distributed_cl.data.table import Table
-from distributed_cl.tasks import TASKS
+from distributed_cl.tasks import TASKS, ContrastiveModel
 
 TINY_MODEL = ["model.width=4", "model.pool=1", "model.projection_hidden=8", "model.projection_dim=8"]
 
@@ -99,15 +108,71 @@ def test_rows_carry_their_hard_negative_and_pair_label_and_a_bad_label_is_skippe
     assert splits.skipped_rows == 2 and "is_same 2 is not 0/1" in splits.skipped_examples[0]
     table = Table.concat([splits.train, splits.test])
     assert len(table) == 58
-    for anchor, positive, negative, same in zip(table.a, table.b, table.negative, table.is_same.tolist()):
-        i = int(anchor.split()[1])
+    for anchor, positive, (negative,), same in zip(table.a, table.b, table.negative, table.is_same.tolist()):
+        i = int(anchor.split()[1])  # one negative a row (h = 1)
         assert negative.startswith(f"answer {i} is ") and negative != positive
         assert same == int(i % 3 != 0) and (positive.startswith(f"answer {i} ") == bool(same))
     # scored on the matching rows only: retrieval has no target for a mismatched pair
     assert len(splits.test.matching()) == int(splits.test.is_same.sum()) < len(splits.test)
     task = TASKS["text"](config, data=splits)
     batch = task.collate(splits.train.head(4))
-    assert batch["negative"]["input_ids"].shape[0] == 4 and batch["is_same"].tolist() == splits.train.is_same[:4].tolist()
+    assert batch["negative"]["input_ids"].shape[:2] == (4, 1) and batch["is_same"].tolist() == splits.train.is_same[:4].tolist()
+
+
+def test_several_hard_negatives_a_row_in_listed_columns_or_one_list_column_decode_alike(tmp_path, tiny_bert):
+    """negative_1..negative_3 columns (jsonl, as mine_hard_negatives writes them) and one list-valued
+    parquet column: the same rows, h = 3; a row short of a negative is skipped, counted and named."""
+    import pyarrow.json
+    import pyarrow.parquet as pq
+
+    write_text_rows(tmp_path / "rows.jsonl", 60, mismatched=False, negatives=True, broken_negatives=2)
+    pq.write_table(pyarrow.json.read_json(tmp_path / "rows.jsonl"), tmp_path / "rows.parquet")
+    base = [*PAIR_ROWS, f"text.tower.model={tiny_bert}", "loss.name=infonce", "dataset.max_skipped_fraction=0.1"]
+    listed = Config.load(overrides=[*base, f"dataset.path={tmp_path}/rows.jsonl",
+                                    "dataset.columns.negative=[negative_1, negative_2, negative_3]"])
+    one = Config.load(overrides=[*base, "dataset.format=parquet", f"dataset.path={tmp_path}/rows.parquet",
+                                 "dataset.columns.negative=negatives"])
+    assert listed.dataset.negatives_per_row() == one.dataset.negatives_per_row() == 3
+    by_columns, by_list = TASKS["text"].load_data(listed), TASKS["text"].load_data(one)
+    assert by_columns.skipped_rows == by_list.skipped_rows == 2
+    assert all(": ValueError: no negative_2" in e for e in by_columns.skipped_examples)
+    assert all(": ValueError: negatives holds 2 negatives, not 3" in e for e in by_list.skipped_examples)
+    for split in ("train", "test"):  # the same held-out split: a row's key is its content, negatives flat
+        x, y = getattr(by_columns, split), getattr(by_list, split)
+        assert (x.a, x.b, x.negative, x.digests()) == (y.a, y.b, y.negative, y.digests())
+    table = Table.concat([by_columns.train, by_columns.test])
+    assert len(table) == 58 and all(negative == tuple(hard_negatives(int(anchor.split()[1])))
+                                    for anchor, negative in zip(table.a, table.negative))
+    assert Table.concat([table.head(3), table.take([5, 4])]).negative == [table.negative[i] for i in (0, 1, 2, 5, 4)]
+
+    # collated: the n * 3 texts in one call, as (n, 3, length); embedded: (n, 3, d)
+    task = TASKS["text"](listed, data=by_columns)
+    rows = by_columns.train.head(4)
+    batch = task.collate(rows)
+    assert batch["negative"]["input_ids"].shape[:2] == (4, 3)
+    torch.testing.assert_close(batch["negative"]["input_ids"][2, 1], task.tokenize([rows.negative[2][1]])["input_ids"][0][
+        : batch["negative"]["input_ids"].shape[2]])
+    net = ContrastiveModel(task.build_towers(listed).eval(), listed.loss.build(), listed.loss)
+    with torch.no_grad():
+        z_a, z_b, z_negative = net.embed(batch)
+        assert z_negative.shape == (4, 3, z_b.shape[1])
+        torch.testing.assert_close(z_negative[1, 2], task.encode(net.towers, "b", [rows.negative[1][2]], task.tokenize, "cpu")[0])
+
+    with pytest.raises(ConfigError, match=r"dataset.columns.negative: column 'negative_4' is not in .*rows.jsonl "
+                                          r"\(its columns: anchor, positive, .*negative_1"):
+        Config.load(overrides=[*base, f"dataset.path={tmp_path}/rows.jsonl", "dataset.columns.negative=[negative_1, negative_4]"])
+    with pytest.raises(ConfigError, match="dataset.columns.negative: the list must name distinct columns"):
+        Config.load(overrides=[*base, f"dataset.path={tmp_path}/rows.jsonl", "dataset.columns.negative=[negative_1, negative_1]"])
+
+
+def test_the_cache_decision_counts_every_hard_negative():
+    from distributed_cl.data.formats import TEXT_BYTES, Columns, JsonlOptions, should_cache
+
+    def fits(negative) -> bool:
+        x = JsonlOptions(path="unread.jsonl", columns=Columns(a="anchor", b="positive", negative=negative), cache_limit_mb=1)
+        return should_cache(x, ("text", "text"), rows=2**20 // (4 * TEXT_BYTES))
+
+    assert fits(None) and fits(["negative_1"]) and not fits(["negative_1", "negative_2", "negative_3"])
 
 
 def test_pair_columns_need_a_loss_that_uses_them(tmp_path):

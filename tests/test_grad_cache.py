@@ -34,8 +34,9 @@ LOSSES = {
     "ntxent_chunked": (lambda: NTXentLoss(0.2, chunk_size=5), NTXentOptions()),
     "siglip": (lambda: SigLipLoss(5.0, -2.0), NTXentOptions()),  # logit_scale and logit_bias from the cached loss
     "ntxent_decoupled_hard": (lambda: NTXentLoss(0.2, decoupled=True, hard_negative_beta=0.5), NTXentOptions()),
-    # rows that carry a hard negative (embedded by side b's tower) or pair labels
+    # rows that carry h hard negatives (embedded by side b's tower; h = 1 and 2) or pair labels
     "infonce_hard_negatives": (lambda: InfoNCELoss(0.2), NTXentOptions(), ("negative",)),
+    "infonce_two_hard_negatives": (lambda: InfoNCELoss(0.2), NTXentOptions(), ("negative", "negative")),
     "supcon_pair_labels": (lambda: SupConLoss(0.2), SupConOptions(), ("is_same",)),
     "contrastive_pairs": (lambda: ContrastiveLoss(0.5), ContrastiveOptions(), ("is_same",)),
 }
@@ -71,8 +72,8 @@ def batch(n=24, seed=1, loss="ntxent"):
     data = {"a": torch.randn(n, 6, generator=g), "b": torch.randn(n, 5, generator=g),
             "labels": torch.randint(0, 4, (n,), generator=g)}
     extras = LOSSES[loss][2] if len(LOSSES[loss]) > 2 else ()
-    if "negative" in extras:
-        data["negative"] = torch.randn(n, 5, generator=g)
+    if "negative" in extras:  # side b's input of h negatives a row: (n, h, ...), as pair_extras collates it
+        data["negative"] = torch.randn(n, extras.count("negative"), 5, generator=g)
     if "is_same" in extras:
         data["is_same"] = torch.randint(0, 2, (n,), generator=g)
     return data
@@ -118,8 +119,10 @@ def test_one_step_equals_the_whole_batch_step_with_dropout(loss):
         assert rel_err(p.detach(), q.detach()) < 1e-5
 
 
-def test_without_dropout_it_equals_the_plain_one_pass_step():
-    cached, plain, data = model(dropout=0.0), model(dropout=0.0), batch()
+@pytest.mark.parametrize("loss", ["ntxent", "infonce_two_hard_negatives"])
+def test_without_dropout_it_equals_the_plain_one_pass_step(loss):
+    """Against one pass over the whole batch: chunks of 7 rows take their rows' negatives (14 of them)."""
+    cached, plain, data = model(loss, dropout=0.0), model(loss, dropout=0.0), batch(loss=loss)
     grad_cache_backward(cached, cached, data, 7, no_autocast)
     plain(data)[0].backward()
     assert_same_grads(grads(cached), grads(plain))
@@ -204,26 +207,25 @@ LOCAL = [10, 10]  # the M-per-class sampler gives every rank the same share
 def _ddp_worker(rank, world, loss, out_dir):
     net = model(loss)
     ddp = nn.parallel.DistributedDataParallel(net)
-    data = {k: v[sum(LOCAL[:rank]) : sum(LOCAL[: rank + 1])] for k, v in batch(sum(LOCAL)).items()}
+    data = {k: v[sum(LOCAL[:rank]) : sum(LOCAL[: rank + 1])] for k, v in batch(sum(LOCAL), loss=loss).items()}
     torch.manual_seed(100 + rank)
     loss_value, _ = grad_cache_backward(ddp, net, data, 4, no_autocast)
     torch.optim.SGD(net.parameters(), lr=0.5).step()
     torch.save((loss_value, {k: p.detach() for k, p in net.named_parameters()}), f"{out_dir}/{rank}.pt")
 
 
-@pytest.mark.parametrize("loss", ["ntxent", "clip", "supcon"])
+@pytest.mark.parametrize("loss", ["ntxent", "clip", "supcon", "infonce_two_hard_negatives"])
 def test_two_ranks_under_ddp_equal_the_single_process_whole_batch_step(tmp_path, loss):
     run_on_local_ranks(_ddp_worker, 2, loss, str(tmp_path), timeout=120)
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     # single process: the global batch, each rank's chunks with that rank's dropout masks
-    reference, data = model(loss), batch(sum(LOCAL))
+    reference, data = model(loss), batch(sum(LOCAL), loss=loss)
     parts = []
     for rank in range(2):
         torch.manual_seed(100 + rank)
         local = {k: v[sum(LOCAL[:rank]) : sum(LOCAL[: rank + 1])] for k, v in data.items()}
-        parts += [reference.towers(c["a"], c["b"]) for c in split_batch(local, 4)]
-    z_a, z_b = (torch.cat(zs) for zs in zip(*parts))
-    ref_loss = reference.objective(reference.loss_fn, z_a, z_b, data["labels"])
+        parts += [reference.embed(c) for c in split_batch(local, 4)]  # z_a, z_b (and the rows' negatives)
+    ref_loss, _ = reference.loss([torch.cat(zs) for zs in zip(*parts)], data)
     ref_loss.backward()
     torch.optim.SGD(reference.parameters(), lr=0.5).step()
     assert rel_err(sum(r[0] for r in results) / 2, ref_loss.detach()) < 1e-5

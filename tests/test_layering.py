@@ -1,11 +1,11 @@
 """The package's layering, read from its imports (ast, function-level and TYPE_CHECKING imports
 included): no import cycle, and each layer imports only what sits below it.
 
-    ground     losses/, distributed.py, samplers.py, evaluate.py, options.py (the options' base)
+    ground     losses/, distributed.py, samplers.py, evaluate.py, retrieval.py, options.py (the options' base)
     plug-ins   losses/ (with their options), data/, models/, tasks/, optim.py; never config.py
     config     config.py: composes the plug-ins' options
     the loop   train_loop.py, grad_cache.py, queue.py: config and plug-ins, nothing of the driver
-    driver     trainer.py, tune.py, callbacks.py (and train.py outside the package)
+    driver     trainer.py, tune.py, callbacks.py, embedding.py, corpus.py (and train.py outside the package)
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distributed_cl"
-GROUND = ("losses", "distributed", "samplers", "evaluate", "options")
+GROUND = ("losses", "distributed", "samplers", "evaluate", "retrieval", "options")
 PLUG_INS = ("losses", "data", "models", "tasks", "optim")
 LOOP = ("train_loop", "grad_cache", "queue")
-DRIVER = ("trainer", "tune", "callbacks", "train")
+DRIVER = ("trainer", "tune", "callbacks", "embedding", "corpus", "train")
 
 
 def module_files(package: Path) -> dict[str, Path]:

@@ -287,19 +287,35 @@ def test_infonce_options_match_the_loop(mode, decoupled, beta):
                 [q, k, *extra])
 
 
+@pytest.mark.parametrize("h", [None, 1, 3])  # None: (n, d), one a row
 @pytest.mark.parametrize("chunk_size", [None, 4])
-def test_infonce_hard_negatives_are_every_querys_negatives_as_sentence_transformers_mnrl(chunk_size):
+def test_infonce_hard_negatives_are_every_querys_negatives_as_sentence_transformers_mnrl(chunk_size, h):
     """MultipleNegativesRankingLoss with hard negatives: each query's softmax over every row's
-    positive and every row's hard negative, its own positive the target."""
-    q, k, h = leaves((7, 8), (7, 8), (7, 8), seed=28)
+    positive and every row's h hard negatives, its own positive the target."""
+    q, k, negatives = leaves((7, 8), (7, 8), (7, 8) if h is None else (7, h, 8), seed=28)
 
-    def mnrl(q, k, h):
-        scores = F.normalize(q, dim=1) @ F.normalize(torch.cat([k, h]), dim=1).T / 0.05
+    def mnrl(q, k, negatives):
+        scores = F.normalize(q, dim=1) @ F.normalize(torch.cat([k, negatives.reshape(-1, 8)]), dim=1).T / 0.05
         return F.cross_entropy(scores, torch.arange(len(q)))
 
-    assert_same(lambda *x: InfoNCELoss(0.05, chunk_size=chunk_size)(x[0], x[1], hard_negatives=x[2]), mnrl, [q, k, h])
+    loss = InfoNCELoss(0.05, chunk_size=chunk_size)
+    assert_same(lambda *x: loss(x[0], x[1], hard_negatives=x[2]), mnrl, [q, k, negatives])
     with pytest.raises(ValueError, match="negative_keys or hard_negatives, not both"):
-        InfoNCELoss()(q, k, k, hard_negatives=h)
+        InfoNCELoss()(q, k, k, hard_negatives=negatives)
+    with pytest.raises(ValueError, match=r"hard_negatives must have shape \(batch, dim\) or \(batch, h, dim\)"):
+        InfoNCELoss()(q, k, hard_negatives=negatives.reshape(7, 1, 1, -1))
+
+
+def test_infonce_with_three_hard_negatives_a_row_is_sentence_transformers_mnrl():
+    """The library itself: MNRL's loss from the embeddings (anchors, positives, negative_1..3), scale 1 / temperature."""
+    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    q, k, negatives = leaves((6, 8), (6, 8), (6, 3, 8), seed=29)
+    mnrl = st_losses.MultipleNegativesRankingLoss(None, scale=20.0)
+
+    def reference(q, k, negatives):
+        return mnrl.compute_loss_from_embeddings([q, k, *negatives.unbind(1)], None)
+
+    assert_same(lambda *x: InfoNCELoss(0.05)(x[0], x[1], hard_negatives=x[2]), reference, [q, k, negatives])
 
 
 def test_plain_options_give_the_plain_loss():
@@ -353,6 +369,8 @@ EVERY_LOSS = {
     "supcon_memory": lambda a, b: SupConLoss()(torch.cat([a, b]), torch.arange(len(a)).repeat(2) % 8, memory=MEMORY),
     "clip_memory": lambda a, b: ClipLoss()(a, b, memory=MEMORY),
     "infonce_hard_negatives": lambda a, b: InfoNCELoss()(a, b, hard_negatives=b.roll(1, 0) + a),
+    "infonce_three_hard_negatives": lambda a, b: InfoNCELoss()(a, b, hard_negatives=torch.stack(
+        [b.roll(1, 0) + a, b.roll(2, 0) - a, a.roll(1, 0) * 2], dim=1)),
 }
 
 

@@ -19,7 +19,7 @@ from distributed_cl.losses.core import Memory
 from distributed_cl.losses.ntxent import NTXentOptions
 from distributed_cl.queue import KeyQueue, NegativeQueue
 from distributed_cl.tasks import ContrastiveModel
-from distributed_cl.train_loop import restore_state, rng_state, save_state, train_step
+from distributed_cl.train_loop import Progress, restore_state, rng_state, save_state, train_step
 
 D = 6
 
@@ -209,7 +209,7 @@ def _train_ranks(rank, world, sizes, momentum, steps, out_dir):
     history = []
     for step in range(steps):
         if step == steps // 2:
-            save_state(out_dir, net, optimizer, scheduler, _Progress(), [rng_state()] * world, negatives)
+            save_state(out_dir, net, optimizer, scheduler, Progress(), [rng_state()] * world, negatives)
             net, optimizer, negatives = trainer(momentum)
             ddp = nn.parallel.DistributedDataParallel(net)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -219,10 +219,6 @@ def _train_ranks(rank, world, sizes, momentum, steps, out_dir):
         history.append(copy.deepcopy(negatives.queue.state_dict()))
     key_towers = negatives.key_towers.module.state_dict() if momentum else None
     return {"history": history, "key_towers": key_towers, "towers": net.towers.state_dict()}
-
-
-class _Progress:
-    """What save_state keeps of the loop's progress (vars() of it)."""
 
 
 def single_process(sizes, momentum, steps):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ def take(column: Column | None, index: Tensor | Sequence[int]) -> Column | None:
 @dataclass
 class Table:
     """Rows with a side `a`, an optional side `b` and an int64 class label per row; where the data
-    has them, a hard negative of side b's kind (`negative`) and a 0/1 `is_same` per row.
+    has them, h hard negatives of side b's kind per row (`negative`) and a 0/1 `is_same` per row.
 
     `labelled` says whether the labels are classes a loss or kNN may use; where they are not,
     each row is its own class (labels = arange), which no loss reads as a positive."""
@@ -34,12 +35,15 @@ class Table:
     labels: Tensor | None = None
     labelled: bool = False
     label_names: dict[int, str] = field(default_factory=dict)  # where known: id -> the data's own name
+    # texts: a tuple of h texts a row (a list of n tuples); images: uint8 (n, h, C, H, W)
     negative: Column | None = None
     is_same: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.labels is None:
             self.labels = torch.arange(len(self.a))
+        if isinstance(self.negative, list):  # a text a row is h = 1
+            self.negative = [(x,) if isinstance(x, str) else tuple(x) for x in self.negative]
         for side in (self.a, self.b, self.negative, self.is_same):
             if side is not None and len(side) != len(self.labels):
                 raise ValueError(f"{len(self.labels)} labels but a column of {len(side)} rows")
@@ -66,13 +70,16 @@ class Table:
                        is_same=move(self.is_same))
 
     def digests(self) -> list[str]:
-        """A short digest of each row's content (both sides, and the negative), to tell rows apart in logs."""
+        """A short digest of each row's content (both sides, and the negatives), to tell rows apart in logs."""
         import hashlib
 
         def cell(column, i) -> bytes:
             if column is None:
                 return b""
-            return column[i].cpu().numpy().tobytes() if isinstance(column, Tensor) else str(column[i]).encode()
+            if isinstance(column, Tensor):
+                return column[i].cpu().numpy().tobytes()
+            value = column[i]
+            return "\x1f".join(value).encode() if isinstance(value, tuple) else str(value).encode()  # h negatives
 
         return [hashlib.blake2b(cell(self.a, i) + b"|" + cell(self.b, i) + b"|" + cell(self.negative, i),
                                 digest_size=6).hexdigest() for i in range(len(self))]
@@ -93,18 +100,20 @@ class Table:
     @staticmethod
     def from_numpy(batch: dict[str, np.ndarray], labelled: bool) -> Table:
         """A decoded batch of a Ray Data stream (columns a, b, label, and negative, is_same where
-        the data has them) as a Table."""
+        the data has them) as a Table; `negative` holds h texts a row (Arrow lists), or images."""
 
-        def column(x):
+        def column(x, per_row: bool = False):  # per_row: h values a row, of Arrow lists
             if x is None:
                 return None
-            return torch.from_numpy(np.ascontiguousarray(x)) if x.dtype != object and x.dtype.kind != "U" else [str(s) for s in x]
+            if x.dtype != object and x.dtype.kind != "U":
+                return torch.from_numpy(np.ascontiguousarray(x))
+            return [tuple(str(s) for s in row) for row in x] if per_row else [str(s) for s in x]
 
         labels = torch.from_numpy(batch["label"].astype(np.int64))
         names = {int(i): str(n) for i, n in zip(batch["label"], batch.get("label_name", ())) if n} if labelled else {}
         is_same = torch.from_numpy(batch["is_same"].astype(np.int64)) if "is_same" in batch else None
         return Table(column(batch["a"]), column(batch.get("b")), labels, labelled=labelled, label_names=names,
-                     negative=column(batch.get("negative")), is_same=is_same)
+                     negative=column(batch.get("negative"), per_row=True), is_same=is_same)
 
 
 @dataclass
@@ -124,6 +133,7 @@ class Splits:
     skipped_rows: int = 0
     skipped_examples: list[str] = field(default_factory=list)
     train_rows: int | None = None  # the training split's size where known (streamed: estimated)
+    beir: Any = None  # a retrieval benchmark scored with the held-out split (data/beir.py's Beir, its corpus loaded)
 
     @property
     def streamed(self) -> bool:

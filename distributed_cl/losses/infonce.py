@@ -60,9 +60,9 @@ class InfoNCELoss(GatheredLoss):
     def forward(self, query: Tensor, positive_key: Tensor, negative_keys: Tensor | None = None, *,
                 memory: Memory | None = None, hard_negatives: Tensor | None = None) -> LossAndStats:
         """`memory`: past positive keys (its side b), extra negatives for every query (MoCo's queue).
-        `hard_negatives` (n, d): one hard negative key per query, gathered with the positive keys,
-        so that every query meets every row's positive and hard negative (sentence-transformers'
-        MultipleNegativesRankingLoss with hard negatives)."""
+        `hard_negatives` (n, h, d), or (n, d) for h = 1: h hard negative keys per query, gathered
+        with the positive keys, so that every query meets every row's positive and all its hard
+        negatives (sentence-transformers' MultipleNegativesRankingLoss with hard negatives)."""
         check_embeddings("query", query)
         check_embeddings("positive_key", positive_key, dim=query.shape[1])
         check_same_length("query", query, "positive_key", positive_key)
@@ -96,12 +96,21 @@ class InfoNCELoss(GatheredLoss):
 
     @staticmethod
     def _in_batch_keys(query: Tensor, k: Tensor, hard_negatives: Tensor | None, layout: BatchLayout) -> Tensor:
-        """Every rank's positive keys, then every rank's hard negatives (positives stay first)."""
+        """Every rank's positive keys, then every rank's hard negatives, h a row (positives stay
+        first). The negatives travel as one (n, h * d) row each: the gather's row layout is the
+        positives'."""
         if hard_negatives is None:
             return layout.gather(k)
-        check_embeddings("hard_negatives", hard_negatives, dim=query.shape[1])
+        if hard_negatives.dim() == 2:
+            hard_negatives = hard_negatives.unsqueeze(1)
+        if hard_negatives.dim() != 3:
+            raise ValueError(f"hard_negatives must have shape (batch, dim) or (batch, h, dim), got shape "
+                             f"{tuple(hard_negatives.shape)}")
         check_same_length("query", query, "hard_negatives", hard_negatives)
-        return torch.cat([layout.gather(k), layout.gather(normalized_fp32(hard_negatives))])
+        n, h, d = hard_negatives.shape
+        check_embeddings("hard_negatives", hard_negatives.reshape(n * h, d), dim=query.shape[1])
+        negatives = normalized_fp32(hard_negatives.reshape(n * h, d)).view(n, h * d)
+        return torch.cat([layout.gather(k), layout.gather(negatives).view(-1, d)])
 
     def _in_batch_lse(self, q: Tensor, k_all: Tensor, layout: BatchLayout) -> Callable[[float], Tensor]:
         """lse(c) over every gathered key but the query's own positive."""
@@ -142,7 +151,7 @@ class InfoNCELoss(GatheredLoss):
 
 
 class InfoNCEOptions(SoftmaxOptions, NegativeWeighting):
-    """`loss.name: infonce`: queries against their keys (MNRL), with a hard negative per row."""
+    """`loss.name: infonce`: queries against their keys (MNRL), with h hard negatives per row."""
 
     name: Literal["infonce"] = "infonce"
     rows: ClassVar[tuple[str, ...]] = ("negative",)

@@ -31,6 +31,8 @@ def load_towers(path: str, map_location: str | torch.device = "cpu") -> torch.nn
     tokenize = task.saved_tokenizer(config, saved.get("tokenizer"))
     if tokenize is not None:
         towers.tokenize = tokenize
+    towers.task_name = task.name  # which Task encodes for them (train.py embed, evaluate, mine)
+    towers.saved_config = config
     return towers.eval()
 
 

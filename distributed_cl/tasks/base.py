@@ -23,9 +23,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from distributed_cl.data.beir import Beir, load_beir
 from distributed_cl.data.formats import FORMATS, load_dataset_splits
 from distributed_cl.data.table import Splits, Table
+from distributed_cl.evaluate import sharded_embed
 from distributed_cl.options import Options
+from distributed_cl.retrieval import BEIR_METRICS, RANKED, TopK, id_order, ir_metrics
 
 if TYPE_CHECKING:
     from distributed_cl.losses import LossStats
@@ -57,7 +60,11 @@ class Task(ABC):
         the task's built-in dataset. The data comes by side; `collate` maps the sides to the towers."""
         if config.dataset is None:
             return cls.builtin(config)
-        return load_dataset_splits(config.dataset, cls.sides, config.train.seed, config.train.verbose)
+        splits = load_dataset_splits(config.dataset, cls.sides, config.train.seed, config.train.verbose)
+        x = config.dataset
+        if x.eval_beir is not None:  # small enough to hold: a large corpus is `train.py evaluate`'s
+            splits.beir = load_beir(x.eval_beir, x.eval_beir_split, "dataset.eval_beir").with_corpus(x.image_size)
+        return splits
 
     @classmethod
     @abstractmethod
@@ -85,7 +92,7 @@ class Task(ABC):
     def labelled(cls, config: Config) -> bool:
         """Whether the config's rows have class labels: the built-in data's own, an imagefolder's
         folder names, or a `dataset.columns.label` column."""
-        return cls.builtin_labelled if config.dataset is None else config.dataset.labelled
+        return cls.builtin_labelled if config.dataset is None else config.datasets[0].labelled  # every source alike
 
     @classmethod
     @abstractmethod
@@ -110,6 +117,68 @@ class Task(ABC):
         only, so the same seed rebuilds the same untrained (or pretrained) towers, the comparison at
         the end. With `architecture` (what `towers.architecture()` returned), no pretrained weights
         or files are read: a saved state dict fills the towers (export loading)."""
+
+    @classmethod
+    def side_for(cls, kind: str, prefer: str) -> str:
+        """The towers' side ("a" or "b") that embeds `kind` ("text", "image"), `prefer` where both do."""
+        kinds = {"a": cls.sides[0], "b": cls.sides[1] or cls.sides[0]}  # the image task: both sides are views
+        for side in (prefer, "b" if prefer == "a" else "a"):
+            if kinds[side] == kind:
+                return side
+        raise ValueError(f"the {cls.name} towers embed {' and '.join(sorted(set(kinds.values())))}, not {kind}")
+
+    @classmethod
+    def check_benchmark(cls, config: Config) -> None:
+        """Before Ray starts: the judgements of dataset.eval_beir name only its queries and documents,
+        and these towers embed its corpus."""
+        x = config.dataset
+        if x is not None and x.eval_beir is not None:
+            beir = load_beir(x.eval_beir, x.eval_beir_split, "dataset.eval_beir")
+            cls.side_for(beir.corpus_kind, "b")
+
+    @classmethod
+    def all_metric_names(cls, config: Config) -> tuple[str, ...]:
+        """`metric_names`, and the BEIR figures where the data names a benchmark (dataset.eval_beir);
+        with several sources, each source's, prefixed by its name (`<name>_recall@1`)."""
+        configs = config.source_configs()
+        if len(configs) > 1 or configs[0] is not config:
+            return tuple(f"{c.dataset.name}_{name}" for c in configs for name in cls.all_metric_names(c))
+        beir = config.dataset is not None and config.dataset.eval_beir is not None
+        return cls.metric_names(config) + (tuple(f"beir_{name}" for name in BEIR_METRICS) if beir else ())
+
+    def evaluate_all(self, towers: nn.Module) -> dict[str, float]:
+        """`evaluate`'s metrics, and the BEIR figures of the benchmark the data names."""
+        metrics = self.evaluate(towers)
+        if self.data.beir is not None:
+            metrics |= {f"beir_{name}": value for name, value in self.beir_metrics(towers, self.data.beir).items()}
+        return metrics
+
+    def beir_metrics(self, towers: nn.Module, beir: Beir) -> dict[str, float]:
+        """nDCG@10, MRR@10, Recall@10/100, MAP@100 of a benchmark held in memory: queries and
+        corpus embedded sharded over the ranks, the search exact (every rank the same)."""
+        tokenize = getattr(self, "tokenize", None)
+
+        def embed(side: str, values) -> Tensor:
+            return sharded_embed(lambda chunk: self.encode(towers, side, chunk, tokenize, self.device), values,
+                                 self.rank, self.world, self.device)
+
+        queries = embed(self.side_for("text", "a"), beir.queries)
+        corpus = embed(self.side_for(beir.corpus_kind, "b"), beir.corpus)
+        top = TopK(queries, RANKED)
+        top.add(corpus, 0, id_order(beir.corpus_ids))  # equal scores rank by corpus id, as the evaluator's
+        return ir_metrics(top.result()[1], beir.relevant)
+
+    @classmethod
+    def tokenizer(cls, config: Config) -> Callable[[list[str]], dict] | None:
+        """The towers' text tokenizer (None: no text side)."""
+        return None
+
+    @staticmethod
+    @abstractmethod
+    def encode(towers: nn.Module, side: str, values, tokenize: Callable | None, device: torch.device) -> Tensor:
+        """The embeddings of one side's decoded values (side "a" or "b": a list of texts, or uint8
+        images), as the held-out evaluation and the exports see them: what `train.py embed`,
+        `evaluate` and `mine` compute."""
 
     @abstractmethod
     def evaluate(self, towers: nn.Module) -> dict[str, float]:
@@ -152,14 +221,30 @@ class Task(ABC):
 
 
 def pair_extras(rows: Table, encode_b: Callable[[list], dict]) -> dict:
-    """What a batch carries beyond its two sides, where the data has it: the rows' hard negatives
-    (encoded as side b is) and their 0/1 pair labels."""
+    """What a batch carries beyond its two sides, where the data has it: the rows' h hard negatives
+    (texts encoded as side b is, in one call, each tensor shaped (n, h, ...): dim 0 stays the rows,
+    so that gradient caching's chunks of rows take their rows' negatives) and their 0/1 pair labels."""
     extras = {}
     if rows.negative is not None:
-        extras["negative"] = encode_b(rows.negative)
+        h = len(rows.negative[0]) if len(rows) else 1
+        extras["negative"] = _by_row(encode_b([text for row in rows.negative for text in row]), len(rows), h)
     if rows.is_same is not None:
         extras["is_same"] = rows.is_same
     return extras
+
+
+def _by_row(x, n: int, h: int):
+    """Tensors (in a dict) of n * h leading rows as (n, h, ...)."""
+    return x.unflatten(0, (n, h)) if isinstance(x, Tensor) else {key: _by_row(v, n, h) for key, v in x.items()}
+
+
+def _flat_rows(x):
+    """Tensors (in a dict) of leading shape (n, h) as (n * h, ...)."""
+    return x.flatten(0, 1) if isinstance(x, Tensor) else {key: _flat_rows(v) for key, v in x.items()}
+
+
+def _negative_shape(x) -> tuple[int, int]:
+    return tuple(x.shape[:2]) if isinstance(x, Tensor) else _negative_shape(next(iter(x.values())))
 
 
 class CachedBatches:
@@ -222,9 +307,13 @@ class ContrastiveModel(nn.Module):
         self.step_keys: tuple[Tensor, Tensor] | None = None  # the last loss's embeddings, detached (the queue's keys)
 
     def embed(self, batch: dict) -> tuple[Tensor, ...]:
-        """(z_a, z_b), and the rows' hard negatives' embeddings (side b's tower) where the batch has them."""
+        """(z_a, z_b), and where the batch has them the rows' h hard negatives' embeddings (n, h, d),
+        from side b's tower (`batch["negative"]`: side b's input of leading shape (n, h))."""
         z_a, z_b = self.towers(batch["a"], batch["b"])
-        return (z_a, z_b) if "negative" not in batch else (z_a, z_b, self.towers.embed_b(batch["negative"]))
+        if "negative" not in batch:
+            return z_a, z_b
+        n, h = _negative_shape(batch["negative"])
+        return z_a, z_b, self.towers.embed_b(_flat_rows(batch["negative"])).unflatten(0, (n, h))
 
     def forward(self, batch: dict, embed_only: bool = False) -> tuple[Tensor, LossStats] | tuple[Tensor, ...]:
         """The loss and its statistics (`loss`), or with `embed_only` the embeddings."""

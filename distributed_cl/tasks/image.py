@@ -153,6 +153,11 @@ class ImageTask(Task):
     def _score(self, features_of) -> float:
         return self._knn(lambda x: features_of(to_float(x))) if self.labelled(self.config) else self._view_recall(features_of)
 
+    @staticmethod
+    def encode(towers: ImageTowers, side: str, values, tokenize, device) -> Tensor:
+        """The encoder's features (both sides are views of one image; the head is the loss's only)."""
+        return towers.encoder(to_float(values).to(device))
+
     def evaluate(self, towers: ImageTowers) -> dict[str, float]:
         (name,) = self.metric_names(self.config)
         return {name: self._score(lambda x: towers.encoder(x.to(self.device)))}

@@ -162,7 +162,7 @@ class ImageTextTask(Task):
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
         super().__init__(config, rank, world, device, data)
         x = config.image_text
-        self.tokenize = TOWERS[x.towers].tokenizer(x)
+        self.tokenize = self.tokenizer(config)
         # mild crops only: no flips (arrows, hands) and no colour jitter (colour names the emoji)
         self.crop = BatchTwoViews(self.data.test.a.shape[-1], x.crop_scale_min, jitter=0, flip=False, ratio=(0.9, 1.1))
 
@@ -202,8 +202,18 @@ class ImageTextTask(Task):
     def build_towers(config: Config, architecture: dict | None = None) -> nn.Module:
         return TOWERS[config.image_text.towers].build(config.image_text, architecture)
 
+    @classmethod
+    def tokenizer(cls, config: Config):
+        return TOWERS[config.image_text.towers].tokenizer(config.image_text)
+
+    @staticmethod
+    def encode(towers: nn.Module, side: str, values, tokenize, device) -> Tensor:
+        if side == "a":  # images
+            return towers.embed_images(to_float(values).to(device))
+        return towers.embed_texts(to_device(tokenize(values), device))
+
     def _embed_texts(self, towers: nn.Module, texts: list[str]) -> Tensor:
-        return sharded_embed(lambda x: towers.embed_texts(to_device(self.tokenize(x), self.device)), texts,
+        return sharded_embed(lambda x: self.encode(towers, "b", x, self.tokenize, self.device), texts,
                              self.rank, self.world, self.device)
 
     def class_prompts(self) -> tuple[list[str], Tensor]:
@@ -217,7 +227,7 @@ class ImageTextTask(Task):
 
     def evaluate(self, towers: nn.Module) -> dict[str, float]:
         test = self.data.test.matching()
-        images = sharded_embed(lambda x: towers.embed_images(to_float(x).to(self.device)), test.a,
+        images = sharded_embed(lambda x: self.encode(towers, "a", x, None, self.device), test.a,
                                self.rank, self.world, self.device)
         texts = self._embed_texts(towers, test.b)
         i2t, t2i = recall_at_k(images, texts, (1, 5)), recall_at_k(texts, images, (1, 5))

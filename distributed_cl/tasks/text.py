@@ -67,7 +67,15 @@ class TextTask(Task):
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device="cpu", data: Splits | None = None) -> None:
         super().__init__(config, rank, world, device, data)
-        self.tokenize = TextTokenizer(config.text.tower)
+        self.tokenize = self.tokenizer(config)
+
+    @classmethod
+    def tokenizer(cls, config: Config) -> TextTokenizer:
+        return TextTokenizer(config.text.tower)
+
+    @staticmethod
+    def encode(towers: SiameseText, side: str, values, tokenize, device) -> Tensor:
+        return towers.tower(to_device(tokenize(values), device))  # one tower for both sides
 
     @staticmethod
     def builtin(config: Config) -> Splits:
@@ -104,17 +112,17 @@ class TextTask(Task):
         tower = TextTower(config.text.tower, None if architecture is None else architecture["text"])
         return SiameseText(tower, config.text.tower.lr_mult)
 
-    def _embed(self, tower: TextTower, texts: list[str]) -> Tensor:
-        return sharded_embed(lambda chunk: tower(to_device(self.tokenize(chunk), self.device)), texts,
+    def _embed(self, towers: SiameseText, texts: list[str]) -> Tensor:
+        return sharded_embed(lambda chunk: self.encode(towers, "a", chunk, self.tokenize, self.device), texts,
                              self.rank, self.world, self.device)
 
     def evaluate(self, towers: SiameseText) -> dict[str, float]:
         test, bank = self.data.test.matching(), self.data.bank
-        anchors = self._embed(towers.tower, test.a)
-        recall = recall_at_k(anchors, self._embed(towers.tower, test.b), (1, 10))
+        anchors = self._embed(towers, test.a)
+        recall = recall_at_k(anchors, self._embed(towers, test.b), (1, 10))
         metrics = {"recall@1": recall[1], "recall@10": recall[10]}
         if self.labelled(self.config):
-            bank_anchors = self._embed(towers.tower, bank.a)
+            bank_anchors = self._embed(towers, bank.a)
             metrics[self.knn_metric(self.config)] = knn_top1(bank_anchors, bank.labels, anchors, test.labels, self.config.train.knn_k)
         return metrics
 
