@@ -81,6 +81,7 @@ def parse_sweep_args(argv: list[str]) -> argparse.Namespace:
 
 
 def sweep_main(argv: list[str]) -> int:
+    from distributed_cl.trackers import check_trackers
     from distributed_cl.tune import SweepError, load_sweep, with_fixed
 
     args = parse_sweep_args(argv)
@@ -89,6 +90,7 @@ def sweep_main(argv: list[str]) -> int:
         config = Config.load(find(args.config), overrides)
         spec = load_sweep(find(args.sweep), config)
         config = with_fixed(config, spec, overrides)  # --set wins over the sweep's fixed values
+        check_trackers(config.train.model_copy(update={"storage_path": args.storage_path or config.train.storage_path}))
     except (ConfigError, SweepError, FileNotFoundError) as e:
         print(f"{'config' if isinstance(e, ConfigError) else 'sweep'} error: {e}", file=sys.stderr)
         return 2
@@ -165,7 +167,7 @@ def embed_main(argv: list[str]) -> int:
         from distributed_cl.embedding import embed
         from distributed_cl.trainer import connect_ray
 
-        connect_ray()
+        connect_ray(verbose=args.verbose)
         summary = embed(source, config.resolve_paths().dataset, args.side, args.output, pool_of(args),
                         args.shard_rows, config.train.seed, args.verbose)
     except (ConfigError, FileNotFoundError) as e:
@@ -198,7 +200,7 @@ def evaluate_main(argv: list[str]) -> int:
         from distributed_cl.corpus import beir_table, evaluate_on_beir
         from distributed_cl.trainer import connect_ray
 
-        connect_ray()
+        connect_ray(verbose=args.verbose)
         result = evaluate_on_beir(source, beir, pool_of(args), args.verbose)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -257,7 +259,7 @@ def mine_main(argv: list[str]) -> int:
         from distributed_cl.trainer import connect_ray
 
         check_mining(args.num_negatives, args.range_min, args.range_max, args.relative_margin, args.absolute_margin)
-        connect_ray()
+        connect_ray(verbose=args.verbose)
         summary = mine(source, config.resolve_paths().dataset, args.output, pool_of(args), args.num_negatives,
                        args.range_min, args.range_max, args.relative_margin, args.absolute_margin, corpus,
                        args.faiss, config.train.seed, args.verbose)

@@ -26,8 +26,8 @@ def csv_columns(loss_keys: tuple[str, ...], stats_keys: tuple[str, ...], eval_me
 
 
 class ProgressLogger(UserCallback):
-    """Runs in Ray Train's controller: a console line per report, metrics.csv and TensorBoard
-    event files in the run directory (when the storage path is local). `loss_keys`: what the
+    """Runs in Ray Train's controller: a console line per report, and metrics.csv in the run
+    directory (when the storage path is local; trackers.py has the rest). `loss_keys`: what the
     loss logs (its class's `log_keys`), `stats_keys`: what the trainer logs of its statistics."""
 
     def __init__(self, run_dir: str | None, total_steps: int | None, eval_metrics: tuple[str, ...],
@@ -35,7 +35,6 @@ class ProgressLogger(UserCallback):
         self.run_dir, self.total_steps, self.eval_metrics, self.console = run_dir, total_steps, eval_metrics, console
         self.loss_keys = tuple(loss_keys)
         self.columns = csv_columns(self.loss_keys, tuple(stats_keys), tuple(eval_metrics))
-        self._writer = None
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]  # rank 0's view; the loss is already the mean over ranks
@@ -50,14 +49,6 @@ class ProgressLogger(UserCallback):
             if new:
                 writer.writeheader()
             writer.writerow({"time": round(time.time(), 3), **m})
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(str(Path(self.run_dir, "tensorboard")))
-        for key, value in m.items():
-            if isinstance(value, (int, float)) and value == value and key not in ("step", "start_step"):
-                self._writer.add_scalar(key, value, m["step"])
-        self._writer.flush()
 
     def _line(self, m: dict, saved: bool) -> str:
         total = f"/{self.total_steps}" if self.total_steps else ""

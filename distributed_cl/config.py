@@ -33,12 +33,20 @@ from distributed_cl.options import (
     unknown_option,
 )
 from distributed_cl.tasks import TASKS
+from distributed_cl.trackers import TRACKERS, missing_package
 
 __all__ = ["Config", "ConfigError", "TrainOptions", "apply_override", "set_key"]
 
 
-class TrainOptions(Options):
-    """The `train` section: workers, batch, schedule, checkpoints (the loop's own options)."""
+# each tracker's own options, `train.<tracker>` (train.mlflow.tracking_uri, train.wandb.project)
+TrackerSections = create_model("TrackerSections", __base__=Options, __module__=__name__,
+                               **{name: (cls.Options, Field(default_factory=cls.Options))
+                                  for name, cls in TRACKERS.items() if cls.Options})
+
+
+class TrainOptions(TrackerSections):
+    """The `train` section: workers, batch, schedule, checkpoints (the loop's own options), and
+    the trackers (`loggers`, each with its options beside)."""
 
     name: str = "simclr-fashion-mnist"  # run name; the same name and storage_path resume
     storage_path: str = "./runs"
@@ -68,9 +76,19 @@ class TrainOptions(Options):
     # a directory where each worker of a streamed run appends one line per batch (epoch, batch,
     # a digest of every row): what each rank trained on, to audit determinism and resumes
     batch_log: str | None = None
+    # where every report goes besides metrics.csv (always written): tensorboard, mlflow, wandb
+    loggers: list[Annotated[str, choice(TRACKERS)]] = ["tensorboard"]
+
+    def tracker_options(self) -> dict[str, Options | None]:
+        return {name: getattr(self, name, None) for name in TRACKERS}
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainOptions:
+        if len(set(self.loggers)) < len(self.loggers):
+            raise field_error("loggers", f"names a tracker twice: {self.loggers}")
+        for name in self.loggers:
+            if why := missing_package(name):
+                raise field_error("loggers", why)
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs")
         if self.global_batch_size % self.num_workers:

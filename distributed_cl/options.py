@@ -41,6 +41,11 @@ def resolve_paths(options: Options) -> Options:
     return options.model_copy(update=inner).absolute_paths()
 
 
+def join_path(base: str, *parts: str) -> str:
+    """A path under `base`, a local directory or a URI (pathlib would fold s3:// into s3:/)."""
+    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
+
+
 def field_error(field: str, message: str) -> PydanticCustomError:
     """An error of a section's `field`, raised from a validator of the section (a cross-field rule,
     or a plug-in's own constructor check): rendered as `<section>.<field>: <message>`, or as

@@ -44,7 +44,9 @@ from distributed_cl.data.stream import StreamBatches
 from distributed_cl.data.table import Splits
 from distributed_cl.grad_cache import grad_cache_backward
 from distributed_cl.losses import LossStats
+from distributed_cl.model_card import Training, write_cards
 from distributed_cl.optim import param_groups, warmup_cosine
+from distributed_cl.options import join_path
 from distributed_cl.queue import NegativeQueue
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
 from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
@@ -626,18 +628,41 @@ class ContrastiveRecipe:
             self.send(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            self.save(d, rng_states, export=final)
+            self.save(d, rng_states, export=metrics if final else None)
             self.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    def save(self, directory: str, rng_states: list[dict], export: bool = False) -> None:
+    def save(self, directory: str, rng_states: list[dict], export: dict | None = None) -> None:
         """A checkpoint's files: the state (weights, optimizer, schedule, queue, progress, RNGs),
-        where every rank ran, and with `export` the files a user loads without Ray."""
+        where every rank ran, and with `export` (the final metrics) the files a user loads
+        without Ray, each with its model card."""
         save_state(directory, self.net, self.optimizer, self.scheduler, self.progress, rng_states, self.negatives)
         with open(os.path.join(directory, WORKERS_FILE), "w") as f:
             json.dump(self.workers, f, indent=1)
         if export:
             os.makedirs(os.path.join(directory, EXPORT_DIR))
             self.task.export(self.net.towers, os.path.join(directory, EXPORT_DIR))
+            t = self.config.train  # the cards' snippets load from the run directory, where the driver copies them
+            where = join_path(t.storage_path, t.name) if "://" not in t.storage_path else EXPORT_DIR
+            write_cards(os.path.join(directory, EXPORT_DIR), self.task.exports(self.net.towers), self.card_facts(export),
+                        where)
+
+    def card_facts(self, metrics: dict) -> Training:
+        """How this run made its model, for the model cards: data, loss, batch, steps, hardware, figures."""
+        c, t, task = self.config, self.config.train, self.task
+        figures = {name: (metrics.get(f"{name}_trained"), metrics.get(f"{name}_untrained"),
+                          metrics.get(f"{name}_{task.baseline_name}")) for name in self.last_eval}
+        if c.dataset is None:
+            datasets, data = [task.builtin_data], f"the built-in {task.builtin_data} data"
+        else:
+            datasets = [x.path for x in c.datasets]
+            data = "; ".join(f"{x.format} {x.path}" for x in c.datasets)
+        rows = metrics.get("stream_rows") or sum(x.data.train_rows or 0 for x in self.tasks)
+        data += f" ({rows} training rows a pass, {metrics.get('skipped_rows', 0)} skipped)" if rows else ""
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        return Training(name=t.name, task=c.task, base_model=task.base_model, data=data, datasets=datasets,
+                        loss=c.loss.model_dump(), global_batch_size=t.global_batch_size, steps=self.progress.step,
+                        hardware=f"{self.world} Ray Train worker{'s' if self.world > 1 else ''}, {device}",
+                        metrics=figures, baseline_name=task.baseline_name)
 
     def restore(self) -> None:
         """The latest checkpoint's state (this rank's RNG included), else a fresh start."""

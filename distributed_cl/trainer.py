@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 from ray.data import ExecutionOptions
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from distributed_cl.callbacks import ProgressLogger, StopOnDataError
@@ -22,7 +22,9 @@ from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
 from distributed_cl.data.table import Splits
 from distributed_cl.losses import LossStats
+from distributed_cl.options import join_path
 from distributed_cl.tasks import TASKS, Task
+from distributed_cl.trackers import TrackedRun, TrackerCallback, flatten, prepare_trackers
 from distributed_cl.train_loop import EXPORT_DIR, stream_name, train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
@@ -33,14 +35,39 @@ JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH
            "TOKENIZERS_PARALLELISM": "false"}  # workers tokenise on their own threads or in loader processes
 
 
-def connect_ray(log_to_driver: bool = True) -> None:
+def connect_ray(log_to_driver: bool = True, verbose: bool = False) -> None:
     """Join the cluster this runs on (RAY_ADDRESS, or the head that `ray start` recorded on this
     node, as under `ray submit`), else start a local Ray of its own. Not `address="auto"`: that
     also joins any Ray process it finds on the machine, such as another user's notebook.
     `log_to_driver=False` keeps the actors' own log lines (Ray Train's controllers and workers)
-    out of this console."""
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": JOB_ENV}, log_to_driver=log_to_driver)
+    out of this console. Unless `verbose`, Ray's notices that need no action stay out of it too
+    (its start-up lines; warnings and errors still show)."""
+    if ray.is_initialized():
+        return
+    import logging
+
+    env = dict(JOB_ENV)
+    if not verbose:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        if not _cluster_address():
+            # a laptop is not preempted: Ray Train's watcher of spot-instance notices only logs an
+            # ERROR line about its own constructor (kept on clusters, where it does its job)
+            env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"))
+    ray.init(runtime_env={"env_vars": env}, log_to_driver=log_to_driver,
+             logging_level=logging.INFO if verbose else logging.WARNING)
+
+
+def _cluster_address() -> str | None:
+    """The cluster ray.init would join: RAY_ADDRESS, or the head address `ray start` recorded on
+    this node (Ray's own lookup, a private function: if it moves, assume a cluster)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None)
+    except (ImportError, AttributeError):
+        return "unknown"
 
 
 # Filesystems that every node of a cluster can mount at the same path (fuse covers gcsfuse,
@@ -103,23 +130,34 @@ def prepare_data(config: Config) -> tuple[list[Splits], dict]:
     return every, datasets
 
 
-def run(config: Config, output_json: str | None = None, callbacks: list = (), console: bool = True) -> dict[str, Any]:
+def run(config: Config, output_json: str | None = None, callbacks: list = (), console: bool = True,
+        tracked_as: str | None = None, group: str | None = None) -> dict[str, Any]:
     """Train (or resume the run with the same name and storage path) and return its summary.
     `callbacks`: more Ray Train callbacks (a sweep's TuneReportCallback); `console=False` keeps
-    progress lines and the final table out of the console (metrics.csv is still written)."""
+    progress lines and the final table out of the console (metrics.csv is still written);
+    `tracked_as`, `group`: the run's name in the trackers (default train.name) and its group there
+    (a sweep's trials: their parameters, and the sweep's name)."""
     config = config.resolve_paths()
     t = config.train
     local_storage = "://" not in t.storage_path
     run_dir = os.path.join(t.storage_path, t.name) if local_storage else None
     if run_dir:
         os.makedirs(run_dir, exist_ok=True)
-    connect_ray()
+    task = TASKS[config.task]
+    metric_names = task.all_metric_names(config)
+    loss_keys = getattr(type(config.loss.build()), "log_keys", ())  # what the loss logs: metrics.csv's columns
+    tracked = TrackedRun(key=join_path(t.storage_path, t.name), name=tracked_as or t.name, run_dir=run_dir,
+                         params=flatten(config.to_dict()), group=group)
+    summary_keys = (*(f"{name}_{which}" for name in metric_names for which in ("trained", "untrained", task.baseline_name)),
+                    "skipped_rows", "peak_memory_mib")
+    # the trackers' servers reached and their runs found (a resume) or created, before Ray starts
+    trackers = TrackerCallback(prepare_trackers(t.loggers, t.tracker_options(), tracked, t.storage_path), tracked,
+                               summary_keys)
+    connect_ray(verbose=t.verbose)
     if local_storage:
         warn_unless_shared(t.storage_path)
     splits, datasets = prepare_data(config)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    metric_names = TASKS[config.task].all_metric_names(config)
-    loss_keys = getattr(type(config.loss.build()), "log_keys", ())  # what the loss logs: metrics.csv's columns
     preserve_order = bool(config.datasets) and all(x.deterministic for x in config.datasets)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -133,9 +171,11 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             name=t.name,
             storage_path=t.storage_path,
             failure_config=FailureConfig(max_failures=t.max_failures),
+            # Ray Train's worker-group start-up lines only with train.verbose (its warnings always)
+            logging_config=LoggingConfig(log_level="INFO" if t.verbose else "WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[StopOnDataError(), ProgressLogger(run_dir, t.max_steps, metric_names, console, loss_keys=loss_keys,
-                                                         stats_keys=LossStats.log_keys), *callbacks],
+                                                         stats_keys=LossStats.log_keys), trackers, *callbacks],
         ),
     )
     try:
@@ -153,11 +193,11 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             if export.is_dir():
                 shutil.copytree(export, run_dir, dirs_exist_ok=True)
                 summary["exported"] = sorted(os.path.join(run_dir, p.name) for p in export.iterdir())
-                for key, name in TASKS[config.task].summary_files.items():  # e.g. "encoder": encoder.pt
+                for key, name in task.summary_files.items():  # e.g. "encoder": encoder.pt
                     if Path(export, name).exists():
                         summary[key] = os.path.join(run_dir, name)
     if console:
-        print(final_table(metrics, TASKS[config.task], metric_names))
+        print(final_table(metrics, task, metric_names))
     if output_json:
         Path(output_json).write_text(json.dumps(summary, indent=2))
     return summary

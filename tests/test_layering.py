@@ -1,8 +1,9 @@
 """The package's layering, read from its imports (ast, function-level and TYPE_CHECKING imports
 included): no import cycle, and each layer imports only what sits below it.
 
-    ground     losses/, distributed.py, samplers.py, evaluate.py, retrieval.py, options.py (the options' base)
-    plug-ins   losses/ (with their options), data/, models/, tasks/, optim.py; never config.py
+    ground     losses/, distributed.py, samplers.py, evaluate.py, retrieval.py, options.py (the options' base),
+               model_card.py
+    plug-ins   losses/ (with their options), data/, models/, tasks/, optim.py, trackers.py; never config.py
     config     config.py: composes the plug-ins' options
     the loop   train_loop.py, grad_cache.py, queue.py: config and plug-ins, nothing of the driver
     driver     trainer.py, tune.py, callbacks.py, embedding.py, corpus.py (and train.py outside the package)
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distributed_cl"
-GROUND = ("losses", "distributed", "samplers", "evaluate", "retrieval", "options")
-PLUG_INS = ("losses", "data", "models", "tasks", "optim")
+GROUND = ("losses", "distributed", "samplers", "evaluate", "retrieval", "options", "model_card")
+PLUG_INS = ("losses", "data", "models", "tasks", "optim", "trackers")
 LOOP = ("train_loop", "grad_cache", "queue")
 DRIVER = ("trainer", "tune", "callbacks", "embedding", "corpus", "train")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_cards import FIGURES, check_model_card, write_test_cards
 from PIL import Image
 from test_tasks import logged
 from torch import nn
@@ -325,6 +326,7 @@ def export_moved(task, towers, tmp_path) -> Path:
     directory = tmp_path / "export"
     directory.mkdir()
     task.export(towers, str(directory))
+    write_test_cards(task, towers, directory)
     return directory
 
 
@@ -348,6 +350,12 @@ def test_the_text_export_is_a_sentence_transformer_and_towers_pt_stands_alone(ti
     loaded = load_towers(str(directory / "towers.pt"))
     with torch.no_grad():
         torch.testing.assert_close(loaded.tower(loaded.tokenize(texts)), ours)
+    # the model cards' snippets load these exports, as written
+    made = check_model_card(directory / "sentence_transformer", "sentence-transformers", str(model_dir), FIGURES)
+    assert made["embeddings"].shape == (2, towers.tower.out_dim)
+    made = check_model_card(directory, "pytorch", str(model_dir), FIGURES)
+    with torch.no_grad():
+        torch.testing.assert_close(made["towers"].tower(loaded.tokenize(texts)), ours)
 
 
 def test_the_hf_clip_export_loads_in_transformers_as_the_trained_towers(tiny_clip, tmp_path):
@@ -374,6 +382,8 @@ def test_the_hf_clip_export_loads_in_transformers_as_the_trained_towers(tiny_cli
                                    ours_texts, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ours_images, towers.embed_images(as_floats(images)))
     assert model.logit_scale.item() == pytest.approx(towers.logit_scale.item())  # the trained scale went along
+    made = check_model_card(directory / "hf_clip", "transformers", str(model_dir), FIGURES)
+    assert made["probs"].shape == (1, 2) and type(made["model"]).__name__ == "CLIPModel"
 
 
 def test_the_hf_siglip_export_loads_in_transformers_as_the_trained_towers(tiny_siglip, tmp_path):
@@ -399,6 +409,8 @@ def test_the_hf_siglip_export_loads_in_transformers_as_the_trained_towers(tiny_s
                                    loaded.embed_texts(loaded.tokenize(CAPTIONS)), atol=1e-5, rtol=1e-4)
     assert model.logit_bias.item() == pytest.approx(towers.logit_bias.item())  # the trained bias went along
     assert model.logit_bias.item() != -10.0
+    made = check_model_card(directory / "hf_clip", "transformers", str(model_dir), FIGURES)
+    assert made["probs"].shape == (1, 2) and type(made["model"]).__name__ == "SiglipModel"
 
 
 def test_the_open_clip_export_loads_in_open_clip_as_the_trained_towers(tiny_open_clip, tmp_path):
@@ -419,6 +431,10 @@ def test_the_open_clip_export_loads_in_open_clip_as_the_trained_towers(tiny_open
         torch.testing.assert_close(model.encode_text(open_clip.get_tokenizer(tiny_open_clip["name"])(CAPTIONS)),
                                    loaded.embed_texts(loaded.tokenize(CAPTIONS)), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(loaded.embed_images(as_floats(images)), towers.embed_images(as_floats(images)))
+    made = check_model_card(directory, "open_clip", config.image_text.pretrained, FIGURES)
+    with torch.no_grad():
+        torch.testing.assert_close(made["model"].eval().encode_text(made["tokenizer"](CAPTIONS)),
+                                   loaded.embed_texts(loaded.tokenize(CAPTIONS)), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- zero-shot

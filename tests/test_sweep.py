@@ -257,11 +257,14 @@ def test_asha_sweep_stops_trials_early_records_a_failed_one_frees_their_resource
     assert (config.data.eval_bank_size, config.train.epochs, config.train.grad_cache_chunk) == (0, 2, 8)
 
 
-def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkpoints(tmp_path, cluster):
+def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkpoints(tmp_path, cluster, mlflow_uri):
+    """The trials report to a real MLflow server: one run each, named by its values, which the
+    resumed trial continues, and the sweep's results logged once beside them."""
     sweep = write_sweep(tmp_path, epochs=1, space={"loss.temperature": {"grid": [0.1, 0.2]}},
                         scheduler={"name": "fifo"}, max_concurrent_trials=1,
                         # one worker a trial: the resume is Tune's; the other sweep has DDP trials
-                        fixed={"train.cpus_per_worker": 0.5, "train.checkpoint_every": 5, "train.num_workers": 1})
+                        fixed={"train.cpus_per_worker": 0.5, "train.checkpoint_every": 5, "train.num_workers": 1,
+                               "train.loggers": ["tensorboard", "mlflow"], "train.mlflow.tracking_uri": mlflow_uri})
     env = {**cluster, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its experiment state every second
     proc = subprocess.Popen(sweep_cmd(tmp_path, sweep, "resume"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -281,7 +284,8 @@ def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkp
     kept = (done / "metrics.csv").read_text()
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep's driver: its trials' actors go with its job
     proc.wait()
-    run_sweep_process(sweep_cmd(tmp_path, sweep, "resume"), env)
+    out = run_sweep_process(sweep_cmd(tmp_path, sweep, "resume"), env)
+    assert "temperature=0.1" in out and "_run_trial_" not in out  # Tune's table names trials by their values
     rows = results(tmp_path, "resume")
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "1" for r in rows)
     assert (done / "metrics.csv").read_text() == kept  # not trained, evaluated or reported again
@@ -292,3 +296,19 @@ def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkp
     # untrained): the figures pinned, as uninterrupted trials score them (a resumed trial too)
     scores = {r["loss.temperature"]: float(r["final_knn_top1"]) for r in rows}
     assert scores == {"0.1": pytest.approx(244 / 297), "0.2": pytest.approx(247 / 297)}, scores
+
+    from mlflow.tracking import MlflowClient
+
+    from distributed_cl.trackers import SWEEP_TAG
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])  # the sweep's name
+    by_name = {r.info.run_name: r for r in runs}
+    assert len(runs) == 3 and set(by_name) == {"temperature=0.1", "temperature=0.2", "resume"}, by_name
+    for value in ("0.1", "0.2"):
+        run = by_name[f"temperature={value}"]
+        assert run.info.status == "FINISHED" and run.data.tags[SWEEP_TAG] == "resume"
+        assert run.data.params["loss.temperature"] == value and run.data.params["train.epochs"] == "1"
+        assert run.data.metrics["knn_top1_trained"] == pytest.approx(scores[value])
+    results_files = {a.path for a in client.list_artifacts(by_name["resume"].info.run_id)}
+    assert results_files == {"results.csv", "best.yaml", "knn_top1_vs_temperature.png"}, results_files

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_cards import check_model_card
 from ray_cluster import pids_with_env
 
 from distributed_cl.config import Config
@@ -107,14 +108,17 @@ def finish(proc, timeout=240):
 
 
 @pytest.mark.xdist_group("ray")  # a Ray of its own, in train.py: with the others (conftest.py)
-def test_cli_survives_a_killed_worker_and_an_interrupted_driver_and_exports_the_encoder(tmp_path):
+def test_cli_survives_a_killed_worker_and_an_interrupted_driver_and_exports_the_encoder(tmp_path, mlflow_uri):
     """One run, three attempts: a worker is killed after the step-10 checkpoint and Ray Train
     restarts the group from it; once that attempt has registered a checkpoint of its own, the
     driver and its local Ray are killed at once; train.py run again with the same name resumes
     and finishes. The queue and its momentum encoder come back from each checkpoint with the
-    weights."""
+    weights. The run reports to the three trackers, a real MLflow server among them, and each
+    holds one run that the resumes continued."""
     queue = ["--set", "loss.queue_size=128", "--set", "train.momentum=0.9"]
-    cmd = train_cmd(tmp_path, "cli", "--max-steps", "60", *queue)
+    trackers = ["--set", "train.loggers=[tensorboard, mlflow, wandb]", "--set", f"train.mlflow.tracking_uri={mlflow_uri}",
+                "--set", "train.mlflow.experiment=cli-test", "--set", "train.wandb.mode=offline"]
+    cmd = train_cmd(tmp_path, "cli", "--max-steps", "60", *queue, *trackers)
     mark = secrets.token_hex(8)
     proc = start(cmd, mark)
     out = kill_a_worker(proc, mark)
@@ -140,17 +144,68 @@ def test_cli_survives_a_killed_worker_and_an_interrupted_driver_and_exports_the_
                                                                     pytest.approx(0.9697, abs=1e-4)), m
     assert 100 < m["peak_memory_mib"] < 8000
     assert "[distributed_cl] step 10/60" in out
-    for console in (out, last):  # quiet by default
-        assert "Reporting training result" not in console and "Checkpoint successfully created" not in console
+    for console in (out, last):  # quiet by default: Ray's notices and Ray Train's start-up lines only with --verbose
+        for notice in ("Reporting training result", "Checkpoint successfully created", "Started a local Ray instance",
+                       "Token authentication is enabled", "Started training worker group", "Setting up process group"):
+            assert notice not in console, notice
     table = last[last.index("held-out image") :].splitlines()
     assert table[1].split() == ["knn_top1"] + [f"{m[f'knn_top1_{w}']:.4f}" for w in ("trained", "untrained", "raw_pixels")]
     assert Path(summary["checkpoint"]).is_dir()
     assert rows and list(rows[0])[:4] == ["time", "step", "epoch", "loss"] and len(rows) >= 60 // 10
     assert float([r for r in rows if r["loss"]][-1]["loss"]) == pytest.approx(5.4977, abs=1e-3)  # step 60's
-    assert any((run_dir / "tensorboard").iterdir())
+    check_trackers(run_dir, rows, m, mlflow_uri)
+    # the model card beside the exports: the run's figures, and a snippet that loads encoder.pt as written
+    made = check_model_card(run_dir, "pytorch", None, {"knn_top1": tuple(m[f"knn_top1_{w}"] for w in (
+        "trained", "untrained", "raw_pixels"))})
+    assert made["features"].shape == (2, 8 * 4 * 2 * 2)
     encoder = load_encoder(summary["encoder"])  # no Ray needed
     assert encoder(torch.rand(3, 1, 8, 8)).shape == (3, 8 * 4 * 2 * 2)
     towers = load_towers(run_dir / "towers.pt")  # the generic export: the encoder and its head
     torch.testing.assert_close(towers.encoder(torch.ones(2, 1, 8, 8)), encoder(torch.ones(2, 1, 8, 8)))
     # the reported figure is the exported model's: both workers evaluated rank 0's weights and buffers
     assert ImageTask(Config.load(DIGITS)).evaluate(towers)["knn_top1"] == m["knn_top1_trained"]
+
+
+def check_trackers(run_dir: Path, rows: list[dict], m: dict, mlflow_uri: str) -> None:
+    """What each tracker holds of the run, against metrics.csv (every report) and the final
+    metrics: one tracker run for the three attempts, its params, its loss curve, the final
+    table and the exports."""
+    from mlflow.tracking import MlflowClient
+    from trackers_read import tensorboard_scalars, wandb_offline_runs
+
+    logged = {}  # step -> loss, as metrics.csv has it (a step re-run after a resume: the later value)
+    for r in rows:
+        if r["loss"]:
+            logged[int(r["step"])] = float(r["loss"])
+    last_start = m["start_step"]  # the last attempt's reports reached every tracker; a killed one's, all but the last
+    final_steps = {int(r["step"]) for r in rows if r["loss"] and int(r["start_step"]) == last_start}
+
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli-test").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "cli"
+    assert (run.data.params["loss.queue_size"], run.data.params["train.max_steps"]) == ("128", "60")
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert {h.step for h in history} >= final_steps and {h.step for h in history} <= set(logged)
+    assert all(h.value == pytest.approx(logged[h.step], abs=1e-6) for h in history if h.step > last_start)
+    assert run.data.metrics["knn_top1_trained"] == pytest.approx(m["knn_top1_trained"])
+    assert run.data.metrics["knn_top1_untrained"] == pytest.approx(m["knn_top1_untrained"])
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, "export")}
+    assert {"export/encoder.pt", "export/towers.pt"} <= exported, exported
+    assert client.list_artifacts(run.info.run_id, "checkpoint")
+
+    # two controllers opened the run: the killed one (whose records W&B may not have written before
+    # the kill), and the resumed one's, with the same id
+    runs = wandb_offline_runs(run_dir)
+    assert len(runs) == 2 and {r["id"] for r in runs} - {None} == {runs[-1]["id"]} and runs[-1]["name"] == "cli", runs
+    assert runs[-1]["config"]["loss.queue_size"] == 128 and runs[-1]["config"]["train.momentum"] == 0.9
+    curve = runs[-1]["history"]["loss"]
+    assert set(curve) == final_steps and all(v == pytest.approx(logged[s], abs=1e-6) for s, v in curve.items())
+    assert runs[-1]["summary"]["knn_top1_trained"] == pytest.approx(m["knn_top1_trained"])
+    (model,) = runs[-1]["artifacts"]
+    assert model["type"] == "model" and "export/towers.pt" in model["refs"]
+
+    scalars, texts = tensorboard_scalars(run_dir / "tensorboard")
+    assert final_steps <= set(scalars["loss"]) <= set(logged)
+    assert all(v == pytest.approx(logged[s], rel=1e-6) for s, v in scalars["loss"].items() if s > last_start)
+    assert scalars["final/knn_top1_trained"] == {60: pytest.approx(m["knn_top1_trained"], rel=1e-6)}
+    assert "| loss.queue_size | 128 |" in next(iter(texts.values()))

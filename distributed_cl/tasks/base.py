@@ -27,6 +27,7 @@ from distributed_cl.data.beir import Beir, load_beir
 from distributed_cl.data.formats import FORMATS, load_dataset_splits
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import sharded_embed
+from distributed_cl.model_card import Export
 from distributed_cl.options import Options
 from distributed_cl.retrieval import BEIR_METRICS, RANKED, TopK, id_order, ir_metrics
 
@@ -38,6 +39,10 @@ TOWERS_FILE = "towers.pt"
 # The composed run configuration (config.py, which imports the tasks): a task reads its own
 # sections, `dataset`, `train` and `loss` of it.
 Config = Any
+
+TOWERS_SNIPPET = """from distributed_cl.tasks import load_towers
+
+towers = load_towers("{path}/towers.pt")  # the towers, eval mode, from the file alone"""
 
 
 class Task(ABC):
@@ -199,6 +204,18 @@ class Task(ABC):
         saved = {"task": self.name, "config": self.config.to_dict(), "architecture": towers.architecture(),
                  "state_dict": towers.state_dict(), "tokenizer": self.tokenizer_state()}
         torch.save(saved, os.path.join(directory, TOWERS_FILE))
+
+    def exports(self, towers: nn.Module) -> list[Export]:
+        """What the export directory holds for a model card to describe (a README.md in each; one
+        at the top, the most specific)."""
+        return [Export("", "pytorch", "feature-extraction", TOWERS_SNIPPET, "towers.pt")]
+
+    builtin_data: str = ""  # the name of the task's built-in dataset (model cards)
+
+    @property
+    def base_model(self) -> str | None:
+        """The pretrained weights the towers start from (a Hub name or a path), or None."""
+        return None
 
     def tokenizer_state(self) -> dict | None:
         """The text tokenizer as towers.pt keeps it (its files), or None (no text, or no files)."""

@@ -18,6 +18,7 @@ from distributed_cl.data.augment import BatchTwoViews
 from distributed_cl.data.images import IMAGE_DATASETS, ImageData, TwoViews, to_float, two_view_transform
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import recall_at_k, sharded_embed, sharded_knn_top1
+from distributed_cl.model_card import Export
 from distributed_cl.models import build_encoder, build_head, save_encoder
 from distributed_cl.models.image import ImageEncoderOptions
 from distributed_cl.options import Options, absolute, choice
@@ -169,3 +170,18 @@ class ImageTask(Task):
     def export(self, towers: ImageTowers, directory: str) -> None:
         super().export(towers, directory)
         save_encoder(towers.encoder, self.config.model, image_channels(self.config), os.path.join(directory, ENCODER_FILE))
+
+    def exports(self, towers: nn.Module) -> list[Export]:
+        channels, size = image_channels(self.config), self.image_size
+        load = ("import torch\nfrom distributed_cl.models import load_encoder\n\n"
+                f'encoder = load_encoder("{{path}}/{ENCODER_FILE}")  # eval mode; towers.pt holds the head too\n'
+                f"features = encoder(torch.rand(2, {channels}, {size}, {size}))  # images: (n, C, H, W) floats in [0, 1]")
+        return [Export("", "pytorch", "image-feature-extraction", load, f"{self.config.model.encoder} image encoder")]
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.model.weights
+
+    @property
+    def builtin_data(self) -> str:
+        return self.config.data.name

@@ -23,6 +23,7 @@ from distributed_cl.data.emoji import load_emoji
 from distributed_cl.data.images import to_float
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import recall_at_k, sharded_embed, zero_shot_top1
+from distributed_cl.model_card import Export
 from distributed_cl.models import TextTokenizer, TextTower, build_encoder, build_head
 from distributed_cl.models.clip import (
     HFClipTowers,
@@ -33,11 +34,12 @@ from distributed_cl.models.clip import (
     check_hf_clip,
     check_open_clip,
     hf_clip_tokenizer,
+    open_clip_spec,
 )
 from distributed_cl.models.image import ImageEncoderOptions
 from distributed_cl.models.text import TextTowerOptions
 from distributed_cl.options import Options, absolute, choice, field_error
-from distributed_cl.tasks.base import Config, Task, pair_extras, to_device
+from distributed_cl.tasks.base import TOWERS_SNIPPET, Config, Task, pair_extras, to_device
 
 
 class DualEncoder(nn.Module):
@@ -156,6 +158,7 @@ class ImageTextOptions(Options):
 
 class ImageTextTask(Task):
     name = "image_text"
+    builtin_data = "emoji"
     sections = {"image_text": ImageTextOptions}
     sides = ("image", "text")
 
@@ -254,3 +257,27 @@ class ImageTextTask(Task):
         super().export(towers, directory)
         if hasattr(towers, "export"):  # hf_clip/ or open_clip.pt, loaded by their own libraries
             towers.export(directory, getattr(self.tokenize, "tokenizer", None))
+
+    def exports(self, towers: nn.Module) -> list[Export]:
+        x = self.config.image_text
+        if x.towers == "hf_clip":
+            padding = '"max_length"' if getattr(towers, "model_type", "clip") == "siglip" else "True"
+            load = ("from PIL import Image\nfrom transformers import AutoModel, AutoProcessor\n\n"
+                    'model = AutoModel.from_pretrained("{path}")\nprocessor = AutoProcessor.from_pretrained("{path}")\n'
+                    'inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=Image.new("RGB", (224, 224)),\n'
+                    f'                   return_tensors="pt", padding={padding})\n'
+                    "probs = model(**inputs).logits_per_image.softmax(dim=-1)")
+            return [Export("hf_clip", "transformers", "zero-shot-image-classification", load, "CLIP (transformers)"),
+                    *super().exports(towers)]
+        if x.towers == "open_clip":
+            name = open_clip_spec(x)[0]
+            register = f'open_clip.add_model_config("{x.open_clip_config}")  # its architecture\n' if x.open_clip_config else ""
+            load = (f"import open_clip\n\n{register}"
+                    f'model, _, preprocess = open_clip.create_model_and_transforms("{name}", pretrained="{{path}}/open_clip.pt")\n'
+                    f'tokenizer = open_clip.get_tokenizer("{name}")')
+            return [Export("", "open_clip", "zero-shot-image-classification", load, "CLIP (open_clip)")]
+        return [Export("", "pytorch", "zero-shot-image-classification", TOWERS_SNIPPET, "image and text towers")]
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.image_text.pretrained if TOWERS[self.config.image_text.towers].pretrained else None

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.data.wordnet import load_wordnet
 from distributed_cl.evaluate import knn_top1, recall_at_k, sharded_embed
+from distributed_cl.model_card import Export
 from distributed_cl.models import TextTokenizer, TextTower, save_sentence_transformer
 from distributed_cl.models.text import SENTENCE_TRANSFORMER_DIR, TextTowerOptions
 from distributed_cl.options import Options, absolute
@@ -61,6 +62,7 @@ class TextTask(Task):
     (`supersense_knn_top1` on WordNet, what SupCon on supersenses trains for; `knn_top1` on yours)."""
 
     name = "text"
+    builtin_data = "wordnet"
     sections = {"text": TextOptions}
     sides = ("text", "text")
     builtin_labelled = True
@@ -138,3 +140,13 @@ class TextTask(Task):
         super().export(towers, directory)
         # SentenceTransformer(path), and a transformers directory too: AutoModel.from_pretrained(path)
         save_sentence_transformer(towers.tower, self.tokenize, os.path.join(directory, SENTENCE_TRANSFORMER_DIR))
+
+    def exports(self, towers: nn.Module) -> list[Export]:
+        load = ('from sentence_transformers import SentenceTransformer\n\nmodel = SentenceTransformer("{path}")\n'
+                'embeddings = model.encode(["A first sentence.", "Another one."])  # L2-normalised; cosine similarity')
+        return [Export(SENTENCE_TRANSFORMER_DIR, "sentence-transformers", "sentence-similarity", load,
+                       "sentence-transformers model"), *super().exports(towers)]
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.text.tower.model
