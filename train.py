@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-path", help="where runs, checkpoints and metrics go (local dir or URI)")
     p.add_argument("--name", help="run name; an existing name resumes from its latest checkpoint")
     p.add_argument("--output-json", help="write final metrics and the checkpoint path here")
-    p.add_argument("--verbose", action="store_true", default=None, help="also Ray Train's per-report log lines")
+    p.add_argument("--verbose", action="store_true", default=None, help="also Ray's start-up notices and Ray Train's log lines")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set loss.temperature=0.2 (repeatable)")
     return p.parse_args(argv)

@@ -75,3 +75,16 @@ class StopOnDataError(UserCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if DATA_ERROR in metrics[0]:
             raise TooManySkippedRows(metrics[0][DATA_ERROR])
+
+
+class FiguresToTune(UserCallback):
+    """A sweep trial's reports to Tune (Ray's TuneReportCallback, made in the controller), less
+    the keys in `drop`: the run report's view of the held-out data is not a figure to tune on."""
+
+    def __init__(self, drop: str) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        self.drop, self.tune = drop, TuneReportCallback()
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        self.tune.after_report(run_context, [{k: v for k, v in m.items() if k != self.drop} for m in metrics], checkpoint)

@@ -66,7 +66,7 @@ class TrainOptions(TrackerSections):
     max_failures: NonNegativeInt = 1  # worker-group restarts from the latest checkpoint
     knn_k: PositiveInt = 20
     seed: int = 0
-    verbose: bool = False  # also Ray Train's own per-report and per-checkpoint log lines
+    verbose: bool = False  # also Ray's start-up notices and Ray Train's own log lines (worker group, reports)
     # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
     # batch whose activations do not fit still takes one exact step; null: one pass (faster)
     grad_cache_chunk: PositiveInt | None = None

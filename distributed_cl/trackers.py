@@ -10,6 +10,7 @@ Like callbacks.py, this module imports no torch: the controller unpickles the ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -123,8 +124,7 @@ class TensorBoard(Tracker):
     """Event files in <run_dir>/tensorboard (local storage only): every report's figures against
     the step, the config as text, the final table under final/."""
 
-    name = "tensorboard"
-    package = ("tensorboardX", "tensorboardX")
+    name = "tensorboard"  # tensorboardX's writer is a dependency of the package
 
     def __init__(self, prepared: None, run: TrackedRun) -> None:
         super().__init__(prepared, run)
@@ -188,7 +188,11 @@ class Mlflow(Tracker):
 
     @staticmethod
     def client(tracking_uri: str):
+        import logging
+
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "View run at" lines
+        for name in ("mlflow.store.db.utils", "alembic"):  # a new SQLite store's set-up lines
+            logging.getLogger(name).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri)
@@ -310,21 +314,20 @@ class Wandb(Tracker):
         cls.check(options, storage_path)
         return options.model_copy(update={"dir": options.dir or run.run_dir})
 
-    @classmethod
-    def start(cls, options: WandbOptions, run: TrackedRun, name: str | None = None, config: dict | None = None):
+    @staticmethod
+    def start(options: WandbOptions, **init: Any):
+        """wandb.init with the options, quiet: no console capture, no system metrics."""
         import wandb
 
         if options.dir:
             os.makedirs(options.dir, exist_ok=True)
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, x_disable_meta=True)
         return wandb.init(project=options.project, entity=options.entity, mode=options.mode, dir=options.dir,
-                          id=None if name else run.id, resume=None if name else "allow", name=name or run.name,
-                          group=run.group, config=run.params if config is None else config, settings=settings,
-                          reinit="create_new")
+                          settings=settings, reinit="create_new", **init)
 
     def __init__(self, options: WandbOptions, run: TrackedRun) -> None:
         super().__init__(options, run)
-        self.wandb = self.start(options, run)
+        self.wandb = self.start(options, id=run.id, resume="allow", name=run.name, group=run.group, config=run.params)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.wandb.log(metrics, step=step)
@@ -344,7 +347,7 @@ class Wandb(Tracker):
     def log_files(cls, options: WandbOptions, run: TrackedRun, files: list[Path], storage_path: str) -> None:
         import wandb
 
-        handle = cls.start(cls.prepare(options, run, storage_path), run, name=f"{run.name}-results", config={})
+        handle = cls.start(cls.prepare(options, run, storage_path), name=f"{run.name}-results", group=run.group)
         artifact = wandb.Artifact(f"sweep-{run.id}", type="sweep-results")
         for path in files:
             artifact.add_file(str(path))
@@ -366,26 +369,19 @@ def _netrc_has_wandb() -> bool:
 # ----------------------------------------------------------------------------- the callback
 
 
-class local_directory:
+@contextlib.contextmanager
+def local_directory(path: str):
     """The final checkpoint as a local directory (downloaded first when it is a URI)."""
+    if "://" not in path:
+        yield path
+        return
+    import tempfile
 
-    def __init__(self, path: str) -> None:
-        self.path, self._tmp = path, None
+    import pyarrow.fs
 
-    def __enter__(self) -> str:
-        if "://" not in self.path:
-            return self.path
-        import tempfile
-
-        import pyarrow.fs
-
-        self._tmp = tempfile.TemporaryDirectory()
-        pyarrow.fs.copy_files(self.path, self._tmp.name)
-        return self._tmp.name
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp:
-            self._tmp.cleanup()
+    with tempfile.TemporaryDirectory() as copy:
+        pyarrow.fs.copy_files(path, copy)
+        yield copy
 
 
 def check_trackers(train: Any) -> None:

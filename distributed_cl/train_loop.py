@@ -53,6 +53,7 @@ from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 
 STATE_FILE = "state.pt"
 EXPORT_DIR = "export"
+REPORT_VIEW = "report_view"  # a report's key for the run report's view of the held-out split (not a metric)
 WORKERS_FILE = "workers.json"  # in every checkpoint: where each rank ran
 TRAIN_DATASET = "train"  # the streamed training split's name in TorchTrainer(datasets=...)
 
@@ -532,6 +533,7 @@ class ContrastiveRecipe:
         if isinstance(self.batches, SourceMix):
             self.batches.progress = self.progress
         self.last_eval = dict.fromkeys(TASKS[config.task].all_metric_names(config), float("nan"))  # until an epoch ends
+        self.view: dict | None = None  # the run report's view of the held-out split, until the next report
         self.send = Reporter()
         self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
                                           enabled=self.device.type == "cuda")
@@ -595,8 +597,21 @@ class ContrastiveRecipe:
             self.report({})
 
     def evaluate(self) -> None:
-        """The held-out metrics, reported with every report from now on."""
+        """The held-out metrics, reported with every report from now on; on rank 0, what the run
+        report shows of the held-out split (the first source's), sent with the next report."""
         self.last_eval = self.evaluate_sources(self.net.towers)
+        if self.rank == 0:
+            towers, was_training = self.net.towers, self.net.towers.training
+            towers.eval()
+            self.view = self.task.report_view(towers, seed=self.config.train.seed) | {"hardware": self.hardware()}
+            towers.train(was_training)
+
+    def hardware(self) -> str:
+        """Where the run trained, in words (the run report, the model cards)."""
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        hosts = sorted({w["host"] for w in self.workers})
+        return (f"{self.world} Ray Train worker{'s' if self.world > 1 else ''} on {len(hosts)} "
+                f"node{'s' if len(hosts) > 1 else ''} ({', '.join(hosts)}), {device}, torch {torch.__version__}")
 
     def evaluate_sources(self, towers: nn.Module) -> dict[str, float]:
         """The held-out metrics of `towers`: the data's, or each source's prefixed by its name."""
@@ -623,6 +638,8 @@ class ContrastiveRecipe:
         p = self.progress
         metrics = {"step": p.step, "epoch": p.epoch, "start_step": self.start_step, **self.last_eval,
                    **self.data_counts(), **metrics}
+        if self.view:  # once: the report writer keeps it
+            metrics[REPORT_VIEW], self.view = self.view, None
         rng_states = _all_ranks(rng_state(), self.world) if save else None
         if rng_states is None or self.rank != 0:
             self.send(metrics)
@@ -658,11 +675,9 @@ class ContrastiveRecipe:
             data = "; ".join(f"{x.format} {x.path}" for x in c.datasets)
         rows = metrics.get("stream_rows") or sum(x.data.train_rows or 0 for x in self.tasks)
         data += f" ({rows} training rows a pass, {metrics.get('skipped_rows', 0)} skipped)" if rows else ""
-        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         return Training(name=t.name, task=c.task, base_model=task.base_model, data=data, datasets=datasets,
                         loss=c.loss.model_dump(), global_batch_size=t.global_batch_size, steps=self.progress.step,
-                        hardware=f"{self.world} Ray Train worker{'s' if self.world > 1 else ''}, {device}",
-                        metrics=figures, baseline_name=task.baseline_name)
+                        hardware=self.hardware(), metrics=figures, baseline_name=task.baseline_name)
 
     def restore(self) -> None:
         """The latest checkpoint's state (this rank's RNG included), else a fresh start."""

@@ -23,9 +23,10 @@ from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
 from distributed_cl.data.table import Splits
 from distributed_cl.losses import LossStats
 from distributed_cl.options import join_path
+from distributed_cl.report import ReportWriter
 from distributed_cl.tasks import TASKS, Task
 from distributed_cl.trackers import TrackedRun, TrackerCallback, flatten, prepare_trackers
-from distributed_cl.train_loop import EXPORT_DIR, stream_name, train_loop_per_worker
+from distributed_cl.train_loop import EXPORT_DIR, REPORT_VIEW, stream_name, train_loop_per_worker
 
 # Ray Train's controller collects reports when it polls the workers, every 2 s by default, and
 # ray.train.report blocks until then (measured: 1.9 s per report). Poll every 0.25 s instead.
@@ -175,7 +176,9 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             logging_config=LoggingConfig(log_level="INFO" if t.verbose else "WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[StopOnDataError(), ProgressLogger(run_dir, t.max_steps, metric_names, console, loss_keys=loss_keys,
-                                                         stats_keys=LossStats.log_keys), trackers, *callbacks],
+                                                         stats_keys=LossStats.log_keys),
+                       ReportWriter(join_path(t.storage_path, t.name), t.name, metric_names, loss_keys, config.to_dict(),
+                                    task.baseline_name, REPORT_VIEW), trackers, *callbacks],
         ),
     )
     try:

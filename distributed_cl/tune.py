@@ -259,13 +259,13 @@ def trial_name(trial, repeats: int = 1) -> str:
 
 def _run_trial(params: dict, base: dict, epochs: int, storage_path: str, sweep: str) -> None:
     """A Tune trial: the driver of one Ray Train run, whose reports reach Tune (and ASHA)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from distributed_cl import trainer  # torch and the tasks: loaded only where a sweep runs
+    from distributed_cl.callbacks import FiguresToTune
+    from distributed_cl.train_loop import REPORT_VIEW
 
     context = tune.get_context()
     config = trial_config(base, params, epochs, context.get_trial_id(), storage_path)
-    trainer.run(config, callbacks=[TuneReportCallback()], console=False, tracked_as=context.get_trial_name(), group=sweep)
+    trainer.run(config, callbacks=[FiguresToTune(drop=REPORT_VIEW)], console=False, tracked_as=context.get_trial_name(), group=sweep)
 
 
 def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, verbose: bool = False) -> str:
@@ -306,8 +306,8 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
     best_config = (trial_config(user_config.to_dict(), best["params"], spec.epochs, f"{name}-best",
                                 user_config.train.storage_path) if best else None)
     with _writable(sweep_path) as out:
-        write_results(out, rows, spec, best_config)
-        results = [out / RESULTS_FILE, *sorted(out.glob("*.png")), out / BEST_FILE]
+        write_results(out, rows, spec, best_config, name)
+        results = [out / RESULTS_FILE, *sorted(out.glob("*.png")), out / BEST_FILE, out / "report.html"]
         # beside the trials' runs (the default MLflow store is theirs, under trials/)
         log_sweep_results(config.train, name, sweep_path, [f for f in results if f.exists()],
                           join_path(sweep_path, TRIALS_DIR))
@@ -411,20 +411,26 @@ def best_row(rows: list[dict], spec: SweepSpec) -> dict | None:
     return max(scored, key=lambda r: sign * r[metric])
 
 
-def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec, best_config: Config | None = None) -> None:
-    """results.csv, the plots, and best.yaml (the best trial's whole training config) in `sweep_dir`."""
+def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec, best_config: Config | None = None,
+                  name: str | None = None) -> None:
+    """results.csv, the plots, best.yaml (the best trial's whole training config) and report.html
+    (all of them on one page) in `sweep_dir`."""
     import csv
+
+    from distributed_cl.report import write_sweep_report
 
     columns = ["trial_id", *spec.space, "status", "early_stopped", "epochs", "steps",
                f"final_{spec.metric}", f"best_{spec.metric}", "error"]
+    flat = [{**{k: v for k, v in row.items() if k != "params"}, **row["params"]} for row in rows]
     with open(sweep_dir / RESULTS_FILE, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: v for k, v in row.items() if k != "params"}, **row["params"]})
-    plot_results(sweep_dir, rows, spec)
+        writer.writerows(flat)
+    plots = plot_results(sweep_dir, rows, spec)
     if best_config is not None:
         (sweep_dir / BEST_FILE).write_text(yaml.safe_dump(best_config.to_dict(), sort_keys=False))
+    write_sweep_report(sweep_dir, name or sweep_dir.name, flat, columns, plots,
+                       best_config.to_dict() if best_config is not None else None)
 
 
 def log_sweep_results(train: TrainOptions, name: str, sweep_path: str, files: list[Path], storage_path: str) -> None:

@@ -6,7 +6,7 @@ included): no import cycle, and each layer imports only what sits below it.
     plug-ins   losses/ (with their options), data/, models/, tasks/, optim.py, trackers.py; never config.py
     config     config.py: composes the plug-ins' options
     the loop   train_loop.py, grad_cache.py, queue.py: config and plug-ins, nothing of the driver
-    driver     trainer.py, tune.py, callbacks.py, embedding.py, corpus.py (and train.py outside the package)
+    driver     trainer.py, tune.py, callbacks.py, report.py, embedding.py, corpus.py (and train.py outside the package)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "distributed_cl"
 GROUND = ("losses", "distributed", "samplers", "evaluate", "retrieval", "options", "model_card")
 PLUG_INS = ("losses", "data", "models", "tasks", "optim", "trackers")
 LOOP = ("train_loop", "grad_cache", "queue")
-DRIVER = ("trainer", "tune", "callbacks", "embedding", "corpus", "train")
+DRIVER = ("trainer", "tune", "callbacks", "report", "embedding", "corpus", "train")
 
 
 def module_files(package: Path) -> dict[str, Path]:

@@ -311,4 +311,6 @@ def test_killed_sweep_driver_resumes_finished_trials_kept_unfinished_from_checkp
         assert run.data.params["loss.temperature"] == value and run.data.params["train.epochs"] == "1"
         assert run.data.metrics["knn_top1_trained"] == pytest.approx(scores[value])
     results_files = {a.path for a in client.list_artifacts(by_name["resume"].info.run_id)}
-    assert results_files == {"results.csv", "best.yaml", "knn_top1_vs_temperature.png"}, results_files
+    assert results_files == {"results.csv", "best.yaml", "knn_top1_vs_temperature.png", "report.html"}, results_files
+    report = (tmp_path / "sweeps" / "resume" / "report.html").read_text()  # the sweep's page: its trials and plot
+    assert report.count("<td>completed</td>") == 2 and 'alt="knn_top1_vs_temperature"' in report

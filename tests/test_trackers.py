@@ -95,3 +95,43 @@ def test_params_metrics_and_trial_names():
                     "source": "qa"}) == {"loss": 1.5, "epoch": 1.0}
     assert trial_label({"loss.temperature": 0.1, "train.global_batch_size": 32}) == "temperature=0.1,global_batch_size=32"
     assert TrackedRun("a/b", "b", None).id == TrackedRun("a/b", "other name", None).id != TrackedRun("a/c", "b", None).id
+
+
+def test_the_callback_feeds_wandb_and_tensorboard_one_run_each(tmp_path):
+    """TrackerCallback as the controller drives it, on reports as the workers send them: a trial
+    of a sweep in W&B (offline: its files read back) and TensorBoard; then the sweep's results
+    run. (The real thing end to end: test_train_cli.py, test_sweep.py.)"""
+    from types import SimpleNamespace
+
+    from trackers_read import tensorboard_scalars, wandb_offline_runs
+
+    from distributed_cl.trackers import TrackerCallback, Wandb, prepare_trackers
+
+    train = Config.load(DIGITS, ["train.loggers=[tensorboard, wandb]", "train.wandb.mode=offline"]).train
+    run_dir = tmp_path / "trials" / "t1"
+    run_dir.mkdir(parents=True)
+    run = TrackedRun(str(run_dir), "temperature=0.1", str(run_dir), {"loss.temperature": 0.1}, group="temps")
+    callback = TrackerCallback(prepare_trackers(train.loggers, train.tracker_options(), run, str(tmp_path)), run,
+                               ("knn_top1_trained", "peak_memory_mib"))
+    (tmp_path / "ckpt" / "export").mkdir(parents=True)
+    (tmp_path / "ckpt" / "export" / "towers.pt").write_bytes(b"weights")
+    callback.after_report(None, [{"step": 5, "epoch": 0, "loss": 2.5, "lr": 0.1, "knn_top1": float("nan")}], None)
+    callback.after_report(None, [{"step": 10, "epoch": 1, "loss": 2.0, "lr": 0.05, "knn_top1": 0.5}], None)
+    callback.after_report(None, [{"step": 10, "epoch": 1, "knn_top1": 0.5, "knn_top1_trained": 0.5,
+                                  "peak_memory_mib": 99.0}], SimpleNamespace(path=str(tmp_path / "ckpt")))
+    (trial,) = wandb_offline_runs(run_dir)
+    assert (trial["id"], trial["name"], trial["group"]) == (run.id, "temperature=0.1", "temps")
+    assert trial["config"] == {"loss.temperature": 0.1}
+    assert trial["history"]["loss"] == {5: 2.5, 10: 2.0} and trial["history"]["knn_top1"] == {10: 0.5}  # no NaN
+    assert trial["summary"]["knn_top1_trained"] == 0.5 and trial["summary"]["peak_memory_mib"] == 99.0
+    (model,) = trial["artifacts"]
+    assert model["refs"] == {"export/towers.pt": (tmp_path / "ckpt" / "export" / "towers.pt").as_uri()}
+    scalars, _ = tensorboard_scalars(run_dir / "tensorboard")
+    assert scalars["loss"] == {5: 2.5, 10: 2.0} and scalars["final/knn_top1_trained"] == {10: 0.5}
+
+    results = tmp_path / "results.csv"
+    results.write_text("trial_id,final_knn_top1\nt1,0.5\n")
+    Wandb.log_files(train.wandb, TrackedRun(str(tmp_path), "temps", str(tmp_path), group="temps"), [results], "")
+    (sweep,) = wandb_offline_runs(tmp_path)
+    assert (sweep["name"], sweep["group"]) == ("temps-results", "temps")
+    assert [a["type"] for a in sweep["artifacts"]] == ["sweep-results"] and "results.csv" in sweep["artifacts"][0]["refs"]

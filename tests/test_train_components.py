@@ -102,6 +102,7 @@ def test_small_cnn_features_are_the_full_map_and_its_head_pools_them():
 
 @pytest.mark.parametrize("module,absent", [("distributed_cl.callbacks", "torch"), ("distributed_cl.trackers", "torch"),
                                            ("distributed_cl.trackers", "mlflow"), ("distributed_cl.trackers", "wandb"),
+                                           ("distributed_cl.report", "torch"), ("distributed_cl.report", "matplotlib"),
                                            ("distributed_cl.train_loop", "torchvision"),
                                            ("distributed_cl.train_loop", "distributed_cl.callbacks")])
 def test_what_each_ray_train_process_imports_leaves_out_what_it_does_not_need(module, absent):

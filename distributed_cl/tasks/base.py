@@ -19,7 +19,9 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -204,6 +206,57 @@ class Task(ABC):
         saved = {"task": self.name, "config": self.config.to_dict(), "architecture": towers.architecture(),
                  "state_dict": towers.state_dict(), "tokenizer": self.tokenizer_state()}
         torch.save(saved, os.path.join(directory, TOWERS_FILE))
+
+    @torch.no_grad()
+    def report_view(self, towers: nn.Module, points: int = 400, queries: int = 6, seed: int = 0) -> dict:
+        """What the run report shows of the held-out split (rank 0 alone; small): its first
+        `points` rows' side-a embeddings in 2-D (PCA) with their labels, and for `queries` of them
+        (seeded) the top 5 side-b results (side a's other rows where there is no side b), a result
+        right when it is the query's own pair, or for a self-search one of its class."""
+        test, tokenize = self.data.test, getattr(self, "tokenize", None)
+        n = min(points, len(test))
+        if n < 2:
+            return {}
+        za = F.normalize(self.encode(towers, "a", test.a[:n], tokenize, self.device).float(), dim=-1).cpu()
+        pairs = self.sides[1] is not None and test.b is not None
+        zb = F.normalize(self.encode(towers, "b", test.b[:n], tokenize, self.device).float(), dim=-1).cpu() if pairs else za
+        centred = za - za.mean(0)
+        xy = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
+        labels = test.labels[:n].tolist() if test.labelled else None
+        chosen = np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False)
+        examples = []
+        for q in chosen.tolist():
+            scores = zb @ za[q]
+            if not pairs:
+                scores[q] = -float("inf")  # not itself
+            top = scores.topk(min(5, n - (not pairs)))
+            results = [{**self.view_cell(test.b if pairs else test.a, i), "row": i, "score": float(v),
+                        "right": i == q if pairs else (labels is not None and labels[i] == labels[q])}
+                       for v, i in zip(top.values.tolist(), top.indices.tolist())]
+            examples.append({"query": {**self.view_cell(test.a, q), "row": q}, "results": results})
+        kind = self.sides[1] if pairs else self.sides[0]
+        return {"map": {"x": xy[:, 0].tolist(), "y": xy[:, 1].tolist(), "label": labels, "method": "PCA",
+                        "label_names": {str(k): v for k, v in (test.label_names or {}).items()}},
+                "examples": examples, "candidates": n, "result_side": f"{kind}s"}
+
+    @staticmethod
+    def view_cell(values, i: int) -> dict:
+        """Row `i` of a side, as the report shows it: its text, or its image as a base64 PNG."""
+        value = values[i]
+        if isinstance(value, str):
+            return {"text": value if len(value) <= 300 else value[:297] + "..."}
+        import base64
+        import io
+
+        from PIL import Image
+
+        pixels = value.cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        pixels = pixels.transpose(1, 2, 0) if pixels.ndim == 3 else pixels  # CHW -> HWC
+        image = Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+        image.thumbnail((96, 96))  # a report's worth of them stays small
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"png": base64.b64encode(buffer.getvalue()).decode()}
 
     def exports(self, towers: nn.Module) -> list[Export]:
         """What the export directory holds for a model card to describe (a README.md in each; one
