@@ -134,7 +134,7 @@ def prepare_data(config: Config) -> tuple[list[Splits], dict]:
 def run(config: Config, output_json: str | None = None, callbacks: list = (), console: bool = True,
         tracked_as: str | None = None, group: str | None = None) -> dict[str, Any]:
     """Train (or resume the run with the same name and storage path) and return its summary.
-    `callbacks`: more Ray Train callbacks (a sweep's TuneReportCallback); `console=False` keeps
+    `callbacks`: more Ray Train callbacks (a sweep trial's FiguresToTune); `console=False` keeps
     progress lines and the final table out of the console (metrics.csv is still written);
     `tracked_as`, `group`: the run's name in the trackers (default train.name) and its group there
     (a sweep's trials: their parameters, and the sweep's name)."""

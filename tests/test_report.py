@@ -122,3 +122,20 @@ def test_a_sweep_report_holds_its_trials_plots_and_best_config(tmp_path):
     page = path.read_text()
     assert "<td>a</td><td>0.1000</td><td>0.8000</td>" in page and "<td>b</td><td>0.2000</td><td>0.7000</td>" in page
     assert "knn_top1_vs_temperature" in page and "temperature: 0.1" in page
+
+
+def test_a_cell_shows_a_text_or_an_image_thumbnail_of_uint8_or_float_pixels():
+    import base64
+    import io
+
+    from distributed_cl.tasks.base import Task
+
+    assert Task.view_cell(["short", "x" * 400], 1) == {"text": "x" * 297 + "..."}
+    gray = torch.arange(64, dtype=torch.uint8).reshape(1, 8, 8) * 4
+    colour = torch.rand(3, 200, 100)  # floats in [0, 1], larger than a thumbnail
+    for image, size, mode in ((gray, (8, 8), "L"), (colour, (48, 96), "RGB")):
+        (png,) = Task.view_cell([image], 0).values()
+        shown = Image.open(io.BytesIO(base64.b64decode(png)))
+        assert (shown.size, shown.mode) == (size, mode)
+    assert np.asarray(Image.open(io.BytesIO(base64.b64decode(Task.view_cell([gray], 0)["png"])))).tolist() == \
+        gray[0].tolist()

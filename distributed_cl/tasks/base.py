@@ -55,6 +55,7 @@ class Task(ABC):
     baseline_name: str = "baseline"
     summary_files: ClassVar[dict[str, str]] = {}  # output JSON keys of export files, e.g. {"encoder": "encoder.pt"}  # `baselines()` keys are f"{metric}_{baseline_name}"
     sides: tuple[str, str | None]  # what sides a and b hold: "image", "text" or None (both views from a)
+    builtin_data: str = ""  # the name of the task's built-in dataset (model cards)
 
     def __init__(self, config: Config, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
                  data: Splits | None = None) -> None:
@@ -251,6 +252,8 @@ class Task(ABC):
         from PIL import Image
 
         pixels = value.cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        if pixels.dtype != np.uint8:  # floats in [0, 1]
+            pixels = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
         pixels = pixels.transpose(1, 2, 0) if pixels.ndim == 3 else pixels  # CHW -> HWC
         image = Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
         image.thumbnail((96, 96))  # a report's worth of them stays small
@@ -262,8 +265,6 @@ class Task(ABC):
         """What the export directory holds for a model card to describe (a README.md in each; one
         at the top, the most specific)."""
         return [Export("", "pytorch", "feature-extraction", TOWERS_SNIPPET, "towers.pt")]
-
-    builtin_data: str = ""  # the name of the task's built-in dataset (model cards)
 
     @property
     def base_model(self) -> str | None:
