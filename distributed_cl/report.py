@@ -29,13 +29,21 @@ th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}img.thumb{width:64px;image-rendering:pixelated}"""
 
 
+def pyplot():
+    """matplotlib's pyplot on its file backend (the controller has no display), imported when a page is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def png(fig, alt: str) -> str:
     """A matplotlib figure as an inline <img>."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
@@ -44,11 +52,7 @@ def curves(rows: list[dict], names: list[str], final: dict[str, float], baseline
     """One plot per figure against the step (loss, lr, temperature, each held-out metric), with
     the untrained and baseline figures as reference lines where the run has ended. A held-out
     metric is read off the evaluations' own reports (every report repeats the latest)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     evaluations = [r for r in rows if r.get("loss") in (None, "")] or rows
     images = []
     for name in names:
@@ -72,11 +76,7 @@ def curves(rows: list[dict], names: list[str], final: dict[str, float], baseline
 
 def embedding_map(view: dict) -> str:
     """The held-out embeddings in 2-D, coloured by label where there are labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points = view["map"]
     fig, ax = plt.subplots(figsize=(6.5, 5))
     labels = points.get("label")

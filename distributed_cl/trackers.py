@@ -390,11 +390,11 @@ def check_trackers(train: Any) -> None:
         TRACKERS[name].check(train.tracker_options().get(name), train.storage_path)
 
 
-def prepare_trackers(loggers: list[str], options: dict[str, Options | None], run: TrackedRun,
-            storage_path: str) -> list[tuple[str, Any]]:
-    """In the driver, before Ray Train starts: each tracker's resolved options (servers reached,
-    runs found or created), for `TrackerCallback`."""
-    return [(name, TRACKERS[name].prepare(options.get(name), run, storage_path)) for name in loggers]
+def prepare_trackers(train: Any, run: TrackedRun) -> list[tuple[str, Any]]:
+    """In the driver, before Ray Train starts: each of `train.loggers` (the config's train
+    section) resolved (servers reached, runs found or created), for `TrackerCallback`."""
+    return [(name, TRACKERS[name].prepare(train.tracker_options().get(name), run, train.storage_path))
+            for name in train.loggers]
 
 
 class TrackerCallback(UserCallback):

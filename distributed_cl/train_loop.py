@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -477,12 +477,20 @@ def evaluate_towers(task: Task, towers: nn.Module) -> dict[str, float]:
     statistics differ between ranks after a step (DDP broadcasts rank 0's before each forward,
     then every rank updates them from its own batch)."""
     dist_utils.broadcast_buffers(towers)
+    with evaluating(towers):
+        return task.evaluate_all(towers)
+
+
+@contextmanager
+def evaluating(towers: nn.Module) -> Iterator[nn.Module]:
+    """`towers` in eval mode without autograd, back in their mode after."""
     was_training = towers.training
     towers.eval()
-    with torch.no_grad():
-        metrics = task.evaluate_all(towers)
-    towers.train(was_training)
-    return metrics
+    try:
+        with torch.no_grad():
+            yield towers
+    finally:
+        towers.train(was_training)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -601,10 +609,8 @@ class ContrastiveRecipe:
         report shows of the held-out split (the first source's), sent with the next report."""
         self.last_eval = self.evaluate_sources(self.net.towers)
         if self.rank == 0:
-            towers, was_training = self.net.towers, self.net.towers.training
-            towers.eval()
-            self.view = self.task.report_view(towers, seed=self.config.train.seed) | {"hardware": self.hardware()}
-            towers.train(was_training)
+            with evaluating(self.net.towers) as towers:
+                self.view = self.task.report_view(towers, seed=self.config.train.seed) | {"hardware": self.hardware()}
 
     def hardware(self) -> str:
         """Where the run trained, in words (the run report, the model cards)."""

@@ -147,13 +147,13 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
     task = TASKS[config.task]
     metric_names = task.all_metric_names(config)
     loss_keys = getattr(type(config.loss.build()), "log_keys", ())  # what the loss logs: metrics.csv's columns
-    tracked = TrackedRun(key=join_path(t.storage_path, t.name), name=tracked_as or t.name, run_dir=run_dir,
+    run_path = join_path(t.storage_path, t.name)  # run_dir, or its URI
+    tracked = TrackedRun(key=run_path, name=tracked_as or t.name, run_dir=run_dir,
                          params=flatten(config.to_dict()), group=group)
     summary_keys = (*(f"{name}_{which}" for name in metric_names for which in ("trained", "untrained", task.baseline_name)),
                     "skipped_rows", "peak_memory_mib")
     # the trackers' servers reached and their runs found (a resume) or created, before Ray starts
-    trackers = TrackerCallback(prepare_trackers(t.loggers, t.tracker_options(), tracked, t.storage_path), tracked,
-                               summary_keys)
+    trackers = TrackerCallback(prepare_trackers(t, tracked), tracked, summary_keys)
     connect_ray(verbose=t.verbose)
     if local_storage:
         warn_unless_shared(t.storage_path)
@@ -177,7 +177,7 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=[StopOnDataError(), ProgressLogger(run_dir, t.max_steps, metric_names, console, loss_keys=loss_keys,
                                                          stats_keys=LossStats.log_keys),
-                       ReportWriter(join_path(t.storage_path, t.name), t.name, metric_names, loss_keys, config.to_dict(),
+                       ReportWriter(run_path, t.name, metric_names, loss_keys, config.to_dict(),
                                     task.baseline_name, REPORT_VIEW), trackers, *callbacks],
         ),
     )

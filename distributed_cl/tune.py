@@ -306,11 +306,9 @@ def run_sweep(config: Config, spec: SweepSpec, storage_path: str, name: str, ver
     best_config = (trial_config(user_config.to_dict(), best["params"], spec.epochs, f"{name}-best",
                                 user_config.train.storage_path) if best else None)
     with _writable(sweep_path) as out:
-        write_results(out, rows, spec, best_config, name)
-        results = [out / RESULTS_FILE, *sorted(out.glob("*.png")), out / BEST_FILE, out / "report.html"]
+        files = write_results(out, rows, spec, best_config, name)
         # beside the trials' runs (the default MLflow store is theirs, under trials/)
-        log_sweep_results(config.train, name, sweep_path, [f for f in results if f.exists()],
-                          join_path(sweep_path, TRIALS_DIR))
+        log_sweep_results(config.train, name, sweep_path, files, join_path(sweep_path, TRIALS_DIR))
     print(summary_table(rows, spec))
     print(f"[distributed_cl] {RESULTS_FILE}, plots and {BEST_FILE if best else 'no best config'} in {sweep_path}")
     return sweep_path
@@ -412,9 +410,9 @@ def best_row(rows: list[dict], spec: SweepSpec) -> dict | None:
 
 
 def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec, best_config: Config | None = None,
-                  name: str | None = None) -> None:
+                  name: str | None = None) -> list[Path]:
     """results.csv, the plots, best.yaml (the best trial's whole training config) and report.html
-    (all of them on one page) in `sweep_dir`."""
+    (all of them on one page) in `sweep_dir`; returns those files."""
     import csv
 
     from distributed_cl.report import write_sweep_report
@@ -427,10 +425,13 @@ def write_results(sweep_dir: Path, rows: list[dict], spec: SweepSpec, best_confi
         writer.writeheader()
         writer.writerows(flat)
     plots = plot_results(sweep_dir, rows, spec)
+    files = [sweep_dir / RESULTS_FILE, *plots]
     if best_config is not None:
         (sweep_dir / BEST_FILE).write_text(yaml.safe_dump(best_config.to_dict(), sort_keys=False))
-    write_sweep_report(sweep_dir, name or sweep_dir.name, flat, columns, plots,
-                       best_config.to_dict() if best_config is not None else None)
+        files.append(sweep_dir / BEST_FILE)
+    files.append(write_sweep_report(sweep_dir, name or sweep_dir.name, flat, columns, plots,
+                                    best_config.to_dict() if best_config is not None else None))
+    return files
 
 
 def log_sweep_results(train: TrainOptions, name: str, sweep_path: str, files: list[Path], storage_path: str) -> None:

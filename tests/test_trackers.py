@@ -111,8 +111,8 @@ def test_the_callback_feeds_wandb_and_tensorboard_one_run_each(tmp_path):
     run_dir = tmp_path / "trials" / "t1"
     run_dir.mkdir(parents=True)
     run = TrackedRun(str(run_dir), "temperature=0.1", str(run_dir), {"loss.temperature": 0.1}, group="temps")
-    callback = TrackerCallback(prepare_trackers(train.loggers, train.tracker_options(), run, str(tmp_path)), run,
-                               ("knn_top1_trained", "peak_memory_mib"))
+    train = train.model_copy(update={"storage_path": str(tmp_path)})
+    callback = TrackerCallback(prepare_trackers(train, run), run, ("knn_top1_trained", "peak_memory_mib"))
     (tmp_path / "ckpt" / "export").mkdir(parents=True)
     (tmp_path / "ckpt" / "export" / "towers.pt").write_bytes(b"weights")
     callback.after_report(None, [{"step": 5, "epoch": 0, "loss": 2.5, "lr": 0.1, "knn_top1": float("nan")}], None)
