@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Discriminator, Field, NonNegativeInt, PositiveInt, Tag, create_model, model_validator
@@ -70,6 +70,11 @@ class TrainOptions(TrackerSections):
     # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
     # batch whose activations do not fit still takes one exact step; null: one pass (faster)
     grad_cache_chunk: PositiveInt | None = None
+    # ddp: each worker holds the whole model; fsdp: the towers' blocks sharded over the workers
+    # (FSDP2), for towers whose weights, gradients and optimizer state do not fit one device
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # recompute each transformer block's activations in the backward instead of keeping them
+    activation_checkpointing: bool = False
     # > 0 (e.g. 0.99): the queue's keys come from an exponential moving average of the towers,
     # updated after each optimizer step with this decay (MoCo's momentum encoder); needs loss.queue_size
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -151,6 +156,11 @@ class ConfigBase(Options):
             raise field_error("loss.m", f"loss.m={loss.m} does not divide train.global_batch_size={train.global_batch_size}")
         if train.momentum and not queue:
             raise ValueError("train.momentum makes the keys of the negative queue: set loss.queue_size too")
+        if train.strategy == "fsdp" and train.momentum:
+            raise ValueError("train.momentum keeps a whole momentum copy of the towers on every worker: it does not "
+                             "go with train.strategy=fsdp (use the queue without momentum, or ddp)")
+        if train.strategy == "fsdp" and (why := TASKS[self.task].unshardable(self)):
+            raise field_error("train.strategy", f"=fsdp: {why}; use train.strategy=ddp")
         for row in ("negative", "is_same"):
             if any(getattr(d.columns, row) is not None for d in self.datasets) and row not in loss.rows:
                 users = ", ".join(name for name, options in LOSSES.items() if row in options.rows)

@@ -122,6 +122,16 @@ def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 @torch.no_grad()
+def all_ranks_max(n: int, device: torch.device | str = "cpu") -> int:
+    """The largest of every rank's `n`."""
+    if get_world_size() == 1:
+        return n
+    x = torch.tensor([n], device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+@torch.no_grad()
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Every rank's buffers (BatchNorm's running statistics) made rank `src`'s, in place."""
     if get_world_size() == 1:

@@ -26,17 +26,23 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from distributed_cl.distributed import all_ranks_max
+from distributed_cl.sharding import is_sharded
+
 if TYPE_CHECKING:
     from distributed_cl.losses import LossStats
     from distributed_cl.tasks import ContrastiveModel
 
 
-def split_batch(batch, size: int) -> list:
-    """A batch (tensors in nested dicts) cut into consecutive chunks of `size` samples along dim 0.
-    Every tensor's dim 0 is the rows: the rows' h hard negatives are (n, h, ...) (tasks' pair_extras),
-    so a chunk takes all h of each of its rows."""
+def split_batch(batch, size: int, count: int = 0) -> list:
+    """A batch (tensors in nested dicts) cut along dim 0 into consecutive chunks of at most `size`
+    samples, as equal as can be, and at least `count` of them. Every tensor's dim 0 is the rows:
+    the rows' h hard negatives are (n, h, ...) (tasks' pair_extras), so a chunk takes all h of each
+    of its rows."""
     n = len(batch["labels"])
-    return [_slice(batch, slice(start, start + size)) for start in range(0, n, size)]
+    count = max(count, -(-n // size))
+    bounds = [i * n // count for i in range(count + 1)]
+    return [_slice(batch, slice(start, stop)) for start, stop in zip(bounds, bounds[1:])]
 
 
 def _slice(batch, rows: slice):
@@ -75,13 +81,20 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
     """Leave the whole batch's gradient in the parameters' .grad (averaged over workers when
     `model` is DDP) and return the loss and its statistics. `net` is the ContrastiveModel inside `model`;
     `autocast` is a fresh context for each use (e.g. `functools.partial(torch.autocast, ...)`)."""
-    chunks = split_batch(batch, chunk_size)
+    n = len(batch["labels"])
+    count, sharded = -(-n // chunk_size), is_sharded(net)
+    if sharded:  # every rank runs the same passes: FSDP gathers each block's weights in each
+        count = all_ranks_max(count, batch["labels"].device)
+        if n < count:
+            raise ValueError(f"gradient caching under FSDP: this rank's {n} rows cannot fill the {count} chunks "
+                             "every rank runs (give the ranks equal local batches)")
+    chunks = split_batch(batch, chunk_size, count)
     states, cached = [], []
     with torch.no_grad(), _buffers_kept(net.towers):
         for chunk in chunks:
             states.append(_rng_state())
-            with autocast():
-                cached.append(net.embed(chunk))
+            with autocast():  # (FSDP's hooks run in the model's forward)
+                cached.append(model(chunk, embed_only=True) if sharded else net.embed(chunk))
     end_state = _rng_state()
 
     embeddings = [torch.cat(side).detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives (n, h, d))

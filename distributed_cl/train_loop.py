@@ -49,6 +49,15 @@ from distributed_cl.optim import param_groups, warmup_cosine
 from distributed_cl.options import join_path
 from distributed_cl.queue import NegativeQueue
 from distributed_cl.samplers import DistributedMPerClassSampler, DistributedRandomBatchSampler
+from distributed_cl.sharding import (
+    activation_checkpointing,
+    average_replicated_grads,
+    clip_grad_norm_,
+    full_state_dict,
+    fully_shard_model,
+    load_shards,
+    save_shards,
+)
 from distributed_cl.tasks import TASKS, ContrastiveModel, Task, to_device
 
 STATE_FILE = "state.pt"
@@ -73,10 +82,10 @@ def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.O
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, grad_cache_chunk: int | None = None,
                grad_clip: float = 0.0, negatives: NegativeQueue | None = None) -> tuple[torch.Tensor, LossStats]:
     """One optimizer step on a batch already on the device; returns the loss (not synced to the
-    host) and the loss's statistics of the global batch. `model` is `net` or its DDP wrapper;
-    gradient caching gives the same step in chunks of activations; `negatives` adds the queue's
-    past keys to the loss, and enqueues this step's after it. The loop and the benchmarks both
-    step through here."""
+    host) and the loss's statistics of the global batch. `model` is `net`, its DDP wrapper, or
+    `net` sharded by FSDP; gradient caching gives the same step in chunks of activations;
+    `negatives` adds the queue's past keys to the loss, and enqueues this step's after it. The
+    loop and the benchmarks both step through here."""
     if negatives is not None:
         batch = {**batch, "memory": negatives.memory()}
     optimizer.zero_grad(set_to_none=True)
@@ -86,8 +95,9 @@ def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.O
         with autocast():
             loss, stats = model(batch)
         loss.backward()
+    average_replicated_grads(net)  # FSDP leaves the loss's own parameters whole: DDP's mean for them
     if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clip_grad_norm_(list(model.parameters()), grad_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -187,8 +197,12 @@ class Progress:
 
 def save_state(directory: str, net: ContrastiveModel, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, rng_states: list,
-               negatives: NegativeQueue | None = None) -> None:
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               negatives: NegativeQueue | None = None, sharded: bool = False) -> None:
+    """The checkpoint's state file; `sharded`: the weights and optimizer state are in each
+    worker's shards beside it (sharding.save_shards), not in it."""
+    whole = not sharded
+    torch.save({"model": net.state_dict() if whole else None, "optimizer": optimizer.state_dict() if whole else None,
+                "scheduler": scheduler.state_dict(),
                 "progress": progress.state_dict(), "rng": rng_states,
                 "negatives": negatives.state_dict() if negatives else None}, os.path.join(directory, STATE_FILE))
 
@@ -198,10 +212,13 @@ def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optim
                   negatives: NegativeQueue | None = None) -> Progress:
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
-    net.load_state_dict(state["model"])
+        if state["model"] is None:  # sharded: every worker reads its part of the shards
+            load_shards(d, net, optimizer)
+    if state["model"] is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     if negatives is not None:
         negatives.load_state_dict(state["negatives"])
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][rank])
     return Progress.from_state(state["progress"])
@@ -527,9 +544,16 @@ class ContrastiveRecipe:
 
         # Towers, loss and optimizer. Same seed on every rank: identical initial weights.
         torch.manual_seed(t.seed)
-        self.model = prepare_model(ContrastiveModel(self.task.build_towers(config), config.loss.build(), config.loss))
-        self.net: ContrastiveModel = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) \
-            else self.model
+        net = ContrastiveModel(self.task.build_towers(config), config.loss.build(), config.loss)
+        net.train()  # (transformers' from_pretrained returns its model in eval mode: no dropout)
+        self.architecture = net.towers.architecture()  # what a whole copy is built from (evaluation, exports)
+        if t.activation_checkpointing:
+            activation_checkpointing(net.towers)
+        if t.strategy == "fsdp":
+            self.model = fully_shard_model(net.to(self.device), list(net.loss_fn.parameters()), self.device)
+        else:
+            self.model = prepare_model(net)
+        self.net: ContrastiveModel = net
         self.optimizer = config.optim.build(param_groups(self.net, config.optim, self.net.towers.lr_mults()))
         queue_size = getattr(config.loss, "queue_size", 0)  # only the losses that take past keys have one
         self.negatives = NegativeQueue(queue_size, t.momentum, self.net.towers) if queue_size else None
@@ -607,10 +631,23 @@ class ContrastiveRecipe:
     def evaluate(self) -> None:
         """The held-out metrics, reported with every report from now on; on rank 0, what the run
         report shows of the held-out split (the first source's), sent with the next report."""
-        self.last_eval = self.evaluate_sources(self.net.towers)
+        towers = self.whole_towers()
+        self.last_eval = self.evaluate_sources(towers)
         if self.rank == 0:
-            with evaluating(self.net.towers) as towers:
+            with evaluating(towers):
                 self.view = self.task.report_view(towers, seed=self.config.train.seed) | {"hardware": self.hardware()}
+
+    def whole_towers(self) -> nn.Module:
+        """The towers with every weight on this worker: themselves, or under FSDP a copy gathered
+        from the shards (a collective), which evaluation and exports run on: each rank embeds its
+        own share of the held-out rows, and rank 0 alone the report's view."""
+        if self.config.train.strategy != "fsdp":
+            return self.net.towers
+        weights = full_state_dict(self.net.towers)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            towers = self.task.build_towers(self.config, self.architecture)  # (its random init is not the run's draw)
+        towers.load_state_dict(weights)
+        return towers.to(self.device)
 
     def hardware(self) -> str:
         """Where the run trained, in words (the run report, the model cards)."""
@@ -647,26 +684,34 @@ class ContrastiveRecipe:
         if self.view:  # once: the report writer keeps it
             metrics[REPORT_VIEW], self.view = self.view, None
         rng_states = _all_ranks(rng_state(), self.world) if save else None
-        if rng_states is None or self.rank != 0:
+        sharded = self.config.train.strategy == "fsdp"  # then every rank writes its shards in the checkpoint
+        if rng_states is None or (self.rank != 0 and not sharded):
             self.send(metrics)
             return
+        towers = self.whole_towers() if final else None  # (FSDP: a collective)
         with tempfile.TemporaryDirectory() as d:
-            self.save(d, rng_states, export=metrics if final else None)
+            if sharded:
+                save_shards(d, self.net, self.optimizer)
+            if self.rank == 0:
+                self.save(d, rng_states, export=metrics if final else None, towers=towers)
             self.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    def save(self, directory: str, rng_states: list[dict], export: dict | None = None) -> None:
-        """A checkpoint's files: the state (weights, optimizer, schedule, queue, progress, RNGs),
-        where every rank ran, and with `export` (the final metrics) the files a user loads
-        without Ray, each with its model card."""
-        save_state(directory, self.net, self.optimizer, self.scheduler, self.progress, rng_states, self.negatives)
+    def save(self, directory: str, rng_states: list[dict], export: dict | None = None,
+             towers: nn.Module | None = None) -> None:
+        """A checkpoint's files: the state (weights, optimizer, schedule, queue, progress, RNGs;
+        under FSDP the weights and optimizer are in the shards), where every rank ran, and with
+        `export` (the final metrics) the files of the whole `towers` a user loads without Ray,
+        each with its model card."""
+        save_state(directory, self.net, self.optimizer, self.scheduler, self.progress, rng_states, self.negatives,
+                   sharded=self.config.train.strategy == "fsdp")
         with open(os.path.join(directory, WORKERS_FILE), "w") as f:
             json.dump(self.workers, f, indent=1)
         if export:
             os.makedirs(os.path.join(directory, EXPORT_DIR))
-            self.task.export(self.net.towers, os.path.join(directory, EXPORT_DIR))
+            self.task.export(towers, os.path.join(directory, EXPORT_DIR))
             t = self.config.train  # the cards' snippets load from the run directory, where the driver copies them
             where = join_path(t.storage_path, t.name) if "://" not in t.storage_path else EXPORT_DIR
-            write_cards(os.path.join(directory, EXPORT_DIR), self.task.exports(self.net.towers), self.card_facts(export),
+            write_cards(os.path.join(directory, EXPORT_DIR), self.task.exports(towers), self.card_facts(export),
                         where)
 
     def card_facts(self, metrics: dict) -> Training:

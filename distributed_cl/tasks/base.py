@@ -136,6 +136,12 @@ class Task(ABC):
         raise ValueError(f"the {cls.name} towers embed {' and '.join(sorted(set(kinds.values())))}, not {kind}")
 
     @classmethod
+    def unshardable(cls, config: Config) -> str | None:
+        """Why train.strategy=fsdp cannot shard this config's towers (too small: no repeated
+        transformer blocks), or None. The workers check the towers themselves too."""
+        return None
+
+    @classmethod
     def check_benchmark(cls, config: Config) -> None:
         """Before Ray starts: the judgements of dataset.eval_beir name only its queries and documents,
         and these towers embed its corpus."""

@@ -93,6 +93,11 @@ class ImageTask(Task):
         self.image_size = self.data.test.a.shape[-1]
         self.views = BatchTwoViews(self.image_size, d.crop_scale_min, d.jitter, blur=d.blur)
 
+    @classmethod
+    def unshardable(cls, config: Config) -> str | None:
+        return (f"the image task's encoder ({config.model.encoder}) is a CNN without repeated transformer blocks "
+                "to shard, small enough to train whole on each worker")
+
     @staticmethod
     def builtin(config: Config) -> Splits:
         """Fashion-MNIST (or sklearn's digits), grayscale 28x28. The kNN bank is a seeded sample of

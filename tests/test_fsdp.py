@@ -1,0 +1,214 @@
+"""train.strategy=fsdp: FSDP2 shards a transformer tower's blocks over gloo ranks, and a step takes
+the single-process whole-batch step (the one DDP takes), with and without gradient caching,
+with unequal local batches and chunks, the tiled loss, activation checkpointing, a learnt
+temperature kept whole, and gradient clipping; sharded checkpoints reload on another number of
+ranks. Dropout is on: each rank draws its masks chunk by chunk, and the reference draws the same
+ones (seeded per rank, chunk by chunk, as test_grad_cache.py's reference does)."""
+
+import pytest
+import torch
+from reference import rel_err
+from torch import nn
+
+from distributed_cl.distributed import run_on_local_ranks
+from distributed_cl.grad_cache import grad_cache_backward, split_batch
+from distributed_cl.losses import ClipLoss, InfoNCELoss
+from distributed_cl.losses.ntxent import NTXentOptions
+from distributed_cl.models.text import TextTower, TextTowerOptions
+from distributed_cl.sharding import (
+    activation_checkpointing,
+    average_replicated_grads,
+    clip_grad_norm_,
+    full_state_dict,
+    fully_shard_model,
+    load_shards,
+    save_shards,
+    shard_blocks,
+)
+from distributed_cl.tasks import ContrastiveModel
+from distributed_cl.tasks.text import SiameseText
+
+BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 16}
+LOSSES = {"infonce": lambda: InfoNCELoss(0.1), "infonce_tiled": lambda: InfoNCELoss(0.1, chunk_size=5),
+          "clip": lambda: ClipLoss(0.1)}  # CLIP learns its temperature: a parameter FSDP leaves whole
+
+
+def model(loss: str, dropout: float = 0.1) -> ContrastiveModel:
+    torch.manual_seed(0)
+    tower = TextTower(TextTowerOptions(), architecture={**BERT, "hidden_dropout_prob": dropout,
+                                                        "attention_probs_dropout_prob": dropout})
+    return ContrastiveModel(SiameseText(tower), LOSSES[loss](), NTXentOptions()).train()
+
+
+def batch(n: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 10, (2, n), generator=g)  # padded texts: the mask matters
+
+    def tokens(side):
+        mask = (torch.arange(10) < lengths[side, :, None]).long()
+        return {"input_ids": torch.randint(1, 64, (n, 10), generator=g) * mask, "attention_mask": mask}
+
+    return {"a": tokens(0), "b": tokens(1), "labels": torch.arange(n)}
+
+
+def rows(data, start: int, stop: int):
+    return {k: rows(v, start, stop) if isinstance(v, dict) else v[start:stop] for k, v in data.items()}
+
+
+def local(data, sizes, rank):
+    return rows(data, sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+
+def no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip):
+    """One FSDP step on this rank's share: the whole gradients (gathered) and weights after SGD."""
+    net = model(loss)
+    if checkpointing:
+        activation_checkpointing(net.towers)
+    fully_shard_model(net, list(net.loss_fn.parameters()), torch.device("cpu"))
+    data = local(batch(sum(sizes)), sizes, rank)
+    torch.manual_seed(100 + rank)
+    if chunk:
+        grad_cache_backward(net, net, data, chunk, no_autocast)
+    else:
+        net(data)[0].backward()
+    average_replicated_grads(net)
+    if clip:
+        clip_grad_norm_(list(net.parameters()), clip)
+    grads = whole_grads(net)
+    torch.optim.SGD(net.parameters(), lr=0.5).step()
+    return grads, full_state_dict(net)
+
+
+def whole_grads(net: nn.Module) -> dict:
+    """Every gradient, sharded ones gathered, by parameter name (checkpointing's wrapper left out)."""
+    return {name.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
+            else p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+
+def reference_step(loss, sizes, chunk, clip):
+    """The single-process step on the global batch: each rank's rows embedded with that rank's
+    dropout masks (chunk by chunk, in the chunks every rank runs), one loss over all of them."""
+    net, data = model(loss), batch(sum(sizes))
+    count = max(-(-n // chunk) for n in sizes) if chunk else 1
+    parts = []
+    for rank in range(len(sizes)):
+        torch.manual_seed(100 + rank)
+        mine = local(data, sizes, rank)
+        parts += [net.embed(c) for c in (split_batch(mine, chunk, count) if chunk else [mine])]
+    net.loss([torch.cat(z) for z in zip(*parts)], data)[0].backward()
+    if clip:
+        nn.utils.clip_grad_norm_(net.parameters(), clip)
+    grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+    torch.optim.SGD(net.parameters(), lr=0.5).step()
+    return grads, net.state_dict()
+
+
+def assert_close_to(got: dict, ref: dict, tol: float = 1e-5) -> None:
+    """Every tensor within `tol` of the reference, relative to its own norm or, for a gradient
+    that is zero in exact arithmetic (a key bias's: softmax ignores it), to the largest one's."""
+    assert got.keys() == ref.keys()
+    scale = max(float(v.float().norm()) for v in ref.values())
+    for name in ref:
+        error = float((got[name].float() - ref[name].float()).norm())
+        assert error <= tol * max(float(ref[name].float().norm()), 1e-3 * scale), (name, error)
+
+
+CASES = {  # world sizes, local batches, chunk, activation checkpointing, loss, grad clip
+    "2 ranks, unequal chunks": ([7, 5], 3, False, "infonce", 0.0),
+    "3 ranks, unequal batches and chunks, checkpointing": ([4, 4, 3], 2, True, "infonce", 0.0),
+    "2 ranks, tiled loss, chunks": ([6, 6], 4, False, "infonce_tiled", 0.0),
+    "3 ranks, tiled loss, no chunks": ([5, 4, 4], None, False, "infonce_tiled", 0.0),
+    "2 ranks, learnt temperature, chunks, clipped": ([6, 6], 4, False, "clip", 0.05),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_an_fsdp_step_equals_the_single_process_whole_batch_step(case):
+    sizes, chunk, checkpointing, loss, clip = CASES[case]
+    grads, weights = run_on_local_ranks(_fsdp_step, len(sizes), loss, sizes, chunk, checkpointing, clip, timeout=180)
+    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip)
+    assert_close_to(grads, ref_grads)
+    assert_close_to(weights, ref_weights)
+    if loss == "clip":
+        assert grads["loss_fn.logit_scale"].abs() > 0  # averaged over the ranks, not left to one
+
+
+def _ddp_step(rank, world, loss, sizes, chunk):
+    net = model(loss)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    torch.manual_seed(100 + rank)
+    grad_cache_backward(ddp, net, local(batch(sum(sizes)), sizes, rank), chunk, no_autocast)
+    return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
+
+
+def test_fsdp_and_ddp_take_the_same_gradient_caching_step():
+    """The two strategies side by side on the same equal local batches (what the loop feeds them)."""
+    sizes, chunk = [6, 6], 4
+    fsdp, _ = run_on_local_ranks(_fsdp_step, 2, "clip", sizes, chunk, False, 0.0, timeout=180)
+    ddp = run_on_local_ranks(_ddp_step, 2, "clip", sizes, chunk, timeout=180)
+    assert_close_to(fsdp, ddp)
+
+
+def test_the_temperature_left_unaveraged_is_caught():
+    """FSDP leaves the learnt temperature whole on each rank: without the mean over ranks that
+    DDP would take, each rank keeps its own share of its gradient, and the comparison fails."""
+    sizes, chunk = [6, 6], 4
+    grads, _ = run_on_local_ranks(_fsdp_step_unaveraged, 2, "clip", sizes, chunk, timeout=180)
+    ref, _ = reference_step("clip", sizes, chunk, 0.0)
+    assert rel_err(grads["loss_fn.logit_scale"], ref["loss_fn.logit_scale"]) > 1e-3
+
+
+def _fsdp_step_unaveraged(rank, world, loss, sizes, chunk):
+    net = model(loss)
+    fully_shard_model(net, list(net.loss_fn.parameters()), torch.device("cpu"))
+    torch.manual_seed(100 + rank)
+    grad_cache_backward(net, net, local(batch(sum(sizes)), sizes, rank), chunk, no_autocast)
+    return whole_grads(net), None
+
+
+def _momentum_steps(rank, world, directory, save_after, sizes):
+    """SGD steps with momentum (a state to reshard) on the global batch, without dropout (the masks would differ with the rank
+    count): with `save_after`, save the shards after that many steps; else load them first."""
+    net = model("clip", dropout=0.0)
+    fully_shard_model(net, list(net.loss_fn.parameters()), torch.device("cpu"))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+    data = local(batch(12), sizes, rank)
+    if save_after is None:
+        load_shards(directory, net, optimizer)
+    for _ in range(save_after or 1):
+        optimizer.zero_grad()
+        net(data)[0].backward()
+        average_replicated_grads(net)
+        optimizer.step()
+    if save_after is not None:
+        save_shards(directory, net, optimizer)
+    return full_state_dict(net)
+
+
+def test_sharded_checkpoints_reload_on_another_number_of_ranks(tmp_path):
+    """Saved by 2 ranks after 2 steps, loaded by 3: the next step (the momentum resharded too) is
+    the third step of 2 ranks. (SGD, not Adam: Adam would scale a key bias's gradient, zero but
+    for rounding, into a step of the learning rate's size.)"""
+    saved = run_on_local_ranks(_momentum_steps, 2, str(tmp_path), 2, [6, 6], timeout=180)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = run_on_local_ranks(_momentum_steps, 3, str(tmp_path), None, [4, 4, 4], timeout=180)
+    straight = run_on_local_ranks(_momentum_steps, 2, str(tmp_path / "again"), 3, [6, 6], timeout=180)
+    assert_close_to(resumed, straight)
+    assert max(rel_err(resumed[k], saved[k]) for k in saved) > 1e-4  # it did take a step
+
+
+def test_blocks_are_the_transformer_layers():
+    net = model("infonce")
+    # what the model's own _no_split_modules names: its layers, and its embeddings (one unit)
+    assert [type(b).__name__ for b in shard_blocks(net)] == ["BertEmbeddings", "BertLayer", "BertLayer"]
+    from distributed_cl.models.image import SmallCNN
+
+    assert shard_blocks(SmallCNN()) == []
+    with pytest.raises(ValueError, match="no repeated transformer blocks to shard"):
+        fully_shard_model(SmallCNN(), [], torch.device("cpu"))
+
