@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,10 +170,11 @@ def batch_log(directory) -> dict:
     return logged
 
 
-def train_killing_a_worker(tmp_path, name, overrides, capsys, max_steps):
-    """`train`, with one of the run's Ray Train workers SIGKILLed once the controller has registered
-    a checkpoint (Ray Train restarts the group from it); the summary and the console output."""
-    snapshot, killed = tmp_path / "runs" / name / "checkpoint_manager_snapshot.json", []
+@contextmanager
+def a_worker_killed(run_dir):
+    """One of the run's Ray Train workers SIGKILLed, while the block runs the run, once the
+    controller has registered a checkpoint in `run_dir` (Ray Train restarts the group from it)."""
+    snapshot, killed = Path(run_dir) / "checkpoint_manager_snapshot.json", []
 
     def kill_after_the_first_checkpoint():
         deadline = time.time() + 240
@@ -185,10 +188,15 @@ def train_killing_a_worker(tmp_path, name, overrides, capsys, max_steps):
 
     killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
     killer.start()
-    summary, out = train(tmp_path, name, overrides, capsys, max_steps=max_steps)
+    yield
     killer.join()
     assert killed, "no worker was killed: no checkpoint registered, or no Ray Train worker found"
-    return summary, out
+
+
+def train_killing_a_worker(tmp_path, name, overrides, capsys, max_steps):
+    """`train`, with one of the run's workers killed after its first checkpoint; the summary and the console."""
+    with a_worker_killed(tmp_path / "runs" / name):
+        return train(tmp_path, name, overrides, capsys, max_steps=max_steps)
 
 
 def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert, local_ray, capsys):
