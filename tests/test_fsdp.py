@@ -34,10 +34,15 @@ LOSSES = {"infonce": lambda: InfoNCELoss(0.1), "infonce_tiled": lambda: InfoNCEL
           "clip": lambda: ClipLoss(0.1)}  # CLIP learns its temperature: a parameter FSDP leaves whole
 
 
-def model(loss: str, dropout: float = 0.1) -> ContrastiveModel:
+def model(loss: str, dropout: float = 0.1, lora: bool = False) -> ContrastiveModel:
     torch.manual_seed(0)
-    tower = TextTower(TextTowerOptions(), architecture={**BERT, "hidden_dropout_prob": dropout,
-                                                        "attention_probs_dropout_prob": dropout})
+    options = TextTowerOptions(lora={"r": 4, "alpha": 8, "dropout": dropout} if lora else None)
+    tower = TextTower(options, architecture={**BERT, "hidden_dropout_prob": dropout,
+                                             "attention_probs_dropout_prob": dropout})
+    if lora:  # LoRA's B starts at zero: a step from there would not show its A's gradient
+        for name, p in tower.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
     return ContrastiveModel(SiameseText(tower), LOSSES[loss](), NTXentOptions()).train()
 
 
@@ -64,9 +69,9 @@ def no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip):
+def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip, lora=False):
     """One FSDP step on this rank's share: the whole gradients (gathered) and weights after SGD."""
-    net = model(loss)
+    net = model(loss, lora=lora)
     if checkpointing:
         activation_checkpointing(net.towers)
     fully_shard_model(net, list(net.loss_fn.parameters()), torch.device("cpu"))
@@ -80,7 +85,7 @@ def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip):
     if clip:
         clip_grad_norm_(list(net.parameters()), clip)
     grads = whole_grads(net)
-    torch.optim.SGD(net.parameters(), lr=0.5).step()
+    torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5).step()
     return grads, full_state_dict(net)
 
 
@@ -90,10 +95,10 @@ def whole_grads(net: nn.Module) -> dict:
             else p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
-def reference_step(loss, sizes, chunk, clip):
+def reference_step(loss, sizes, chunk, clip, lora=False):
     """The single-process step on the global batch: each rank's rows embedded with that rank's
     dropout masks (chunk by chunk, in the chunks every rank runs), one loss over all of them."""
-    net, data = model(loss), batch(sum(sizes))
+    net, data = model(loss, lora=lora), batch(sum(sizes))
     count = max(-(-n // chunk) for n in sizes) if chunk else 1
     parts = []
     for rank in range(len(sizes)):
@@ -104,7 +109,7 @@ def reference_step(loss, sizes, chunk, clip):
     if clip:
         nn.utils.clip_grad_norm_(net.parameters(), clip)
     grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
-    torch.optim.SGD(net.parameters(), lr=0.5).step()
+    torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5).step()
     return grads, net.state_dict()
 
 
@@ -118,8 +123,9 @@ def assert_close_to(got: dict, ref: dict, tol: float = 1e-5) -> None:
         assert error <= tol * max(float(ref[name].float().norm()), 1e-3 * scale), (name, error)
 
 
-CASES = {  # world sizes, local batches, chunk, activation checkpointing, loss, grad clip
+CASES = {  # local batches (one a rank), chunk, activation checkpointing, loss, grad clip, LoRA
     "2 ranks, unequal chunks": ([7, 5], 3, False, "infonce", 0.0),
+    "2 ranks, LoRA adapters, chunks": ([6, 6], 4, False, "infonce", 0.0, True),
     "3 ranks, unequal batches and chunks, checkpointing": ([4, 4, 3], 2, True, "infonce", 0.0),
     "2 ranks, tiled loss, chunks": ([6, 6], 4, False, "infonce_tiled", 0.0),
     "3 ranks, tiled loss, no chunks": ([5, 4, 4], None, False, "infonce_tiled", 0.0),
@@ -129,13 +135,17 @@ CASES = {  # world sizes, local batches, chunk, activation checkpointing, loss, 
 
 @pytest.mark.parametrize("case", CASES)
 def test_an_fsdp_step_equals_the_single_process_whole_batch_step(case):
-    sizes, chunk, checkpointing, loss, clip = CASES[case]
-    grads, weights = run_on_local_ranks(_fsdp_step, len(sizes), loss, sizes, chunk, checkpointing, clip, timeout=180)
-    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip)
+    sizes, chunk, checkpointing, loss, clip, *lora = CASES[case]
+    lora = bool(lora and lora[0])
+    grads, weights = run_on_local_ranks(_fsdp_step, len(sizes), loss, sizes, chunk, checkpointing, clip, lora,
+                                        timeout=180)
+    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip, lora)
     assert_close_to(grads, ref_grads)
     assert_close_to(weights, ref_weights)
     if loss == "clip":
         assert grads["loss_fn.logit_scale"].abs() > 0  # averaged over the ranks, not left to one
+    if lora:  # only the adapters have gradients
+        assert grads and all("lora_" in name for name in grads), sorted(grads)[:3]
 
 
 def _ddp_step(rank, world, loss, sizes, chunk):

@@ -30,6 +30,7 @@ from distributed_cl.data.formats import FORMATS, load_dataset_splits
 from distributed_cl.data.table import Splits, Table
 from distributed_cl.evaluate import sharded_embed
 from distributed_cl.model_card import Export
+from distributed_cl.models.lora import without_adapters
 from distributed_cl.options import Options
 from distributed_cl.retrieval import BEIR_METRICS, RANKED, TopK, id_order, ir_metrics
 
@@ -210,7 +211,8 @@ class Task(ABC):
     def export(self, towers: nn.Module, directory: str) -> None:
         """Files a user loads without Ray. The generic one, which `load_towers` reads, is whole:
         the towers' architecture and weights, and the tokenizer's files where there is text."""
-        saved = {"task": self.name, "config": self.config.to_dict(), "architecture": towers.architecture(),
+        saved = {"task": self.name, "config": without_adapters(self.config.to_dict()),  # (merged towers: no adapters)
+                 "architecture": towers.architecture(),
                  "state_dict": towers.state_dict(), "tokenizer": self.tokenizer_state()}
         torch.save(saved, os.path.join(directory, TOWERS_FILE))
 

@@ -107,6 +107,12 @@ class CaptionTowerOptions(TextTowerOptions):
     max_length: int = Field(32, ge=2)
     freeze: bool = True
 
+    @model_validator(mode="after")
+    def _no_prompts(self) -> CaptionTowerOptions:
+        if self.prompts.a or self.prompts.b:
+            raise field_error("prompts", "are the text task's (its two sides' instructions); captions take none")
+        return self
+
 
 class ImageTextOptions(Options):
     """The `image_text` section: emoji rendered from Noto Color Emoji, captioned by their CLDR

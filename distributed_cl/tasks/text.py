@@ -4,6 +4,7 @@ the held-out pairs, and by kNN over their labels where the rows have labels."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -77,7 +78,7 @@ class TextTask(Task):
 
     @staticmethod
     def encode(towers: SiameseText, side: str, values, tokenize, device) -> Tensor:
-        return towers.tower(to_device(tokenize(values), device))  # one tower for both sides
+        return towers.tower(to_device(tokenize(values, side), device))  # one tower for both sides, each its prompt
 
     @staticmethod
     def builtin(config: Config) -> Splits:
@@ -106,8 +107,8 @@ class TextTask(Task):
         return ("recall@1", "recall@10") + ((cls.knn_metric(config),) if cls.labelled(config) else ())
 
     def collate(self, rows: Table) -> dict:  # each side of the batch tokenised in one call
-        return {"a": self.tokenize(rows.a), "b": self.tokenize(rows.b), "labels": rows.labels,
-                **pair_extras(rows, self.tokenize)}
+        return {"a": self.tokenize(rows.a, "a"), "b": self.tokenize(rows.b, "b"), "labels": rows.labels,
+                **pair_extras(rows, functools.partial(self.tokenize, side="b"))}
 
     @staticmethod
     def build_towers(config: Config, architecture: dict | None = None) -> SiameseText:
