@@ -70,6 +70,10 @@ class TrainOptions(TrackerSections):
     # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
     # batch whose activations do not fit still takes one exact step; null: one pass (faster)
     grad_cache_chunk: PositiveInt | None = None
+    # gradient caching by a token budget: the local batch's rows sorted by length and cut into
+    # chunks of at most this many padded tokens (rows x each side's longest text; and at most
+    # grad_cache_chunk rows where that is set too), each chunk padded to its own longest texts
+    grad_cache_tokens: PositiveInt | None = None
     # ddp: each worker holds the whole model; fsdp: the towers' blocks sharded over the workers
     # (FSDP2), for towers whose weights, gradients and optimizer state do not fit one device
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -156,6 +160,9 @@ class ConfigBase(Options):
             raise field_error("loss.m", f"loss.m={loss.m} does not divide train.global_batch_size={train.global_batch_size}")
         if train.momentum and not queue:
             raise ValueError("train.momentum makes the keys of the negative queue: set loss.queue_size too")
+        if train.grad_cache_tokens and "text" not in TASKS[self.task].sides:
+            raise field_error("train.grad_cache_tokens", f"train.grad_cache_tokens counts text tokens: the {self.task} "
+                              "task has no texts (use train.grad_cache_chunk)")
         if train.strategy == "fsdp" and train.momentum:
             raise ValueError("train.momentum keeps a whole momentum copy of the towers on every worker: it does not "
                              "go with train.strategy=fsdp (use the queue without momentum, or ddp)")

@@ -39,18 +39,66 @@ def split_batch(batch, size: int, count: int = 0) -> list:
     samples, as equal as can be, and at least `count` of them. Every tensor's dim 0 is the rows:
     the rows' h hard negatives are (n, h, ...) (tasks' pair_extras), so a chunk takes all h of each
     of its rows."""
+    return [take_rows(batch, rows) for rows in chunk_rows(batch, size, None, count)]
+
+
+def chunk_rows(batch: dict, size: int | None, tokens: int | None = None, count: int = 0) -> list[Tensor]:
+    """The rows of each chunk: consecutive chunks of at most `size` rows, as equal as can be; or
+    with a token budget, the rows sorted by length, longest first, each chunk as many as keep its
+    padded tokens (rows x the longest text of each side, and of each hard negative) within
+    `tokens` (and at most `size` rows). At least `count` chunks: the largest split in two."""
     n = len(batch["labels"])
-    count = max(count, -(-n // size))
-    bounds = [i * n // count for i in range(count + 1)]
-    return [_slice(batch, slice(start, stop)) for start, stop in zip(bounds, bounds[1:])]
+    lengths = _token_lengths(batch) if tokens else []
+    if not lengths:
+        count = max(count, -(-n // size)) if n else count
+        bounds = [i * n // count for i in range(count + 1)] if count else [0]
+        return [torch.arange(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    total = sum(length * h for length, h in lengths)
+    chunks, current, longest = [], [], [0] * len(lengths)
+    for i in torch.argsort(total, descending=True, stable=True).tolist():
+        grown = [max(m, int(length[i])) for m, (length, _) in zip(longest, lengths)]
+        padded = (len(current) + 1) * sum(m * h for m, (_, h) in zip(grown, lengths))
+        if current and (padded > tokens or (size and len(current) >= size)):
+            chunks.append(current)
+            current, grown = [], [int(length[i]) for length, _ in lengths]
+        current.append(i)
+        longest = grown
+    chunks += [current] if current else []
+    while len(chunks) < count:
+        largest = max(range(len(chunks)), key=lambda j: len(chunks[j]))
+        rows = chunks.pop(largest)
+        chunks[largest:largest] = [rows[: len(rows) // 2], rows[len(rows) // 2:]]
+    return [torch.tensor(rows, dtype=torch.long) for rows in chunks]
 
 
-def _slice(batch, rows: slice):
+def _token_lengths(batch: dict) -> list[tuple[Tensor, int]]:
+    """For each tokenised input of the batch (a side, the hard negatives): every row's length
+    (its longest negative's), and how many texts a row holds there."""
+    out = []
+    for key in ("a", "b", "negative"):
+        tokens = batch.get(key)
+        if isinstance(tokens, dict) and "attention_mask" in tokens:
+            mask = tokens["attention_mask"]
+            out.append((mask.sum(-1), 1) if mask.dim() == 2 else (mask.sum(-1).amax(1), mask.shape[1]))
+    return out
+
+
+def take_rows(batch, rows: Tensor, trim: bool = False):
+    """The batch's `rows` (dim 0 of every tensor); with `trim`, each tokenised input cut to the
+    columns its rows use (a chunk of short texts pays for no padding of the batch's longest)."""
     if isinstance(batch, Tensor):
-        return batch[rows]
-    if isinstance(batch, dict):
-        return {key: _slice(value, rows) for key, value in batch.items()}
-    return batch
+        return batch[rows.to(batch.device)]
+    if not isinstance(batch, dict):
+        return batch
+    taken = {key: take_rows(value, rows, trim) for key, value in batch.items()}
+    if trim and "attention_mask" in taken:
+        used = taken["attention_mask"].flatten(0, -2).any(0)
+        if not used.all():  # padding is at one end: the used columns are contiguous
+            columns = used.nonzero().flatten()
+            keep = slice(int(columns[0]), int(columns[-1]) + 1)
+            taken = {key: value[..., keep] if isinstance(value, Tensor) and value.shape[-1] == used.numel() else value
+                     for key, value in taken.items()}
+    return taken
 
 
 def _rng_state() -> tuple:
@@ -76,41 +124,44 @@ def _buffers_kept(module: nn.Module):
                 buffer.copy_(value)
 
 
-def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, chunk_size: int,
-                        autocast: Callable[[], AbstractContextManager]) -> tuple[Tensor, LossStats]:
+def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, chunk_size: int | None,
+                        autocast: Callable[[], AbstractContextManager],
+                        chunk_tokens: int | None = None) -> tuple[Tensor, LossStats]:
     """Leave the whole batch's gradient in the parameters' .grad (averaged over workers when
-    `model` is DDP) and return the loss and its statistics. `net` is the ContrastiveModel inside `model`;
-    `autocast` is a fresh context for each use (e.g. `functools.partial(torch.autocast, ...)`)."""
-    n = len(batch["labels"])
-    count, sharded = -(-n // chunk_size), is_sharded(net)
+    `model` is DDP or FSDP) and return the loss and its statistics. `net` is the ContrastiveModel
+    inside `model`; chunks of `chunk_size` rows, or by a token budget (`chunk_tokens`: see
+    `chunk_rows`; the loss sees the rows in their own order); `autocast` is a fresh context for
+    each use (e.g. `functools.partial(torch.autocast, ...)`)."""
+    n, sharded = len(batch["labels"]), is_sharded(net)
+    chunks = chunk_rows(batch, chunk_size, chunk_tokens)
     if sharded:  # every rank runs the same passes: FSDP gathers each block's weights in each
-        count = all_ranks_max(count, batch["labels"].device)
+        count = all_ranks_max(len(chunks), batch["labels"].device)
         if n < count:
             raise ValueError(f"gradient caching under FSDP: this rank's {n} rows cannot fill the {count} chunks "
                              "every rank runs (give the ranks equal local batches)")
-    chunks = split_batch(batch, chunk_size, count)
+        chunks = chunk_rows(batch, chunk_size, chunk_tokens, count)
+    inputs = [take_rows(batch, rows, trim=chunk_tokens is not None) for rows in chunks]
     states, cached = [], []
     with torch.no_grad(), _buffers_kept(net.towers):
-        for chunk in chunks:
+        for chunk in inputs:
             states.append(_rng_state())
             with autocast():  # (FSDP's hooks run in the model's forward)
                 cached.append(model(chunk, embed_only=True) if sharded else net.embed(chunk))
     end_state = _rng_state()
 
-    embeddings = [torch.cat(side).detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives (n, h, d))
+    order = torch.cat(chunks).argsort().to(batch["labels"].device)  # the chunks' rows back in the batch's order
+    embeddings = [torch.cat(side)[order].detach().requires_grad_() for side in zip(*cached)]  # z_a, z_b (, negatives)
     del cached  # the chunks' copies: memory per sample is what sets the largest batch
     with autocast():
         loss, stats = net.loss(embeddings, batch)
     loss.backward()  # d loss / d embeddings, and the loss's own parameters' gradients
 
-    start = 0
-    for i, (chunk, state) in enumerate(zip(chunks, states)):
-        last = i == len(chunks) - 1
+    for i, (chunk, rows, state) in enumerate(zip(inputs, chunks, states)):
+        last = i == len(inputs) - 1
         _set_rng_state(state)
         with model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext(), autocast():
             outputs = model(chunk, embed_only=True)
-        rows = slice(start, start + len(outputs[0]))
+        rows = rows.to(batch["labels"].device)
         torch.autograd.backward(list(outputs), [e.grad[rows] for e in embeddings])
-        start = rows.stop
     _set_rng_state(end_state)
     return loss.detach(), stats

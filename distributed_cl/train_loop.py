@@ -81,7 +81,8 @@ def stream_name(source: Config, config: Config) -> str:
 def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.Optimizer, batch: dict,
                autocast: Callable[[], AbstractContextManager],
                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, grad_cache_chunk: int | None = None,
-               grad_clip: float = 0.0, negatives: NegativeQueue | None = None) -> tuple[torch.Tensor, LossStats]:
+               grad_clip: float = 0.0, negatives: NegativeQueue | None = None,
+               grad_cache_tokens: int | None = None) -> tuple[torch.Tensor, LossStats]:
     """One optimizer step on a batch already on the device; returns the loss (not synced to the
     host) and the loss's statistics of the global batch. `model` is `net`, its DDP wrapper, or
     `net` sharded by FSDP; gradient caching gives the same step in chunks of activations;
@@ -90,8 +91,8 @@ def train_step(model: nn.Module, net: ContrastiveModel, optimizer: torch.optim.O
     if negatives is not None:
         batch = {**batch, "memory": negatives.memory()}
     optimizer.zero_grad(set_to_none=True)
-    if grad_cache_chunk:
-        loss, stats = grad_cache_backward(model, net, batch, grad_cache_chunk, autocast)
+    if grad_cache_chunk or grad_cache_tokens:
+        loss, stats = grad_cache_backward(model, net, batch, grad_cache_chunk, autocast, grad_cache_tokens)
     else:
         with autocast():
             loss, stats = model(batch)
@@ -629,7 +630,7 @@ class ContrastiveRecipe:
         train.checkpoint_every steps (the last step's is `finish`'s)."""
         p, t = self.progress, self.config.train
         loss, stats = train_step(self.model, self.net, self.optimizer, batch, self.autocast, self.scheduler,
-                                 t.grad_cache_chunk, self.config.optim.grad_clip, self.negatives)
+                                 t.grad_cache_chunk, self.config.optim.grad_clip, self.negatives, t.grad_cache_tokens)
         p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
         p.anchors_without_positive_total += stats.anchors_without_positive
         p.empty_batches += stats.empty

@@ -232,3 +232,52 @@ def test_two_ranks_under_ddp_equal_the_single_process_whole_batch_step(tmp_path,
     for name, p in reference.named_parameters():
         for rank in range(2):  # DDP averaged once: every rank took the same step
             assert rel_err(results[rank][1][name], p.detach()) < 1e-5, (name, rank)
+
+
+# ----------------------------------------------------------------------------- token budget
+
+
+def test_token_budget_chunks_sort_by_length_and_keep_within_the_budget():
+    from test_fsdp import batch as text_batch
+
+    from distributed_cl.grad_cache import chunk_rows, take_rows
+
+    data = text_batch(24)  # texts of 3 to 9 tokens a side, padded to 10
+    chunks = chunk_rows(data, None, 60)
+    assert sorted(torch.cat(chunks).tolist()) == list(range(24))  # every row once
+    lengths = data["a"]["attention_mask"].sum(1) + data["b"]["attention_mask"].sum(1)
+    firsts = [lengths[c].max() for c in chunks]
+    assert firsts == sorted(firsts, reverse=True)  # the longest rows first
+    for rows in chunks:
+        chunk = take_rows(data, rows, trim=True)
+        padded = len(rows) * (chunk["a"]["input_ids"].shape[1] + chunk["b"]["input_ids"].shape[1])
+        assert padded <= 60 or len(rows) == 1
+        assert (chunk["a"]["attention_mask"][:, -1] == 1).any()  # trimmed to the chunk's longest text
+    assert len(chunks) > len(chunk_rows(data, None, 200))  # a smaller budget, more chunks
+    assert [len(c) for c in chunk_rows(data, 3, 10_000)] == [3] * 8  # and at most grad_cache_chunk rows
+    assert len(chunk_rows(data, None, 60, count=len(chunks) + 3)) == len(chunks) + 3  # FSDP's equal count
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_token_budget_chunks_take_the_whole_batch_step(dropout):
+    """Without dropout, the plain one-pass step on the padded batch; with it, the loss of the rows
+    embedded chunk by chunk in the budget's order (their masks), back in the batch's order."""
+    from test_fsdp import batch as text_batch
+    from test_fsdp import model as text_model
+
+    from distributed_cl.grad_cache import chunk_rows, take_rows
+
+    cached, reference, data = text_model("infonce", dropout), text_model("infonce", dropout), text_batch(24)
+    torch.manual_seed(5)
+    grad_cache_backward(cached, cached, data, None, no_autocast, chunk_tokens=60)
+    torch.manual_seed(5)
+    if dropout:
+        chunks = chunk_rows(data, None, 60)
+        parts = [reference.embed(take_rows(data, rows, trim=True)) for rows in chunks]
+        order = torch.cat(chunks).argsort()
+        reference.loss([torch.cat(zs)[order] for zs in zip(*parts)], data)[0].backward()
+    else:
+        reference(data)[0].backward()
+    from test_fsdp import assert_close_to
+
+    assert_close_to(grads(cached), grads(reference))
