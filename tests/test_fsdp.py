@@ -11,7 +11,7 @@ from reference import rel_err
 from torch import nn
 
 from distributed_cl.distributed import run_on_local_ranks
-from distributed_cl.grad_cache import grad_cache_backward, split_batch
+from distributed_cl.grad_cache import chunk_rows, grad_cache_backward, take_rows
 from distributed_cl.losses import ClipLoss, InfoNCELoss
 from distributed_cl.losses.ntxent import NTXentOptions
 from distributed_cl.models.text import TextTower, TextTowerOptions
@@ -69,7 +69,7 @@ def no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip, lora=False):
+def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip, lora=False, tokens=None):
     """One FSDP step on this rank's share: the whole gradients (gathered) and weights after SGD."""
     net = model(loss, lora=lora)
     if checkpointing:
@@ -77,8 +77,8 @@ def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip, lora=False)
     fully_shard_model(net, list(net.loss_fn.parameters()), torch.device("cpu"))
     data = local(batch(sum(sizes)), sizes, rank)
     torch.manual_seed(100 + rank)
-    if chunk:
-        grad_cache_backward(net, net, data, chunk, no_autocast)
+    if chunk or tokens:
+        grad_cache_backward(net, net, data, chunk, no_autocast, tokens)
     else:
         net(data)[0].backward()
     average_replicated_grads(net)
@@ -95,17 +95,20 @@ def whole_grads(net: nn.Module) -> dict:
             else p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
-def reference_step(loss, sizes, chunk, clip, lora=False):
+def reference_step(loss, sizes, chunk, clip, lora=False, tokens=None):
     """The single-process step on the global batch: each rank's rows embedded with that rank's
     dropout masks (chunk by chunk, in the chunks every rank runs), one loss over all of them."""
     net, data = model(loss, lora=lora), batch(sum(sizes))
-    count = max(-(-n // chunk) for n in sizes) if chunk else 1
-    parts = []
-    for rank in range(len(sizes)):
+    shares = [local(data, sizes, rank) for rank in range(len(sizes))]
+    count = max(len(chunk_rows(mine, chunk, tokens)) for mine in shares) if chunk or tokens else 1
+    embeddings = []
+    for rank, mine in enumerate(shares):
         torch.manual_seed(100 + rank)
-        mine = local(data, sizes, rank)
-        parts += [net.embed(c) for c in (split_batch(mine, chunk, count) if chunk else [mine])]
-    net.loss([torch.cat(z) for z in zip(*parts)], data)[0].backward()
+        chunks = chunk_rows(mine, chunk, tokens, count) if chunk or tokens else [torch.arange(sizes[rank])]
+        parts = [net.embed(take_rows(mine, rows, trim=tokens is not None)) for rows in chunks]
+        order = torch.cat(chunks).argsort()  # the rank's rows back in order
+        embeddings.append([torch.cat(z)[order] for z in zip(*parts)])
+    net.loss([torch.cat(z) for z in zip(*embeddings)], data)[0].backward()
     if clip:
         nn.utils.clip_grad_norm_(net.parameters(), clip)
     grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
@@ -123,9 +126,10 @@ def assert_close_to(got: dict, ref: dict, tol: float = 1e-5) -> None:
         assert error <= tol * max(float(ref[name].float().norm()), 1e-3 * scale), (name, error)
 
 
-CASES = {  # local batches (one a rank), chunk, activation checkpointing, loss, grad clip, LoRA
+CASES = {  # local batches (one a rank), chunk, activation checkpointing, loss, grad clip, LoRA, token budget
     "2 ranks, unequal chunks": ([7, 5], 3, False, "infonce", 0.0),
     "2 ranks, LoRA adapters, chunks": ([6, 6], 4, False, "infonce", 0.0, True),
+    "3 ranks, token budget chunks": ([6, 5, 6], None, False, "infonce", 0.0, False, 40),
     "3 ranks, unequal batches and chunks, checkpointing": ([4, 4, 3], 2, True, "infonce", 0.0),
     "2 ranks, tiled loss, chunks": ([6, 6], 4, False, "infonce_tiled", 0.0),
     "3 ranks, tiled loss, no chunks": ([5, 4, 4], None, False, "infonce_tiled", 0.0),
@@ -135,11 +139,10 @@ CASES = {  # local batches (one a rank), chunk, activation checkpointing, loss, 
 
 @pytest.mark.parametrize("case", CASES)
 def test_an_fsdp_step_equals_the_single_process_whole_batch_step(case):
-    sizes, chunk, checkpointing, loss, clip, *lora = CASES[case]
-    lora = bool(lora and lora[0])
-    grads, weights = run_on_local_ranks(_fsdp_step, len(sizes), loss, sizes, chunk, checkpointing, clip, lora,
+    sizes, chunk, checkpointing, loss, clip, lora, tokens = (*CASES[case], False, None)[:7]
+    grads, weights = run_on_local_ranks(_fsdp_step, len(sizes), loss, sizes, chunk, checkpointing, clip, lora, tokens,
                                         timeout=180)
-    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip, lora)
+    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip, lora, tokens)
     assert_close_to(grads, ref_grads)
     assert_close_to(weights, ref_weights)
     if loss == "clip":
