@@ -79,6 +79,8 @@ class TrainOptions(TrackerSections):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # recompute each transformer block's activations in the backward instead of keeping them
     activation_checkpointing: bool = False
+    # torch.compile each transformer block of the towers (the whole towers where they have none)
+    compile: bool = False
     # > 0 (e.g. 0.99): the queue's keys come from an exponential moving average of the towers,
     # updated after each optimizer step with this decay (MoCo's momentum encoder); needs loss.queue_size
     momentum: float = Field(0.0, ge=0, lt=1)

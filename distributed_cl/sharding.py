@@ -70,6 +70,15 @@ def activation_checkpointing(model: nn.Module) -> None:
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper, check_fn=lambda m: id(m) in blocks)
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile on each repeated block in place (one graph a block, reused by all of them:
+    a short compile), or on the whole model where it has none; dynamic shapes, as the batch's
+    text lengths and gradient caching's chunks vary. The weights' names stay the same."""
+    blocks = shard_blocks(model) or [model]
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 def fully_shard_model(model: nn.Module, replicated: list[nn.Parameter], device: torch.device) -> nn.Module:
     """`model` sharded in place over the default process group: each block, each embedding table
     outside them (a large vocabulary's), then the rest as the root; `replicated` stay whole. On a

@@ -54,6 +54,7 @@ from distributed_cl.sharding import (
     activation_checkpointing,
     average_replicated_grads,
     clip_grad_norm_,
+    compile_blocks,
     full_state_dict,
     fully_shard_model,
     load_shards,
@@ -570,6 +571,8 @@ class ContrastiveRecipe:
         self.architecture = net.towers.architecture()  # what a whole copy is built from (evaluation, exports)
         if t.activation_checkpointing:
             activation_checkpointing(net.towers)
+        if t.compile:
+            compile_blocks(net.towers)
         if t.strategy == "fsdp":
             self.model = fully_shard_model(net.to(self.device), list(net.loss_fn.parameters()), self.device)
         else:

@@ -261,3 +261,19 @@ def test_an_fsdp_run_resumes_from_its_shards_and_trains_exactly_as_ddp(tiny_bert
     with torch.no_grad():
         z = torch.nn.functional.normalize(towers.tower(towers.tokenize(texts)), dim=-1)
     assert z.numpy() == pytest.approx(embeddings[0], abs=1e-5)
+
+
+def test_compiled_blocks_take_the_eager_step():
+    """train.compile: torch.compile (inductor, on this CPU) on each block gives the eager
+    gradients, and a batch of another shape does not recompile into another result."""
+    from distributed_cl.sharding import compile_blocks
+
+    compiled, eager = model("infonce", dropout=0.0), model("infonce", dropout=0.0)
+    compile_blocks(compiled.towers)
+    for n in (12, 9):  # two shapes: dynamic
+        for net in (compiled, eager):
+            net.zero_grad()
+            net(batch(n))[0].backward()
+        assert_close_to(whole_grads(compiled), whole_grads(eager), tol=1e-4)
+    assert all(b._compiled_call_impl is not None for b in shard_blocks(compiled.towers))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # inductor did compile them
