@@ -126,13 +126,13 @@ def test_pair_labelled_rows_train_the_margin_loss(tmp_path, tiny_bert, local_ray
     write_text_rows(tmp_path / "pairs.jsonl", 240)
     summary, _ = train(tmp_path, "pairs", [*TEXT_ROWS, f"dataset.path={tmp_path}/pairs.jsonl",
                                              "dataset.columns.is_same=is_same", f"text.tower.model={tiny_bert}",
-                                             "loss.name=contrastive", "loss.margin=0.5", "optim.lr=0.001"], capsys)
+                                             "loss.name=contrastive", "loss.margin=0.5", "optim.lr=0.003"], capsys)
     losses = logged(summary)
     assert losses[-1] < losses[0], losses
     m = summary["metrics"]
     held_out_matching = round(1 / m["recall@1_baseline"])
     assert 0 < held_out_matching < 0.2 * 240 * 0.9  # a third of the held-out rows do not match: not scored
-    assert m["recall@1_trained"] >= m["recall@1_untrained"] + 0.04, m  # measured: 0.94 and 0.85 (32 and 29 of 34)
+    assert m["recall@1_trained"] >= m["recall@1_untrained"] + 0.04, m  # measured: 1.0 and 0.85 (34 and 29 of 34)
 
 
 def test_hf_clip_fine_tunes_on_labelled_csv_rows_with_zero_shot_and_exports(tmp_path, tiny_clip, local_ray, capsys):
@@ -211,14 +211,14 @@ def test_killed_worker_resumes_a_webdataset_stream_mid_epoch(tmp_path, tiny_bert
     summary, out = train_killing_a_worker(tmp_path, "kill", overrides, capsys, max_steps=16)
     m = summary["metrics"]
     assert m["step"] == 16 and 8 <= m["start_step"] < 16, out
-    # 16 steps teach nothing the 41 held-out rows show (measured: i2t recall@5 0.146 trained, 0.122
-    # untrained): the figures pinned, as an uninterrupted run and every resumed one measure them
+    # 16 steps teach nothing the 41 held-out rows show (measured, dropout on from the first step:
+    # i2t recall@5 0.146 trained, 0.122 untrained): the figures pinned, as an uninterrupted run and every resumed one measure them
     assert [m[f"{k}_trained"] for k in ("i2t_recall@1", "i2t_recall@5", "t2i_recall@1", "t2i_recall@5")] == [
-        pytest.approx(2 / 41, abs=1e-6), pytest.approx(6 / 41, abs=1e-6), pytest.approx(2 / 41, abs=1e-6),
-        pytest.approx(8 / 41, abs=1e-6)], m
+        pytest.approx(1 / 41, abs=1e-6), pytest.approx(6 / 41, abs=1e-6), pytest.approx(1 / 41, abs=1e-6),
+        pytest.approx(6 / 41, abs=1e-6)], m
     with open(os.path.join(summary["run_dir"], "metrics.csv")) as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
-    assert losses[-1] == pytest.approx(3.3846, abs=1e-3), losses  # step 16's
+    assert losses[-1] == pytest.approx(3.3276, abs=1e-3), losses  # step 16's
     logged = batch_log(log)
     epoch0 = sorted(b for (e, b) in logged if e == 0)
     assert epoch0 == list(range(len(epoch0))) and len(epoch0) >= 8

@@ -241,12 +241,12 @@ def test_text_supcon_trains_with_the_m_per_class_sampler_and_exports_a_sentence_
         rows = [row for row in csv.DictReader(f) if row["loss"]]
     assert all(row["anchors_without_positive"] == "0" for row in rows)  # every global batch: m of each class
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
-    # 24 steps of a tiny random BERT teach nothing the 64 held-out synsets show (measured: recall@10
-    # 0.125 trained, 0.1875 untrained; supersense kNN 0.28 and 0.25): the run's figures pinned, as
-    # measured (the same config and seed give them exactly, run after run)
+    # 24 steps of a tiny random BERT teach nothing the 64 held-out synsets show (measured, dropout on
+    # from the first step: recall@10 0.1875 trained and untrained; supersense kNN 0.25 and 0.25):
+    # the run's figures pinned, as measured (the same config and seed give them exactly, run after run)
     assert [m[f"{k}_trained"] for k in ("recall@1", "recall@10", "supersense_knn_top1")] == [
-        0.0, pytest.approx(8 / 64), pytest.approx(9 / 32)], m
-    assert float(rows[-1]["loss"]) == pytest.approx(3.7725, abs=1e-3)  # step 24's
+        0.0, pytest.approx(12 / 64), pytest.approx(8 / 32)], m
+    assert float(rows[-1]["loss"]) == pytest.approx(3.9194, abs=1e-3)  # step 24's
     assert "held-out text" in out and "recall@10" in out
 
     # the export loads in sentence-transformers and transformers as they are, and scores the same
