@@ -50,7 +50,9 @@ class TrainOptions(TrackerSections):
 
     name: str = "simclr-fashion-mnist"  # run name; the same name and storage_path resume
     storage_path: str = "./runs"
-    num_workers: PositiveInt = 2
+    # Ray Train workers; [min, max]: elastic, the run goes on with as many as the cluster has in the
+    # range (a lost node, or one that joins), the global batch the same at every count
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = 2
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: PositiveInt = 1
@@ -90,6 +92,16 @@ class TrainOptions(TrackerSections):
     # where every report goes besides metrics.csv (always written): tensorboard, mlflow, wandb
     loggers: list[Annotated[str, choice(TRACKERS)]] = ["tensorboard"]
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: both num_workers where it is fixed."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else tuple(n)
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] != self.worker_range[1]
+
     def tracker_options(self) -> dict[str, Options | None]:
         return {name: getattr(self, name, None) for name in TRACKERS}
 
@@ -102,9 +114,18 @@ class TrainOptions(TrackerSections):
                 raise field_error("loggers", why)
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps and train.epochs")
-        if self.global_batch_size % self.num_workers:
+        low, high = self.worker_range
+        if low > high:
+            raise field_error("num_workers", f"num_workers=[{low}, {high}]: the minimum is above the maximum")
+        uneven = [n for n in range(low, high + 1) if self.global_batch_size % n]
+        if uneven and low == high:
             raise field_error("global_batch_size", f"global_batch_size={self.global_batch_size} is not divisible by "
                               f"train.num_workers={self.num_workers}")
+        if uneven:
+            raise field_error("num_workers", f"num_workers=[{low}, {high}]: train.global_batch_size="
+                              f"{self.global_batch_size} is not divisible by {', '.join(map(str, uneven))} workers; "
+                              "every count of an elastic range must split the global batch into equal shares "
+                              "(the same negatives and gradients at every count)")
         if not self.name or "/" in self.name:
             raise field_error("name", f"must be a non-empty name without '/', got {self.name!r}")
         return self

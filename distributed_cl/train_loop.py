@@ -231,7 +231,9 @@ def load_trainable_state(net: nn.Module, state: dict) -> None:
 
 def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, device: torch.device,
-                  negatives: NegativeQueue | None = None) -> Progress:
+                  negatives: NegativeQueue | None = None, world: int = 1, seed: int = 0) -> Progress:
+    """The checkpoint's state into the model, optimizer, schedule and queue, and this rank's RNG
+    states; on another number of workers than saved it (an elastic run), the RNGs seeded afresh."""
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
         if state["model"] is None:  # sharded: every worker reads its part of the shards
@@ -242,8 +244,20 @@ def restore_state(checkpoint: ray.train.Checkpoint, net: ContrastiveModel, optim
     if negatives is not None:
         negatives.load_state_dict(state["negatives"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][rank])
-    return Progress.from_state(state["progress"])
+    progress = Progress.from_state(state["progress"])
+    if len(state["rng"]) == world:
+        set_rng_state(state["rng"][rank])
+    else:  # another worker count (an elastic range): each rank's draws start afresh, seeded
+        seed_rngs(seed, progress.step, rank)
+    return progress
+
+
+def seed_rngs(seed: int, step: int, rank: int) -> None:
+    """Every RNG a step draws from, seeded by the run's seed, the step and the rank."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[1]))
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -760,8 +774,17 @@ class ContrastiveRecipe:
         """The latest checkpoint's state (this rank's RNG included), else a fresh start."""
         checkpoint = ray.train.get_checkpoint()
         self.progress = restore_state(checkpoint, self.net, self.optimizer, self.scheduler, self.rank, self.device,
-                                      self.negatives) if checkpoint else Progress()
+                                      self.negatives, self.world, self.config.train.seed) if checkpoint else Progress()
         self.start_step = self.progress.step
+        if checkpoint and self.rank == 0:
+            with checkpoint.as_directory() as d, open(os.path.join(d, WORKERS_FILE)) as f:
+                saved = len(json.load(f))
+            if saved != self.world:
+                t = self.config.train
+                sys.stdout.write(f"[distributed_cl] resumed at step {self.start_step} on {self.world} workers (the "
+                                 f"checkpoint's had {saved}): each takes {t.global_batch_size // self.world} rows of "
+                                 f"the same global batch of {t.global_batch_size}\n")
+                sys.stdout.flush()
 
     # ------------------------------------------------------------------------- the end
 

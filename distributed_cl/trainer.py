@@ -117,11 +117,16 @@ def prepare_data(config: Config) -> tuple[list[Splits], dict]:
                                   "tell before reading it all: set train.max_steps")
             datasets[stream_name(source, config)] = decoded_dataset(x, task.sides, "train", config.train.seed,
                                                                     config.train.verbose)
-            free = ray.cluster_resources().get("CPU", 0) - config.train.num_workers * config.train.cpus_per_worker
+            if config.train.elastic:
+                raise ConfigError(f"{named}train.num_workers={list(config.train.worker_range)}: an elastic range with "
+                                  "a streamed dataset is not supported: each worker's shard of the stream is cut for "
+                                  "the worker count, so a change mid-epoch could not resume at its rows; hold the "
+                                  "data in memory (dataset.cache=true) or fix train.num_workers")
+            free = ray.cluster_resources().get("CPU", 0) - config.train.worker_range[1] * config.train.cpus_per_worker
             if free < x.decode_cpus:
                 raise ConfigError(
                     f"{named}dataset: streaming decodes in Ray Data tasks of dataset.decode_cpus={x.decode_cpus} CPU, "
-                    f"but the {config.train.num_workers} workers x train.cpus_per_worker={config.train.cpus_per_worker} "
+                    f"but the {config.train.worker_range[1]} workers x train.cpus_per_worker={config.train.cpus_per_worker} "
                     f"leave {free:g} of this cluster's CPUs: lower train.cpus_per_worker or dataset.decode_cpus, add "
                     "CPU nodes, or set dataset.cache=true")
         if splits.skipped_rows:
@@ -167,7 +172,8 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
         # ordered blocks, and Ray Data's split then ignores locality: the same rows reach the same rank
         dataset_config=DataConfig(datasets_to_split=list(datasets),
                                   execution_options=ExecutionOptions(preserve_order=preserve_order)),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=t.num_workers if not t.elastic else t.worker_range, use_gpu=t.use_gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(
             name=t.name,
             storage_path=t.storage_path,

@@ -350,11 +350,12 @@ def _concurrent_trials(config: Config, wanted: int) -> int:
     import ray
 
     t = config.train
-    per_trial = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
+    workers = t.worker_range[1]
+    per_trial = {"CPU": workers * t.cpus_per_worker, "GPU": workers if t.use_gpu else 0}
     cluster = ray.cluster_resources()
     fits = min(int(cluster.get(k, 0) // v) for k, v in per_trial.items() if v)
     if fits < 1:
-        raise SweepError(f"one trial needs {per_trial} for its {t.num_workers} workers; the cluster has {cluster}")
+        raise SweepError(f"one trial needs {per_trial} for its {workers} workers; the cluster has {cluster}")
     if fits < wanted:
         print(f"[distributed_cl] {fits} trial(s) at a time: each needs {per_trial}, the cluster has "
               f"{ {k: cluster.get(k, 0) for k in per_trial} } (lower train.cpus_per_worker to run more)")

@@ -30,13 +30,13 @@ from distributed_cl.distributed import run_on_local_ranks  # noqa: E402
 
 
 def _rank(rank: int, world: int, strategy: str, arch: dict, global_batch: int, length: int, steps: int,
-          checkpointing: bool, lora: bool) -> dict:
+          checkpointing: bool, lora: bool, compiled: bool) -> dict:
     from torch import nn
 
     from distributed_cl.losses import InfoNCELoss
     from distributed_cl.losses.ntxent import NTXentOptions
     from distributed_cl.models.text import TextTower, TextTowerOptions
-    from distributed_cl.sharding import activation_checkpointing, fully_shard_model
+    from distributed_cl.sharding import activation_checkpointing, compile_blocks, fully_shard_model
     from distributed_cl.tasks import ContrastiveModel
     from distributed_cl.tasks.text import SiameseText
     from distributed_cl.train_loop import train_step
@@ -47,6 +47,8 @@ def _rank(rank: int, world: int, strategy: str, arch: dict, global_batch: int, l
                            NTXentOptions()).train()
     if checkpointing:
         activation_checkpointing(net.towers)
+    if compiled:
+        compile_blocks(net.towers)
     model = fully_shard_model(net, [], torch.device("cpu")) if strategy == "fsdp" \
         else nn.parallel.DistributedDataParallel(net)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -64,8 +66,18 @@ def _rank(rank: int, world: int, strategy: str, arch: dict, global_batch: int, l
     peaks = [None] * world
     dist.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # GiB
     return {"peak_gib": max(peaks), "s_per_step": statistics.median(times[1:]),
-            "params": sum(p.numel() for p in net.parameters()) if strategy == "ddp" else None,
+            "params": sum(p.numel() for p in net.parameters()),  # (a sharded one's whole size)
             "trainable": sum(p.numel() for p in trainable)}
+
+
+CONFIGURATIONS = (  # name, strategy, activation checkpointing, LoRA, train.compile
+    ("DDP", "ddp", False, False, False),
+    ("FSDP", "fsdp", False, False, False),
+    ("FSDP + activation checkpointing", "fsdp", True, False, False),
+    ("DDP + LoRA r=16 (q_proj, v_proj)", "ddp", False, True, False),
+    ("FSDP + LoRA r=16 (q_proj, v_proj)", "fsdp", False, True, False),
+    ("DDP + train.compile", "ddp", False, False, True),
+)
 
 
 def main() -> None:
@@ -76,6 +88,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", help="the configurations to run, by name, comma-separated (default: all)")
     args = parser.parse_args()
     heads = max(2, args.hidden // 64)
     arch = {"model_type": "qwen3", "vocab_size": 30522, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
@@ -84,15 +97,12 @@ def main() -> None:
     print(f"random Qwen3: {args.layers} layers, hidden {args.hidden}; {args.world} gloo ranks x 1 thread; global "
           f"batch {args.global_batch} pairs of {args.length} tokens; AdamW; {args.steps} steps")
     print(f"{'configuration':<38}{'parameters':>12}{'trainable':>12}{'peak GiB/worker':>17}{'s/step':>9}")
-    params = None
-    for name, strategy, checkpointing, lora in (("DDP", "ddp", False, False), ("FSDP", "fsdp", False, False),
-                                                ("FSDP + activation checkpointing", "fsdp", True, False),
-                                                ("DDP + LoRA r=16 (q_proj, v_proj)", "ddp", False, True),
-                                                ("FSDP + LoRA r=16 (q_proj, v_proj)", "fsdp", False, True)):
+    for name, strategy, checkpointing, lora, compiled in CONFIGURATIONS:
+        if args.only and name not in args.only.split(","):
+            continue
         r = run_on_local_ranks(_rank, args.world, strategy, arch, args.global_batch, args.length, args.steps,
-                               checkpointing, lora, timeout=3600, start_method="spawn")
-        params = r["params"] or params
-        print(f"{name:<38}{params / 1e6:>11.1f}M{r['trainable'] / 1e6:>11.2f}M{r['peak_gib']:>17.2f}"
+                               checkpointing, lora, compiled, timeout=3600, start_method="spawn")
+        print(f"{name:<38}{r['params'] / 1e6:>11.1f}M{r['trainable'] / 1e6:>11.2f}M{r['peak_gib']:>17.2f}"
               f"{r['s_per_step']:>9.2f}", flush=True)
 
 

@@ -41,12 +41,21 @@ def token_auth_cluster(tmp_dir: Path, node_cpus: tuple[float, ...] = (2,)):
     try:
         ray_cli(env, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                 f"--dashboard-port={dashboard_port}", f"--num-cpus={node_cpus[0]}", *small)
-        for cpus in node_cpus[1:]:  # a node of its own: its own raylet, object store and resources
-            ray_cli(env, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+        for i, cpus in enumerate(node_cpus[1:], 1):  # a node of its own: its own raylet, object store and resources
+            # its processes (raylet, workers) carry DCL_TEST_NODE=i: `node_pids` finds them, to remove the node
+            ray_cli(env | {NODE_MARK: str(i)}, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                     f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}", *small)
         yield env | {"RAY_ADDRESS": f"127.0.0.1:{port}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard_port}"}
     finally:
         stop_cluster(env)
+
+
+NODE_MARK = "DCL_TEST_NODE"
+
+
+def node_pids(i: int) -> list[int]:
+    """The processes of a token_auth_cluster's node i (1 for the first after the head)."""
+    return pids_with_env(f"{NODE_MARK}={i}")
 
 
 def pids_with_env(mark: str) -> list[int]:

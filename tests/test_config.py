@@ -56,6 +56,8 @@ def test_overrides_and_flags_reach_the_config():
     config = Config.load(ROOT / "experiments/image_simclr.yaml", train.overrides_from_flags(args) + ["data.name=digits"])
     assert (config.train.num_workers, config.train.max_steps, config.train.name) == (4, 7, "x")
     assert config.loss.temperature == 0.2 and config.train.epochs is None
+    elastic = Config.load(None, ["data.name=digits", "train.num_workers=[1, 2]"]).train
+    assert (elastic.num_workers, elastic.worker_range, elastic.elastic) == ((1, 2), (1, 2), True)
     args = train.parse_args(["--epochs", "3"])
     config = Config.load(None, train.overrides_from_flags(args) + ["data.name=digits"])
     assert (config.train.epochs, config.train.max_steps) == (3, None)
@@ -69,6 +71,11 @@ def test_overrides_and_flags_reach_the_config():
         (["loss.temperature=0"], "loss.temperature must be a finite number > 0"),
         (["loss.temperature=hot"], "loss.temperature: Input should be a valid number"),
         (["train.num_workers=3"], "train.global_batch_size=256 is not divisible by train.num_workers=3"),
+        (["train.num_workers=[2, 5]"], r"train.num_workers=\[2, 5\]: train.global_batch_size=256 is not divisible "
+                                       "by 3, 5 workers; every count of an elastic range must split the global batch"),
+        (["train.num_workers=[4, 2]"], r"train.num_workers=\[4, 2\]: the minimum is above the maximum"),
+        (["train.strategy=fsdp"], "train.strategy=fsdp: the image task's encoder"),
+        (["train.grad_cache_tokens=512"], "train.grad_cache_tokens counts text tokens: the image task has no texts"),
         (["loss.name=supcon", "loss.m=3"], "loss.m=3 does not divide train.global_batch_size=256"),
         (["loss.name=supcon", "loss.m=1"], "loss.m: Input should be greater than or equal to 2"),
         (["loss.name=triplet"], "loss.name must be one of"),

@@ -214,7 +214,7 @@ def _train_ranks(rank, world, sizes, momentum, steps, out_dir):
             ddp = nn.parallel.DistributedDataParallel(net)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
             restore_state(Checkpoint.from_directory(out_dir), net, optimizer, scheduler, rank, torch.device("cpu"),
-                          negatives)
+                          negatives, world)
         train_step(ddp, net, optimizer, batch_of(step, rank, sizes[rank]), no_autocast, scheduler, negatives=negatives)
         history.append(copy.deepcopy(negatives.queue.state_dict()))
     key_towers = negatives.key_towers.module.state_dict() if momentum else None
