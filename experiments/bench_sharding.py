@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--only", help="the configurations to run, by name, comma-separated (default: all)")
+    parser.add_argument("--only", help="the configurations to run, their names separated by | (default: all)")
     args = parser.parse_args()
     heads = max(2, args.hidden // 64)
     arch = {"model_type": "qwen3", "vocab_size": 30522, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
@@ -98,7 +98,7 @@ def main() -> None:
           f"batch {args.global_batch} pairs of {args.length} tokens; AdamW; {args.steps} steps")
     print(f"{'configuration':<38}{'parameters':>12}{'trainable':>12}{'peak GiB/worker':>17}{'s/step':>9}")
     for name, strategy, checkpointing, lora, compiled in CONFIGURATIONS:
-        if args.only and name not in args.only.split(","):
+        if args.only and name not in args.only.split("|"):
             continue
         r = run_on_local_ranks(_rank, args.world, strategy, arch, args.global_batch, args.length, args.steps,
                                checkpointing, lora, compiled, timeout=3600, start_method="spawn")

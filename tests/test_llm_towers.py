@@ -165,3 +165,28 @@ def test_a_sharded_lora_run_of_a_decoder_embedder_exports_what_it_trained(tiny_q
         hidden = peft_model(**towers.tokenize(TEXTS, "a")).last_hidden_state[:, -1]
     assert F.normalize(hidden, dim=-1).numpy() == pytest.approx(z["a"], abs=1e-5)
     assert "library_name: peft" in (run / "adapter" / "README.md").read_text()
+
+
+def test_the_caption_tower_takes_lora_too_and_its_towers_export_merged(tiny_bert, tmp_path):
+    """image_text.text_tower.lora: the caption tower's adapters train (beside the image tower and the
+    projections, which have no adapters); towers.pt holds the merged towers and a config without
+    adapters, and loads to the same embeddings."""
+    from distributed_cl.tasks import TASKS, load_towers
+
+    config = Config.load(CONFIGS / "image_text_tiny.yaml", [f"image_text.text_tower.model={tiny_bert}",
+                                                           "image_text.text_tower.lora={r: 4, alpha: 8}"])
+    task = TASKS["image_text"](config)
+    torch.manual_seed(0)
+    towers = task.build_towers(config).eval()
+    trainable = [n for n, p in towers.named_parameters() if p.requires_grad]
+    text = [n for n in trainable if n.startswith("text_tower.")]
+    assert text and all(".lora_A." in n or ".lora_B." in n for n in text)  # BERT's query and value: peft's default
+    assert any(n.startswith("image_encoder.") for n in trainable)  # the rest trains as before
+    perturb_adapters(towers)
+    task.export(merged(towers), str(tmp_path))
+    assert save_adapters(towers, str(tmp_path))[0].path == "adapter"
+    loaded = load_towers(tmp_path / "towers.pt")
+    assert not any("lora" in n for n, _ in loaded.named_parameters())
+    with torch.no_grad():
+        tokens = task.tokenize(TEXTS)
+        assert torch.allclose(loaded.embed_texts(tokens), towers.embed_texts(tokens), atol=1e-5)

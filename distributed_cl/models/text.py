@@ -179,6 +179,8 @@ class TextTower(nn.Module):
             self.transformer = AutoModel.from_config(AutoConfig.for_model(**architecture))
         if getattr(self.transformer, "pooler", None) is not None:
             self.transformer.pooler = None  # mean pooling replaces it; unused parameters would stall DDP's sync
+        if hasattr(self.transformer.config, "use_cache"):  # a decoder's KV cache: memory and graph breaks, no use here
+            self.transformer.config.use_cache = False
         self.frozen, self.pooling = config.freeze, config.pooling
         self.out_dim = self.transformer.config.hidden_size
         self.transformer.requires_grad_(not config.freeze)
