@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/scripts/setup.sh"
 need_data_packages  # scripts/debian-packages.txt: what the tests and the shipped configs read
-need_debian_packages chromium  # tests/test_report.py renders the run report in a headless browser
+need_debian_packages chromium g++  # test_report.py renders the run report in a headless browser; train.compile's test: inductor compiles C++
 cd "$ROOT"
 # Two pytest-xdist processes: the tests that start Ray run one at a time on one of them (the
 # xdist_group "ray", tests/conftest.py), the rest on the other. DCL_TEST_WORKERS=0 runs serially.
