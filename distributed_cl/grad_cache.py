@@ -10,6 +10,12 @@ than the encoder's activations allow, with the same gradient as the whole-batch 
 
 Activation memory is one chunk's; the price is a second forward pass of the towers.
 
+Chunks are rows (`train.grad_cache_chunk`), or a token budget (`train.grad_cache_tokens`): the
+rows sorted by length and each chunk padded to its own longest text, the embeddings put back in
+the batch's order for the loss. Under FSDP every rank runs the same number of chunks (each pass
+through a sharded block gathers its weights from all ranks), and each chunk's backward
+reduce-scatters its share of the gradient: the sum over chunks is the whole-batch gradient.
+
 BatchNorm normalises each chunk by that chunk's statistics in both passes (ghost batch norm),
 and its running statistics are updated once per chunk: the first pass's updates are undone.
 The step then equals the whole-batch step exactly for towers without batch statistics
