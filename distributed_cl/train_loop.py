@@ -748,7 +748,7 @@ class ContrastiveRecipe:
             os.makedirs(os.path.join(directory, EXPORT_DIR))
             plain = merged(towers)  # LoRA's adapters merged: the usual files, and the adapters alone beside
             self.task.export(plain, os.path.join(directory, EXPORT_DIR))
-            adapters = save_adapters(towers, os.path.join(directory, EXPORT_DIR))
+            adapters = save_adapters(towers, os.path.join(directory, EXPORT_DIR), self.task.adapter_base)
             t = self.config.train  # the cards' snippets load from the run directory, where the driver copies them
             where = join_path(t.storage_path, t.name) if "://" not in t.storage_path else EXPORT_DIR
             write_cards(os.path.join(directory, EXPORT_DIR), self.task.exports(plain) + adapters, self.card_facts(export),

@@ -13,12 +13,13 @@ from distributed_cl.model_card import Training, write_cards
 FIGURES = {"recall@1": (0.75, 0.5, 0.125)}
 
 
-def write_test_cards(task, towers, directory: Path) -> None:
-    """The cards of `task`'s exports in `directory`, for a run described by made-up facts."""
+def write_test_cards(task, towers, directory: Path, more: list = ()) -> None:
+    """The cards of `task`'s exports (and `more` exports) in `directory`, for a run described by
+    made-up facts."""
     facts = Training(name="run", task=task.name, base_model=task.base_model, data="jsonl rows.jsonl (100 training rows)",
                      datasets=["rows.jsonl"], loss={"name": "infonce", "temperature": 0.05}, global_batch_size=32,
                      steps=10, hardware="2 Ray Train workers, CPU", metrics=FIGURES)
-    write_cards(str(directory), task.exports(towers), facts, str(directory))
+    write_cards(str(directory), [*task.exports(towers), *more], facts, str(directory))
 
 
 def check_model_card(directory: Path, library: str, base_model: str | None, figures: dict) -> dict:

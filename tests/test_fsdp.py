@@ -9,11 +9,13 @@ import pytest
 import torch
 from reference import rel_err
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from distributed_cl.distributed import run_on_local_ranks
 from distributed_cl.grad_cache import chunk_rows, grad_cache_backward, take_rows
 from distributed_cl.losses import ClipLoss, InfoNCELoss
 from distributed_cl.losses.ntxent import NTXentOptions
+from distributed_cl.models.clip import HFClipTowers
 from distributed_cl.models.text import TextTower, TextTowerOptions
 from distributed_cl.sharding import (
     activation_checkpointing,
@@ -26,27 +28,39 @@ from distributed_cl.sharding import (
     shard_blocks,
 )
 from distributed_cl.tasks import ContrastiveModel
+from distributed_cl.tasks.image_text import ImageTextOptions
 from distributed_cl.tasks.text import SiameseText
 
 BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 16}
 LOSSES = {"infonce": lambda: InfoNCELoss(0.1), "infonce_tiled": lambda: InfoNCELoss(0.1, chunk_size=5),
           "clip": lambda: ClipLoss(0.1)}  # CLIP learns its temperature: a parameter FSDP leaves whole
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+CLIP = {"text_config": {**TOWER, "vocab_size": 64, "max_position_embeddings": 16, "eos_token_id": 63},
+        "vision_config": {**TOWER, "image_size": 16, "patch_size": 8}, "projection_dim": 16}
 
 
-def model(loss: str, dropout: float = 0.1, lora: bool = False) -> ContrastiveModel:
+def model(loss: str, dropout: float = 0.1, lora: bool = False, towers: str = "text") -> ContrastiveModel:
+    """Towers of a BERT text encoder for both sides, or with towers="clip" a transformers CLIP
+    (whose logit scale the CLIP loss trains), LoRA on both of its towers at ranks of their own."""
     torch.manual_seed(0)
-    options = TextTowerOptions(lora={"r": 4, "alpha": 8, "dropout": dropout} if lora else None)
-    tower = TextTower(options, architecture={**BERT, "hidden_dropout_prob": dropout,
-                                             "attention_probs_dropout_prob": dropout})
+    if towers == "clip":
+        adapters = {"r": 4, "alpha": 8, "dropout": dropout} if lora else None
+        options = ImageTextOptions(towers="hf_clip", pretrained="tiny", image_tower={"lora": adapters},
+                                   text_tower={"lora": adapters and {**adapters, "r": 2}})
+        net = HFClipTowers(options, {"model_type": "clip", "clip": CLIP, "mean": [0.5] * 3, "std": [0.5] * 3})
+    else:
+        options = TextTowerOptions(lora={"r": 4, "alpha": 8, "dropout": dropout} if lora else None)
+        net = SiameseText(TextTower(options, architecture={**BERT, "hidden_dropout_prob": dropout,
+                                                           "attention_probs_dropout_prob": dropout}))
     if lora:  # LoRA's B starts at zero: a step from there would not show its A's gradient
-        for name, p in tower.named_parameters():
+        for name, p in net.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
-    return ContrastiveModel(SiameseText(tower), LOSSES[loss](), NTXentOptions()).train()
+    return ContrastiveModel(net, LOSSES[loss](), NTXentOptions()).train()
 
 
-def batch(n: int) -> dict:
+def batch(n: int, towers: str = "text") -> dict:
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(3, 10, (2, n), generator=g)  # padded texts: the mask matters
 
@@ -54,7 +68,11 @@ def batch(n: int) -> dict:
         mask = (torch.arange(10) < lengths[side, :, None]).long()
         return {"input_ids": torch.randint(1, 64, (n, 10), generator=g) * mask, "attention_mask": mask}
 
-    return {"a": tokens(0), "b": tokens(1), "labels": torch.arange(n)}
+    if towers == "text":
+        return {"a": tokens(0), "b": tokens(1), "labels": torch.arange(n)}
+    captions = tokens(1)  # a CLIP's text tower reads its end-of-text token's state: one ends every caption
+    captions["input_ids"].scatter_(1, lengths[1, :, None] - 1, 63)
+    return {"a": torch.rand(n, 3, 16, 16, generator=g), "b": captions, "labels": torch.arange(n)}
 
 
 def rows(data, start: int, stop: int):
@@ -69,13 +87,14 @@ def no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip, lora=False, tokens=None):
+def _fsdp_step(rank, world, loss, sizes, chunk, checkpointing, clip, lora=False, tokens=None, towers="text"):
     """One FSDP step on this rank's share: the whole gradients (gathered) and weights after SGD."""
-    net = model(loss, lora=lora)
+    net = model(loss, lora=lora, towers=towers)
     if checkpointing:
         activation_checkpointing(net.towers)
     fully_shard_model(net, list(net.loss_fn.parameters()), torch.device("cpu"))
-    data = local(batch(sum(sizes)), sizes, rank)
+    assert sum(isinstance(m, FSDPModule) for m in net.modules()) >= 4  # its blocks (2 a tower), tables and root
+    data = local(batch(sum(sizes), towers), sizes, rank)
     torch.manual_seed(100 + rank)
     if chunk or tokens:
         grad_cache_backward(net, net, data, chunk, no_autocast, tokens)
@@ -95,10 +114,10 @@ def whole_grads(net: nn.Module) -> dict:
             else p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
 
-def reference_step(loss, sizes, chunk, clip, lora=False, tokens=None):
+def reference_step(loss, sizes, chunk, clip, lora=False, tokens=None, towers="text"):
     """The single-process step on the global batch: each rank's rows embedded with that rank's
     dropout masks (chunk by chunk, in the chunks every rank runs), one loss over all of them."""
-    net, data = model(loss, lora=lora), batch(sum(sizes))
+    net, data = model(loss, lora=lora, towers=towers), batch(sum(sizes), towers)
     shares = [local(data, sizes, rank) for rank in range(len(sizes))]
     count = max(len(chunk_rows(mine, chunk, tokens)) for mine in shares) if chunk or tokens else 1
     embeddings = []
@@ -126,25 +145,30 @@ def assert_close_to(got: dict, ref: dict, tol: float = 1e-5) -> None:
         assert error <= tol * max(float(ref[name].float().norm()), 1e-3 * scale), (name, error)
 
 
-CASES = {  # local batches (one a rank), chunk, activation checkpointing, loss, grad clip, LoRA, token budget
+CASES = {  # local batches (one a rank), chunk, activation checkpointing, loss, grad clip, LoRA, token budget, towers
     "2 ranks: unequal chunks, a learnt temperature, clipped": ([7, 5], 3, False, "clip", 0.05),
     "3 ranks: unequal batches, no chunks, tiled loss, checkpointing": ([5, 4, 4], None, True, "infonce_tiled", 0.0),
     "3 ranks: token-budget chunks, tiled loss, LoRA": ([6, 5, 6], None, False, "infonce_tiled", 0.0, True, 40),
+    "2 ranks: a CLIP's towers with LoRA, unequal chunks, its logit scale": ([5, 4], 2, False, "clip", 0.0, True, None,
+                                                                           "clip"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_an_fsdp_step_equals_the_single_process_whole_batch_step(case):
-    sizes, chunk, checkpointing, loss, clip, lora, tokens = (*CASES[case], False, None)[:7]
+    defaults = (False, None, "text")  # lora, tokens, towers where a case leaves them out
+    sizes, chunk, checkpointing, loss, clip, lora, tokens, towers = (*CASES[case], *defaults[len(CASES[case]) - 5:])
     grads, weights = run_on_local_ranks(_fsdp_step, len(sizes), loss, sizes, chunk, checkpointing, clip, lora, tokens,
-                                        timeout=180)
-    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip, lora, tokens)
+                                        towers, timeout=180)
+    ref_grads, ref_weights = reference_step(loss, sizes, chunk, clip, lora, tokens, towers)
     assert_close_to(grads, ref_grads)
     assert_close_to(weights, ref_weights)
-    if loss == "clip":
-        assert grads["loss_fn.logit_scale"].abs() > 0  # averaged over the ranks, not left to one
-    if lora:  # only the adapters have gradients
-        assert grads and all("lora_" in name for name in grads), sorted(grads)[:3]
+    scale = next((g for name, g in grads.items() if name.endswith("logit_scale")), None)
+    assert (scale is not None and scale.abs() > 0) == (loss == "clip")  # averaged over the ranks, not left to one
+    if lora:  # only the adapters (and a learnt scale) have gradients: on both of a CLIP's towers
+        assert all("lora_" in name or name.endswith("logit_scale") for name in grads), sorted(grads)[:3]
+        assert {"vision_model" in name for name in grads if "lora_" in name} == ({True, False} if towers == "clip"
+                                                                                   else {False})
 
 
 def _ddp_step(rank, world, loss, sizes, chunk):

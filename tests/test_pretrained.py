@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -435,6 +436,111 @@ def test_the_open_clip_export_loads_in_open_clip_as_the_trained_towers(tiny_open
     with torch.no_grad():
         torch.testing.assert_close(made["model"].eval().encode_text(made["tokenizer"](CAPTIONS)),
                                    loaded.embed_texts(loaded.tokenize(CAPTIONS)), atol=1e-5, rtol=1e-4)
+
+
+CLIP_LORA = {  # per library: each tower's lora block (ranks of their own; the text's layers named, the image's default)
+    "hf_clip": ["image_text.image_tower.lora={r: 4, alpha: 8, dropout: 0.0}",
+                "image_text.text_tower.lora={r: 2, alpha: 8, dropout: 0.0, target_modules: [q_proj, fc1]}"],
+    # open_clip's blocks: a torch MultiheadAttention (no linear layer an adapter could run in) and an MLP
+    "open_clip": ["image_text.image_tower.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [c_fc]}",
+                  "image_text.text_tower.lora={r: 2, alpha: 8, dropout: 0.0, target_modules: [c_fc, c_proj]}"],
+}
+
+
+@pytest.mark.parametrize("library", CLIP_LORA)
+def test_lora_on_a_clip_trains_each_towers_adapters_and_the_scale_and_exports_them_merged_and_alone(
+        library, tiny_clip, tiny_open_clip, tmp_path):
+    """Adapters on both towers, each tower its own rank; the towers' weights frozen, the logit
+    scale trained; the optimizer and the checkpoint hold those alone. The library's export holds
+    the merged weights, and adapter/ loads onto the base model with peft (its card's snippet, as
+    written), both embedding as the trained towers."""
+    from peft import PeftModel
+
+    from distributed_cl.models.lora import merged, save_adapters
+    from distributed_cl.train_loop import trainable_state
+
+    config = (hf_clip_config(tiny_clip, *CLIP_LORA[library]) if library == "hf_clip"
+              else open_clip_config(tiny_open_clip, *CLIP_LORA[library]))
+    task = ImageTextTask(config)
+    towers = task.build_towers(config).eval()
+    net = ContrastiveModel(towers, config.loss.build(), config.loss)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if ".lora_A." in n or ".lora_B." in n} | {"towers.logit_scale"}
+    image = {id(p) for p in towers.tower_parameters()["image"]}
+    ranks = {("image" if id(p) in image else "text", p.shape[0]) for n, p in towers.named_parameters() if ".lora_A." in n}
+    assert ranks == {("image", 4), ("text", 2)}
+    if library == "open_clip":  # the text tower's c_fc, not also the image tower's visual.transformer.*.c_fc
+        assert sum(".lora_A." in n for n in trainable) == 2 + 2 * 2
+    grouped = {id(p) for group in param_groups(net, config.optim, towers.lr_mults()) for p in group["params"]}
+    assert grouped == {id(p) for p in net.parameters() if p.requires_grad}
+    state = trainable_state(net)  # a checkpoint: the adapters and the scale (under each of its names)
+    assert {k for k in state if not k.endswith("logit_scale")} == trainable - {"towers.logit_scale"}
+    assert "towers.logit_scale" in state
+
+    torch.manual_seed(1)  # a trained state: B moved off zero, the scale off its start
+    with torch.no_grad():
+        for p in towers.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    directory = tmp_path / "export"
+    directory.mkdir()
+    task.export(merged(towers), str(directory))
+    (adapter,) = save_adapters(towers, str(directory), task.adapter_base)
+    write_test_cards(task, merged(towers), directory, [adapter])
+    base = task.build_towers(config.model_copy(update={"image_text": config.image_text.model_copy(
+        update={"image_tower": config.image_text.image_tower.model_copy(update={"lora": None}),
+                "text_tower": config.image_text.text_tower.model_copy(update={"lora": None})})}))
+    images, tokens = as_floats(pil_images(4, seed=3)), task.tokenize(CAPTIONS)
+    with torch.no_grad():
+        want = towers.embed_images(images), towers.embed_texts(tokens)
+        assert not torch.allclose(base.embed_images(images), want[0], atol=1e-3)  # the adapters changed them
+        made = check_model_card(directory / "adapter", "peft", task.base_model, FIGURES)  # as the card says
+        peft_model = made["model"].eval()
+        assert isinstance(peft_model, PeftModel)
+        base.model = peft_model  # the adapter on the library's base model, in the towers' preprocessing and calls
+        torch.testing.assert_close((base.embed_images(images), base.embed_texts(tokens)), want, atol=1e-5, rtol=1e-4)
+        loaded = load_towers(str(directory / "towers.pt"))  # merged: no adapters, the same embeddings
+        assert not any("lora" in n for n, _ in loaded.named_parameters())
+        torch.testing.assert_close((loaded.embed_images(images), loaded.embed_texts(tokens)), want, atol=1e-5, rtol=1e-4)
+        assert loaded.logit_scale.item() == pytest.approx(towers.logit_scale.item())
+    if library == "hf_clip":
+        from transformers import CLIPModel
+
+        exported = CLIPModel.from_pretrained(directory / "hf_clip").eval()
+        pixels = towers.preprocess(images)
+        torch.testing.assert_close(exported.get_image_features(pixel_values=pixels).pooler_output, want[0],
+                                   atol=1e-5, rtol=1e-4)
+    else:
+        import open_clip
+
+        exported = open_clip.create_model(tiny_open_clip["name"], pretrained=str(directory / "open_clip.pt")).eval()
+        torch.testing.assert_close(exported.encode_text(tokens["input_ids"]), want[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (["image_text.text_tower.lora={target_modules: [q_proj, query]}"], ConfigError,
+     r"image_text.text_tower.lora.target_modules: the model has no linear layer named query; its linear layers are "
+     r"named .*fc1, fc2, k_proj, out_proj, q_proj, v_proj"),
+    (["image_text.image_tower.lora={r: 4}", "image_text.lock_image=true"], ConfigError,
+     "image_text.image_tower.lora: trains adapters on the tower that image_text.lock_image keeps fixed"),
+    (["image_text.image_tower.lora={dropout: 0.1}", "image_text.text_tower.lora={dropout: 0.0}"], ConfigError,
+     "image_tower.lora.dropout and text_tower.lora.dropout differ: one adapter takes one dropout"),
+    (["image_text.towers=scratch", "image_text.pretrained=null", "image_text.image_tower.lora={r: 4}"], ConfigError,
+     "image_text.image_tower.lora: adapts a pretrained CLIP's image tower"),
+    (["image_text.image_tower.lora={r: 4}", "peft missing"], ConfigError,
+     r"image_text.image_tower.lora: lora needs the peft package: pip install 'distributed_cl\[lora\]'"),
+])
+def test_bad_lora_blocks_on_clip_towers_are_config_errors_before_ray(tiny_clip, monkeypatch, overrides, error, match):
+    if "peft missing" in overrides:
+        monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    with pytest.raises(error, match=match):
+        hf_clip_config(tiny_clip, *[o for o in overrides if o != "peft missing"])
+
+
+def test_open_clip_towers_name_their_lora_layers(tiny_open_clip):
+    with pytest.raises(ConfigError, match=r"image_text.image_tower.lora.target_modules: name the linear layers to "
+                                          r"adapt \(peft has no default for this model\), e.g. \['c_fc', 'c_proj'\]"):
+        open_clip_config(tiny_open_clip, "image_text.image_tower.lora={r: 4}")
 
 
 # ----------------------------------------------------------------------------- zero-shot

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -19,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distributed_cl.models.lora import LoraOptions, has_lora, peft_installed, with_tower_lora
 from distributed_cl.models.text import TextTokenizer
 from distributed_cl.options import absolute
 
 
-class TowerLr(Protocol):
+class TowerOptions(Protocol):
     lr_mult: float
+    lora: LoraOptions | None
 
 
 class ClipSource(Protocol):
@@ -35,8 +38,8 @@ class ClipSource(Protocol):
     open_clip_config: str | None
     lock_image: bool
     lock_text: bool
-    image_tower: TowerLr
-    text_tower: TowerLr
+    image_tower: TowerOptions
+    text_tower: TowerOptions
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -70,9 +73,15 @@ def _hf_classes(model_type: str):
 
 
 class PretrainedClip(nn.Module):
-    """What both libraries' towers share: preprocessing, locking, and the dual-encoder calls.
-    Subclasses set `self.model` and `self.logit_scale` and name the image tower's modules; the
-    text tower is the rest of the model."""
+    """What both libraries' towers share: preprocessing, locking, LoRA, and the dual-encoder
+    calls. Subclasses set `self.model` and `self.logit_scale`, name the image tower's modules (the
+    text tower is the rest of the model), then call `_adapt_and_lock`.
+
+    With a `lora` block on either tower, `self.model` is one peft model over the whole CLIP: the
+    towers' weights frozen, adapters on the named layers of each tower that has a block, and the
+    logit scale (and bias) trained as before."""
+
+    lora_targets: list[str] | None = None  # the layers adapted where a lora block names none
 
     def __init__(self, image_size: int, mean, std, config: ClipSource) -> None:
         super().__init__()
@@ -81,24 +90,37 @@ class PretrainedClip(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def base(self) -> nn.Module:
+        """The library's own model (under LoRA, the one peft wraps, with its adapters in place)."""
+        return self.model.get_base_model() if has_lora(self.model) else self.model
+
     def image_modules(self) -> list[nn.Module]:
         raise NotImplementedError
 
     def text_modules(self) -> list[nn.Module]:
         image = {id(m) for m in self.image_modules()}
-        return [m for m in self.model.children() if id(m) not in image]
+        return [m for m in self.base.children() if id(m) not in image]
 
     def tower_parameters(self) -> dict[str, list[nn.Parameter]]:
         """{"image": ..., "text": ...}: every parameter of the model but the logit scale (and bias)."""
         image = {id(p) for m in self.image_modules() for p in m.parameters()}
-        shared = {id(self.logit_scale), id(getattr(self.model, "logit_bias", None))}
+        shared = {id(self.logit_scale), id(getattr(self.base, "logit_bias", None))}
         params = [p for p in self.model.parameters() if id(p) not in shared]
         return {"image": [p for p in params if id(p) in image], "text": [p for p in params if id(p) not in image]}
 
-    def _lock(self) -> None:
+    def _adapt_and_lock(self, config: ClipSource) -> None:
+        if config.image_tower.lora is not None or config.text_tower.lora is not None:
+            towers = {"image_tower": (self.image_modules(), config.image_tower.lora),
+                      "text_tower": (self.text_modules(), config.text_tower.lora)}
+            self.model = with_tower_lora(self.model, towers, self.lora_targets)
+            for p in (self.logit_scale, getattr(self, "logit_bias", None)):
+                if p is not None:
+                    p.requires_grad_(True)  # peft froze everything but its adapters: the loss trains these
         for tower, params in self.tower_parameters().items():
-            for p in params:
-                p.requires_grad_(not getattr(self, f"lock_{tower}"))
+            if getattr(self, f"lock_{tower}"):
+                for p in params:
+                    p.requires_grad_(False)
 
     def lr_mults(self) -> list[tuple[list[nn.Parameter], float]]:
         return [(params, self.lr_mult[tower]) for tower, params in self.tower_parameters().items()]
@@ -142,6 +164,8 @@ class HFClipTowers(PretrainedClip):
     by `save_pretrained`, or a Hub name with image_text.download), or, with `architecture`, its
     config alone (weights loaded afterwards, as `load_towers` does)."""
 
+    lora_targets = ["q_proj", "v_proj"]  # the attention's query and value, peft's usual choice
+
     def __init__(self, config: ClipSource, architecture: dict | None = None) -> None:
         from distributed_cl.models.text import _quiet_progress_bars
 
@@ -162,20 +186,20 @@ class HFClipTowers(PretrainedClip):
         self.logit_scale = model.logit_scale  # the same parameter: the loss trains it, the export carries it
         if self.model_type == "siglip":
             self.logit_bias = model.logit_bias
-        self._lock()
+        self._adapt_and_lock(config)
 
     def image_modules(self) -> list[nn.Module]:
-        return [getattr(self.model, name) for name in HF_DUAL_ENCODERS[self.model_type][2]]
+        return [getattr(self.base, name) for name in HF_DUAL_ENCODERS[self.model_type][2]]
 
     def _image_features(self, pixels: Tensor) -> Tensor:
-        return _features(self.model.get_image_features(pixel_values=pixels))
+        return _features(self.base.get_image_features(pixel_values=pixels))
 
     def _text_features(self, tokens: dict) -> Tensor:
         mask = tokens["attention_mask"] if HF_DUAL_ENCODERS[self.model_type][3] else None
-        return _features(self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=mask))
+        return _features(self.base.get_text_features(input_ids=tokens["input_ids"], attention_mask=mask))
 
     def architecture(self) -> dict:
-        return {"model_type": self.model_type, "clip": self.model.config.to_dict(),
+        return {"model_type": self.model_type, "clip": self.base.config.to_dict(),
                 "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
 
     def export(self, directory: str, tokenizer) -> str:
@@ -184,7 +208,7 @@ class HFClipTowers(PretrainedClip):
         import transformers
 
         path = os.path.join(directory, "hf_clip")
-        self.model.save_pretrained(path)
+        self.base.save_pretrained(path)  # (merged towers: no adapters)
         size, mean, std = self.image_size, self.mean.flatten().tolist(), self.std.flatten().tolist()
         if self.model_type == "siglip":
             images = transformers.SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
@@ -228,14 +252,35 @@ def hf_model_type(source: str, download: bool) -> str:
 
 
 def check_hf_clip(config: ClipSource, loss_name: str) -> None:
-    """Before Ray starts: the checkpoint is there, is a dual encoder transformers has, and a SigLIP
-    one trains with the sigmoid loss."""
-    kind = hf_model_type(resolve_hf_clip(config), config.download)
+    """Before Ray starts: the checkpoint is there, is a dual encoder transformers has, a SigLIP one
+    trains with the sigmoid loss, and LoRA's target layers are in its towers."""
+    from transformers import AutoConfig
+
+    source = resolve_hf_clip(config)
+    kind = hf_model_type(source, config.download)
     if kind not in HF_DUAL_ENCODERS:
         raise ValueError(f"image_text.pretrained: {config.pretrained} is a {kind!r} model; towers: hf_clip loads "
                          f"model_type {' or '.join(map(repr, HF_DUAL_ENCODERS))}")
     if kind == "siglip" and loss_name != "siglip":
         raise _siglip_error(config.pretrained)
+    model_config = AutoConfig.from_pretrained(source, local_files_only=not config.download).to_dict()
+    check_clip_lora(config, lambda: HFClipTowers(config, {"model_type": kind, "clip": model_config,
+                                                          "mean": OPENAI_MEAN, "std": OPENAI_STD}))
+
+
+def check_clip_lora(config: ClipSource, skeleton: Callable[[], PretrainedClip]) -> None:
+    """Where a tower has a lora block: peft is installed, and the towers built on the meta device
+    (no weights, no memory) take the adapters."""
+    if config.image_tower.lora is None and config.text_tower.lora is None:
+        return
+    if why := peft_installed():
+        tower = "image_tower" if config.image_tower.lora is not None else "text_tower"
+        raise ImportError(f"image_text.{tower}.lora: {why}")
+    try:
+        with torch.device("meta"):
+            skeleton()
+    except ValueError as e:
+        raise ValueError(f"image_text.{e}") from None
 
 
 def hf_clip_tokenizer(config: ClipSource) -> TextTokenizer:
@@ -325,6 +370,7 @@ def check_open_clip(config: ClipSource, loss_name: str) -> None:
             f"image_text.pretrained: {config.pretrained!r} names weights on the Hugging Face Hub, and "
             "image_text.download is false: set it true (the Hub cache is read first), or give a checkpoint path "
             "(NAME:/path/to/open_clip.pt)")
+    check_clip_lora(config, lambda: OpenClipTowers(config, {"name": name, "model_config": open_clip.get_model_config(name)}))
 
 
 class OpenClipTowers(PretrainedClip):
@@ -348,7 +394,8 @@ class OpenClipTowers(PretrainedClip):
                         json.dump(architecture["model_config"], f)
                     open_clip.add_model_config(d)
             with _quiet_root_logger():
-                model = open_clip.create_model(name, pretrained=None, load_weights=False)
+                # (on the default device: the meta device where check_clip_lora builds a skeleton)
+                model = open_clip.create_model(name, pretrained=None, load_weights=False, device=torch.get_default_device())
         preprocess = model.visual.preprocess_cfg
         size = preprocess["size"]
         super().__init__(size if isinstance(size, int) else size[0], preprocess["mean"], preprocess["std"], config)
@@ -356,16 +403,16 @@ class OpenClipTowers(PretrainedClip):
         self.logit_scale = model.logit_scale
         if getattr(model, "logit_bias", None) is not None:  # a SigLIP
             self.logit_bias = model.logit_bias
-        self._lock()
+        self._adapt_and_lock(config)
 
     def image_modules(self) -> list[nn.Module]:
-        return [self.model.visual]
+        return [self.base.visual]
 
     def _image_features(self, pixels: Tensor) -> Tensor:
-        return self.model.encode_image(pixels)
+        return self.base.encode_image(pixels)
 
     def _text_features(self, tokens: dict) -> Tensor:
-        return self.model.encode_text(tokens["input_ids"])
+        return self.base.encode_text(tokens["input_ids"])
 
     def architecture(self) -> dict:
         return {"name": self.name, "model_config": _open_clip().get_model_config(self.name)}
@@ -373,7 +420,7 @@ class OpenClipTowers(PretrainedClip):
     def export(self, directory: str, tokenizer) -> str:
         """open_clip.pt: `open_clip.create_model_and_transforms(name, pretrained=path)` loads it."""
         path = os.path.join(directory, "open_clip.pt")
-        torch.save(self.model.state_dict(), path)
+        torch.save(self.base.state_dict(), path)  # (merged towers: no adapters)
         return path
 
 

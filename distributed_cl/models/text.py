@@ -45,7 +45,9 @@ class TextTowerOptions(Options):
     @model_validator(mode="after")
     def _adapters_train(self) -> TextTowerOptions:
         if self.lora is not None and self.freeze:
-            raise field_error("lora", "trains adapters on the tower: it does not go with freeze=true")
+            if "freeze" in self.model_fields_set:
+                raise field_error("lora", "trains adapters on the tower: it does not go with freeze=true")
+            self.freeze = False  # a caption tower's default (frozen): with adapters, they train, the weights stay
         return self
 
     def absolute_paths(self) -> TextTowerOptions:

@@ -279,6 +279,12 @@ class Task(ABC):
         """The pretrained weights the towers start from (a Hub name or a path), or None."""
         return None
 
+    @property
+    def adapter_base(self) -> str | None:
+        """The lines of the adapter's card snippet that load the model its LoRA adapter goes on, as
+        `base`; None: transformers' AutoModel from the base model the adapter names."""
+        return None
+
     def tokenizer_state(self) -> dict | None:
         """The text tokenizer as towers.pt keeps it (its files), or None (no text, or no files)."""
         tokenize = getattr(self, "tokenize", None)

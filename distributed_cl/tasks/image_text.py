@@ -37,6 +37,7 @@ from distributed_cl.models.clip import (
     open_clip_spec,
 )
 from distributed_cl.models.image import ImageEncoderOptions
+from distributed_cl.models.lora import LoraOptions
 from distributed_cl.models.text import TextTowerOptions
 from distributed_cl.options import Options, absolute, choice, field_error
 from distributed_cl.tasks.base import TOWERS_SNIPPET, Config, Task, pair_extras, to_device
@@ -101,6 +102,9 @@ TOWERS: dict[str, TowerChoice] = {
 
 class ImageTowerOptions(ImageEncoderOptions):
     projection_dim: PositiveInt = 256  # the shared space of both towers
+    # LoRA adapters on a pretrained CLIP's image tower (towers: hf_clip, open_clip; `text_tower.lora`
+    # on its text tower): only the adapters and the logit scale train
+    lora: LoraOptions | None = None
 
 
 class CaptionTowerOptions(TextTowerOptions):
@@ -150,6 +154,13 @@ class ImageTextOptions(Options):
         if not TOWERS[self.towers].pretrained and (self.lock_image or self.lock_text):
             raise ValueError("image_text.lock_image / lock_text lock pretrained towers (hf_clip, open_clip); scratch "
                              "towers train both sides, or freeze the text one: image_text.text_tower.freeze")
+        if self.image_tower.lora is not None and not TOWERS[self.towers].pretrained:
+            raise field_error("image_tower.lora", "adapts a pretrained CLIP's image tower (towers: hf_clip "
+                              "or open_clip); the scratch image tower is a CNN that trains in full")
+        for tower, locked in (("image", self.lock_image), ("text", self.lock_text)):
+            if locked and getattr(self, f"{tower}_tower").lora is not None:
+                raise field_error(f"{tower}_tower.lora", "trains adapters on the tower that "
+                                  f"image_text.lock_{tower} keeps fixed: drop one")
         if not TOWERS[self.towers].pretrained and self.pretrained is not None:
             raise field_error("pretrained", "needs image_text.towers: hf_clip or open_clip (scratch towers read "
                               "image_text.image_tower and image_text.text_tower)")
@@ -277,12 +288,23 @@ class ImageTextTask(Task):
                     *super().exports(towers)]
         if x.towers == "open_clip":
             name = open_clip_spec(x)[0]
-            register = f'open_clip.add_model_config("{x.open_clip_config}")  # its architecture\n' if x.open_clip_config else ""
-            load = (f"import open_clip\n\n{register}"
-                    f'model, _, preprocess = open_clip.create_model_and_transforms("{name}", pretrained="{{path}}/open_clip.pt")\n'
-                    f'tokenizer = open_clip.get_tokenizer("{name}")')
+            load = (f'{self._open_clip_import()}model, _, preprocess = open_clip.create_model_and_transforms("{name}", '
+                    f'pretrained="{{path}}/open_clip.pt")\ntokenizer = open_clip.get_tokenizer("{name}")')
             return [Export("", "open_clip", "zero-shot-image-classification", load, "CLIP (open_clip)")]
         return [Export("", "pytorch", "zero-shot-image-classification", TOWERS_SNIPPET, "image and text towers")]
+
+    def _open_clip_import(self) -> str:
+        x = self.config.image_text
+        register = f'open_clip.add_model_config("{x.open_clip_config}")  # its architecture\n' if x.open_clip_config else ""
+        return f"import open_clip\n\n{register}"
+
+    @property
+    def adapter_base(self) -> str | None:
+        """open_clip's model (transformers' CLIPModel and SiglipModel load as AutoModel)."""
+        if self.config.image_text.towers != "open_clip":
+            return None
+        name, pretrained = open_clip_spec(self.config.image_text)
+        return f'{self._open_clip_import()}base = open_clip.create_model("{name}", pretrained={pretrained!r})\n'
 
     @property
     def base_model(self) -> str | None:
