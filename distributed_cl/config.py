@@ -102,6 +102,12 @@ class TrainOptions(TrackerSections):
     def elastic(self) -> bool:
         return self.worker_range[0] != self.worker_range[1]
 
+    @property
+    def stream_parts(self) -> int:
+        """The parts Ray Data splits a streamed dataset into: one a worker, and in an elastic run as
+        many as the most workers, whatever the number running (each reads a run of them)."""
+        return self.worker_range[1]
+
     def tracker_options(self) -> dict[str, Options | None]:
         return {name: getattr(self, name, None) for name in TRACKERS}
 

@@ -146,7 +146,7 @@ def grad_cache_backward(model: nn.Module, net: ContrastiveModel, batch: dict, ch
             raise ValueError(f"gradient caching under FSDP: this rank's {n} rows cannot fill the {count} chunks "
                              "every rank runs (give the ranks equal local batches)")
         chunks = chunk_rows(batch, chunk_size, chunk_tokens, count)
-    inputs = [take_rows(batch, rows, trim=chunk_tokens is not None) for rows in chunks]
+    inputs = [take_rows(batch, rows, trim=True) for rows in chunks]
     states, cached = [], []
     with torch.no_grad(), _buffers_kept(net.towers):
         for chunk in inputs:

@@ -37,10 +37,10 @@ from ray.train.torch import prepare_model
 from torch import nn
 
 from distributed_cl import distributed as dist_utils
-from distributed_cl.config import Config
+from distributed_cl.config import Config, TrainOptions
 from distributed_cl.data.formats import DATA_ERROR, TooManySkippedRows, check_skipped
 from distributed_cl.data.sources import SourcesOptions, source_of_step
-from distributed_cl.data.stream import StreamBatches
+from distributed_cl.data.stream import PartRun, StreamBatches, part_runs
 from distributed_cl.data.table import Splits
 from distributed_cl.grad_cache import grad_cache_backward
 from distributed_cl.losses import LossStats
@@ -353,6 +353,14 @@ def setup_worker(config: Config) -> tuple[int, int, torch.device, list[dict]]:
     return rank, world, device, workers
 
 
+def worker_shares(t: TrainOptions, world: int, streamed: bool) -> list[int]:
+    """The rows of a global batch each of `world` workers takes: equal shares, or of a stream, its
+    parts' rows (a run of parts a worker, some one part more where they do not divide evenly)."""
+    if not streamed:
+        return [t.global_batch_size // world] * world
+    return [len(run) * (t.global_batch_size // t.stream_parts) for run in part_runs(t.stream_parts, world)]
+
+
 class EpochBatches:
     """The training batches of an epoch, on the device: a batch sampler over the rows in memory
     (M-per-class for labelled losses, else a seeded permutation), or this worker's shard of the
@@ -368,8 +376,10 @@ class EpochBatches:
         self.stream: StreamBatches | None = None
         if task.data.streamed:
             x = config.dataset
-            self.stream = StreamBatches(ray.train.get_dataset_shard(stream), t.global_batch_size // world,
-                                        t.seed, rank, labelled=task.labelled(config), shuffle_buffer=x.shuffle_buffer,
+            shard = ray.train.get_dataset_shard(stream)  # one part of the stream, or a run of them (StreamParts)
+            run = shard if isinstance(shard, PartRun) else PartRun(rank, [shard])
+            self.stream = StreamBatches(run, t.global_batch_size // t.stream_parts, t.seed,
+                                        labelled=task.labelled(config), shuffle_buffer=x.shuffle_buffer,
                                         m=config.loss.m if config.labelled_loss else None)
             rows = task.data.train_rows
             self.batches_per_epoch = None if rows is None else max(1, rows // t.global_batch_size)
@@ -666,10 +676,11 @@ class ContrastiveRecipe:
             self.evaluate()
             self.report({})
 
-    def evaluate(self) -> None:
-        """The held-out metrics, reported with every report from now on; on rank 0, what the run
-        report shows of the held-out split (the first source's), sent with the next report."""
-        towers = self.whole_towers()
+    def evaluate(self, towers: nn.Module | None = None) -> None:
+        """The held-out metrics of `towers` (by default `whole_towers()`), reported with every
+        report from now on; on rank 0, what the run report shows of the held-out split (the first
+        source's), sent with the next report."""
+        towers = self.whole_towers() if towers is None else towers
         self.last_eval = self.evaluate_sources(towers)
         if self.rank == 0:
             with evaluating(towers):
@@ -713,9 +724,9 @@ class ContrastiveRecipe:
         return {**self.accounts.metrics(self.progress),
                 "anchors_without_positive_total": self.progress.anchors_without_positive_total}
 
-    def report(self, metrics: dict, save: bool = False, final: bool = False) -> None:
+    def report(self, metrics: dict, save: bool = False, final: nn.Module | None = None) -> None:
         """Every rank reports; with `save`, rank 0 attaches a checkpoint (every rank's RNG inside),
-        with `final` the exported towers in it too."""
+        with `final` (the whole towers) their exports in it too."""
         p = self.progress
         metrics = {"step": p.step, "epoch": p.epoch, "start_step": self.start_step, **self.last_eval,
                    **self.data_counts(), **metrics}
@@ -726,12 +737,11 @@ class ContrastiveRecipe:
         if rng_states is None or (self.rank != 0 and not sharded):
             self.send(metrics)
             return
-        towers = self.whole_towers() if final else None  # (FSDP: a collective)
         with tempfile.TemporaryDirectory() as d:
             if sharded:
                 save_shards(d, self.net, self.optimizer)
             if self.rank == 0:
-                self.save(d, rng_states, export=metrics if final else None, towers=towers)
+                self.save(d, rng_states, export=metrics if final is not None else None, towers=final)
             self.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def save(self, directory: str, rng_states: list[dict], export: dict | None = None,
@@ -780,10 +790,12 @@ class ContrastiveRecipe:
             with checkpoint.as_directory() as d, open(os.path.join(d, WORKERS_FILE)) as f:
                 saved = len(json.load(f))
             if saved != self.world:
-                t = self.config.train
+                t, shares = self.config.train, worker_shares(self.config.train, self.world, self.task.data.streamed)
+                split = (f"each takes {shares[0]}" if len(set(shares)) == 1 else
+                         f"they take {', '.join(map(str, shares))} (the stream's {t.stream_parts} parts split over them)")
                 sys.stdout.write(f"[distributed_cl] resumed at step {self.start_step} on {self.world} workers (the "
-                                 f"checkpoint's had {saved}): each takes {t.global_batch_size // self.world} rows of "
-                                 f"the same global batch of {t.global_batch_size}\n")
+                                 f"checkpoint's had {saved}): {split} rows of the same global batch of "
+                                 f"{t.global_batch_size}\n")
                 sys.stdout.flush()
 
     # ------------------------------------------------------------------------- the end
@@ -791,13 +803,14 @@ class ContrastiveRecipe:
     def finish(self) -> None:
         """The trained towers against the same towers untrained (the same seed rebuilds them) and
         the task's baselines, in the last report, whose checkpoint holds the export."""
-        self.evaluate()
+        towers = self.whole_towers()  # (under FSDP gathered once, for the evaluation and the exports)
+        self.evaluate(towers)
         torch.manual_seed(self.config.train.seed)
         untrained = self.evaluate_sources(self.task.build_towers(self.config).to(self.device))
         final = {f"{name}_trained": value for name, value in self.last_eval.items()}
         final |= {f"{name}_untrained": value for name, value in untrained.items()}
         final["peak_memory_mib"] = max(_all_ranks(peak_memory_mib(self.device), self.world))  # the largest worker's
-        self.report(final | self.baselines(), save=True, final=True)
+        self.report(final | self.baselines(), save=True, final=towers)
         self.send.flush()  # every rank's last report is in before the worker returns
 
 

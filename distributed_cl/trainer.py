@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 from distributed_cl.callbacks import ProgressLogger, StopOnDataError
 from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import TooManySkippedRows, decoded_dataset
+from distributed_cl.data.stream import PartRun, part_runs
 from distributed_cl.data.table import Splits
 from distributed_cl.losses import LossStats
 from distributed_cl.options import join_path
@@ -101,6 +102,24 @@ def warn_unless_shared(storage_path: str) -> None:
               file=sys.stderr, flush=True)
 
 
+class StreamParts(DataConfig):
+    """Ray Data's split of each streamed dataset into `parts`, however many workers run: worker w of
+    W reads the w-th run of consecutive parts (as even as they divide). With one part a worker,
+    Ray Train's own split; in an elastic run, as many as its most workers, so that a global batch
+    (part 0's rows, part 1's, ...) and the position in the epoch do not depend on the count."""
+
+    def __init__(self, parts: int, **options) -> None:
+        super().__init__(**options)
+        self.parts = parts
+
+    def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
+        if self.parts == world_size:
+            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        per_part = super().configure(datasets, self.parts, None, None, **kwargs)
+        return [{name: PartRun(run.start, [per_part[i][name] for i in run]) for name in datasets}
+                for run in part_runs(self.parts, world_size)]
+
+
 def prepare_data(config: Config) -> tuple[list[Splits], dict]:
     """The data, read here once for every worker, a source at a time (one, or each of
     dataset.sources): the splits held in memory (a Ray object the workers fetch), and the Ray Data
@@ -117,11 +136,12 @@ def prepare_data(config: Config) -> tuple[list[Splits], dict]:
                                   "tell before reading it all: set train.max_steps")
             datasets[stream_name(source, config)] = decoded_dataset(x, task.sides, "train", config.train.seed,
                                                                     config.train.verbose)
-            if config.train.elastic:
-                raise ConfigError(f"{named}train.num_workers={list(config.train.worker_range)}: an elastic range with "
-                                  "a streamed dataset is not supported: each worker's shard of the stream is cut for "
-                                  "the worker count, so a change mid-epoch could not resume at its rows; hold the "
-                                  "data in memory (dataset.cache=true) or fix train.num_workers")
+            part_rows = config.train.global_batch_size // config.train.stream_parts
+            if config.labelled_loss and part_rows % config.loss.m:
+                raise ConfigError(f"{named}loss.m={config.loss.m}: each of the stream's {config.train.stream_parts} "
+                                  f"parts gives {part_rows} rows to a global batch, not a multiple of m (every group "
+                                  "of m comes from one part): make train.global_batch_size a multiple of "
+                                  f"{config.train.stream_parts * config.loss.m}")
             free = ray.cluster_resources().get("CPU", 0) - config.train.worker_range[1] * config.train.cpus_per_worker
             if free < x.decode_cpus:
                 raise ConfigError(
@@ -170,8 +190,8 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
         train_loop_config={"config": config.to_dict(), "data": ray.put(splits)},
         datasets=datasets,
         # ordered blocks, and Ray Data's split then ignores locality: the same rows reach the same rank
-        dataset_config=DataConfig(datasets_to_split=list(datasets),
-                                  execution_options=ExecutionOptions(preserve_order=preserve_order)),
+        dataset_config=StreamParts(t.stream_parts, datasets_to_split=list(datasets),
+                                   execution_options=ExecutionOptions(preserve_order=preserve_order)),
         scaling_config=ScalingConfig(num_workers=t.num_workers if not t.elastic else t.worker_range, use_gpu=t.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

@@ -106,8 +106,9 @@ def test_a_copy_of_train_py_finds_the_configs_of_the_installed_repository(tmp_pa
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    """A head and one more node, 1 CPU each: Ray Train's 2 one-CPU workers must take one each."""
-    with token_auth_cluster(tmp_path_factory.mktemp("cluster"), node_cpus=(1, 1)) as env:
+    """A head and one more node, 3 CPUs each: Ray Train's 2 workers of 2 CPUs (STREAMED) must take
+    one each, and a stream's reading and decoding tasks the CPU beside them."""
+    with token_auth_cluster(tmp_path_factory.mktemp("cluster"), node_cpus=(3, 3)) as env:
         yield env
 
 
@@ -143,39 +144,55 @@ def test_the_cluster_refuses_clients_without_its_token(two_nodes):
     assert ray_cli(wrong, "job", "list", "--address", two_nodes["DASHBOARD_URL"], check=False).returncode != 0
 
 
-# the fixed 2-worker digits run's loss at step 10, where the elastic run below loses a worker
-# (measured: python train.py --config tests/configs/digits.yaml, the same on every run)
-FIXED_STEP_10_LOSS = 4.7660
+# The elastic job's data: images streamed through Ray Data (11 global batches an epoch, so the
+# node goes mid-epoch), as the fixed 2-worker run of the same command logs them: its loss at step 10,
+# where the elastic run below loses a node (measured: the job's train.py command with
+# train.num_workers=2, the same on every run).
+STREAMED = ["--set", "dataset.format=imagefolder", "--set", "dataset.cache=false", "--set", "dataset.eval_fraction=0.1",
+            "--set", "dataset.decode_cpus=0.5", "--set", "train.cpus_per_worker=2", "--set", "train.log_every=5"]
+FIXED_STEP_10_LOSS = 3.8474
 
 
-def test_an_elastic_job_submitted_across_two_nodes_loses_one_and_finishes_on_the_other(tmp_path, two_nodes):
-    """`ray job submit` of train.py with train.num_workers: [1, 2] on a head and one more node, 1 CPU
-    each: a worker on each, into shared storage. After the first checkpoint the second node goes
-    (every process of it killed): Ray Train goes on from that checkpoint with the one worker the head
-    holds, each step still the global batch of 64, and exports into the shared run directory.
-    (The last test of the module: the cluster has one node after it.)"""
+def batches_logged(directory: Path) -> dict[str, list[dict]]:
+    """train.batch_log's lines, by rank file."""
+    return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(directory.glob("*.jsonl"))}
+
+
+def test_an_elastic_streamed_job_across_two_nodes_loses_one_and_finishes_on_the_other_at_the_same_rows(
+        tmp_path, two_nodes):
+    """`ray job submit` of train.py with train.num_workers: [1, 2] on a head and one more node, a
+    worker on each, images streamed through Ray Data, into shared storage. Two steps after the
+    step-10 checkpoint the second node goes (every process of it killed): Ray Train goes on from
+    that checkpoint with the one worker the head holds, each step still the global batch of 64,
+    the stream's two parts now both read by it. The steps run again after the change take the
+    same rows as before it, the epoch in progress takes no row twice, and the run exports into
+    the shared run directory. (The last test of the module: the cluster has one node after it.)"""
+    from own_data import write_imagefolder
+
     shared = tmp_path / "shared"  # stands in for NFS or s3://: every node of this cluster sees it
-    summary, run = tmp_path / "summary.json", shared / "two-nodes"
+    summary, run, log = tmp_path / "summary.json", shared / "two-nodes", shared / "batches"
+    images = write_imagefolder(shared / "images", 800)
+    nodes, removed = cluster_node_ids(two_nodes), node_pids(1)  # asked before: the kill must follow step 12 closely
     for _ in range(3):  # the head's job agent registers some seconds after `ray start`; Ray says to retry
         submit = subprocess.Popen(
             [RAY_CLI, "job", "submit", "--address", two_nodes["DASHBOARD_URL"], "--working-dir", str(ROOT), "--",
              "python", "train.py", "--config", str(DIGITS.relative_to(ROOT)), "--storage-path", str(shared),
-             "--name", "two-nodes", "--output-json", str(summary), "--set", "train.num_workers=[1, 2]"],
+             "--name", "two-nodes", "--output-json", str(summary), "--set", "train.num_workers=[1, 2]",
+             "--set", f"dataset.path={images}", "--set", f"train.batch_log={log}", *STREAMED],
             env=two_nodes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while not (run / "checkpoint_manager_snapshot.json").exists() and time.time() < deadline \
-                and submit.poll() is None:
+        while time.time() < deadline and submit.poll() is None and not (
+                (run / "checkpoint_manager_snapshot.json").exists()
+                and len(batches_logged(log).get("rank0", [])) >= 12):  # step 12 begun
             time.sleep(0.2)
         if submit.poll() is None:
             break
         logs = submit.communicate()[0]
         assert "No available agent to submit job" in logs, logs[-6000:]
         time.sleep(10)
-    first = json.loads((max(p for p in run.glob("checkpoint_*") if p.is_dir()) / WORKERS_FILE).read_text())
-    nodes = cluster_node_ids(two_nodes)
-    removed = node_pids(1)
     for pid in removed:
         os.kill(pid, signal.SIGKILL)
+    first = json.loads((min(p for p in run.glob("checkpoint_*") if p.is_dir()) / WORKERS_FILE).read_text())
     logs = submit.communicate(timeout=480)[0]
     assert removed and submit.returncode == 0 and "succeeded" in logs, logs[-6000:]
     assert [w["rank"] for w in first] == [0, 1]
@@ -185,19 +202,35 @@ def test_an_elastic_job_submitted_across_two_nodes_loses_one_and_finishes_on_the
     # one machine's /tmp is shared by its two nodes here; on a real cluster it would not be
     assert f"warning: train.storage_path {shared} is on a" in logs
 
+    # each global batch: before the change the two workers' halves, part 0's then part 1's; after
+    # it the one worker's 64 rows (both parts). The steps after the checkpoint the job resumed
+    # from (11 and 12 at least: epoch 0's last batch, epoch 1's first) ran on both sides.
+    logged = batches_logged(log)
+    before, after = {}, {}
+    for rank in ("rank0", "rank1"):
+        for line in logged[rank]:
+            if len(line["rows"]) == 32:
+                before.setdefault((line["epoch"], line["batch"]), []).extend(line["rows"])
+    after = {(line["epoch"], line["batch"]): line["rows"] for line in logged["rank0"] if len(line["rows"]) == 64}
+    again = sorted(set(before) & set(after))
+    assert again and all(before[k] == after[k] for k in again), again
+    epoch_0 = [row for (epoch, batch), rows in sorted((before | after).items()) if epoch == 0 for row in rows]
+    assert len(epoch_0) == 11 * 64 == len(set(epoch_0))  # the epoch's rows once each, across the change
+
     result = json.loads(summary.read_text())  # the driver ran on the head, in the uploaded working dir
     checkpoint = Path(result["checkpoint"])
     assert checkpoint.is_relative_to(shared)
     assert len(json.loads((checkpoint / WORKERS_FILE).read_text())) == 1  # finished on the head alone
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
     assert state["progress"]["step"] == yaml.safe_load(DIGITS.read_text())["train"]["max_steps"] == 30
-    assert 10 <= result["metrics"]["start_step"] < 30
+    start = result["metrics"]["start_step"]
+    assert start in (10, 20) and min(again) == divmod(start, 11), (start, again)  # where the resume began
 
     encoder = load_encoder(result["encoder"])  # exported beside metrics.csv in the shared run dir
     assert Path(result["encoder"]).parent == run
-    features = encoder(torch.rand(5, 1, 8, 8))
+    features = encoder(torch.rand(5, 3, 12, 12))
     assert features.shape[0] == 5 and torch.isfinite(features).all()
     with open(run / "metrics.csv") as f:
         losses = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f) if row["loss"]}
-    assert set(losses) == {10, 20, 30}
+    assert set(losses) == {5, 10, 15, 20, 25, 30}
     assert losses[10] == pytest.approx(FIXED_STEP_10_LOSS, abs=1e-4), losses  # before the loss: the fixed run's

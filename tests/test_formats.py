@@ -20,6 +20,7 @@ from own_data import (
     write_text_rows,
 )
 from own_data import rows as own_rows
+from ray.data import ExecutionOptions
 
 from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import (
@@ -32,9 +33,10 @@ from distributed_cl.data.formats import (
     resolve,
     stable_id,
 )
-from distributed_cl.data.stream import StreamBatches
+from distributed_cl.data.stream import PartRun, StreamBatches
 from distributed_cl.data.table import Table
 from distributed_cl.tasks import TASKS, ContrastiveModel
+from distributed_cl.trainer import StreamParts
 
 TINY_MODEL = ["model.width=4", "model.pool=1", "model.projection_hidden=8", "model.projection_dim=8"]
 
@@ -267,14 +269,20 @@ def test_parquet_image_bytes_decode_like_the_csv_image_files_with_string_labels(
     assert pq.label_names == csv.label_names == {stable_id(c): c for c in CLASSES}  # zero-shot's class prompts
 
 
-def shard_batches(config: Config, epoch: int = 0, start_batch: int = 0, world: int = 2, m: int | None = None):
-    """Every rank's local batches (row digests) of one epoch, through Ray Data's equal split."""
+def shard_batches(config: Config, epoch: int = 0, start_batch: int = 0, world: int = 2, m: int | None = None,
+                  parts: int | None = None):
+    """Every rank's local batches (row digests) of one epoch, through Ray Data's equal split into
+    `parts` (by default one a rank) as the trainer configures it."""
     dataset = decoded_dataset(config.dataset, TASKS[config.task].sides, "train", config.train.seed)
-    shards = dataset.streaming_split(world, equal=True)
+    parts = parts or world
+    shards = StreamParts(parts, execution_options=ExecutionOptions(preserve_order=True)).configure(
+        {"train": dataset}, world, None, None)
     out = [None] * world
 
     def consume(rank):
-        stream = StreamBatches(shards[rank], config.train.global_batch_size // world, config.train.seed, rank,
+        run = shards[rank]["train"]
+        stream = StreamBatches(run if isinstance(run, PartRun) else PartRun(rank, [run]),
+                               config.train.global_batch_size // parts, config.train.seed,
                                labelled=True, shuffle_buffer=config.dataset.shuffle_buffer, m=m)
         out[rank] = [(b.digests(), b.labels.tolist()) for b in stream.epoch(epoch, start_batch)]
         out[rank].append(stream.dropped_rows)
@@ -318,6 +326,32 @@ def test_stream_groups_give_every_batch_m_of_each_class(tmp_path):
         for _, labels in rank[:-1]:
             counts = np.unique(labels, return_counts=True)[1]
             assert len(labels) == 8 and (counts % 4 == 0).all(), labels
+
+
+def test_a_stream_in_parts_gives_the_same_global_batches_to_any_number_of_workers_and_resumes_across_them(tmp_path):
+    """An elastic run's stream: 4 parts (its most workers) read by 4, 3 or 1 workers (a run of parts
+    each, 2 + 1 + 1 for 3) give the same global batches, each with m of every class it holds, and
+    a resume on 3 workers at batch 2 of an epoch that 1 worker began goes on at the same rows."""
+    write_shards(tmp_path, 200, 20)
+    config = Config.load(overrides=["task=image_text", "dataset.format=webdataset", f"dataset.path={tmp_path}",
+                                    "dataset.columns.label=cls", "dataset.image_size=8", "train.global_batch_size=16",
+                                    "dataset.shuffle_buffer=8", "dataset.eval_fraction=0.1"])
+
+    def global_batches(per_rank):  # the ranks' local batches side by side, in rank order
+        steps = min(len(rank) - 1 for rank in per_rank)
+        return [sum((rank[i][0] for rank in per_rank), []) for i in range(steps)], \
+               [sum((rank[i][1] for rank in per_rank), []) for i in range(steps)]
+
+    one = shard_batches(config, world=1, parts=4, m=2)
+    assert [len(digests) for digests, _ in one[0][:-1]] == [16] * (len(one[0]) - 1) and len(one[0]) > 4
+    three = shard_batches(config, world=3, parts=4, m=2)
+    assert [len(rank[0][0]) for rank in three] == [8, 4, 4]
+    four = shard_batches(config, world=4, m=2)  # one part a worker: Ray Train's own split
+    batches, labels = global_batches(one)
+    assert global_batches(three)[0] == batches == global_batches(four)[0][:len(batches)]
+    assert all((np.unique(b, return_counts=True)[1] % 2 == 0).all() for b in labels)
+    resumed = shard_batches(config, world=3, parts=4, m=2, start_batch=2)
+    assert global_batches(resumed)[0] == batches[2:]
 
 
 def test_unlabelled_images_are_scored_by_finding_their_second_view(tmp_path):

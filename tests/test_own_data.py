@@ -24,7 +24,7 @@ from test_tasks import logged
 from test_train_cli import ROOT, run_env, train_worker_pids
 
 from distributed_cl import trainer
-from distributed_cl.config import Config
+from distributed_cl.config import Config, ConfigError
 from distributed_cl.data.formats import TooManySkippedRows, held_out
 
 SMALL_CNN = ["model.width=8", "model.pool=2", "model.projection_hidden=32", "model.projection_dim=16"]
@@ -245,6 +245,20 @@ def test_dataset_errors_exit_2_before_ray_starts(tmp_path):
     assert proc.returncode == 2
     assert "config error: dataset.columns.a: column 'query' is not in" in proc.stderr
     assert "anchor, positive, caption, label" in proc.stderr and "Started a local Ray" not in proc.stderr
+
+
+def test_an_elastic_stream_whose_parts_cannot_hold_groups_of_m_is_refused_before_training(tmp_path, local_ray):
+    """An elastic range splits a stream into as many parts as its most workers: a part's rows of a
+    global batch (12 / 2) must hold whole groups of m."""
+    from distributed_cl import trainer
+
+    write_imagefolder(tmp_path / "images", 40)
+    config = Config.load(None, ["dataset.format=imagefolder", f"dataset.path={tmp_path}/images", *SMALL_CNN, *STREAM,
+                                "loss.name=supcon", "loss.m=4", "train.num_workers=[1, 2]", "train.global_batch_size=12",
+                                "train.max_steps=2", f"train.storage_path={tmp_path}/runs"])
+    with pytest.raises(ConfigError, match=r"loss.m=4: each of the stream's 2 parts gives 6 rows to a global batch, "
+                                          r"not a multiple of m .*a multiple of 8"):
+        trainer.run(config, console=False)
 
 
 @pytest.mark.parametrize("example", ["custom_images", "custom_text_pairs", "custom_image_text"])

@@ -147,3 +147,26 @@ def test_labels_from_pairs_joins_chains_and_rejects_bad_pairs():
     assert labels[0] == labels[1] == labels[2] != labels[3] and labels[3] == labels[4] == -1
     with pytest.raises(ValueError, match="outside"):
         labels_from_pairs(3, [(0, 3)])
+
+
+@pytest.mark.parametrize("kind", ["m_per_class", "random"])
+def test_the_global_batches_do_not_depend_on_the_number_of_replicas(kind):
+    """What an elastic run on rows in memory needs: the ranks' shares of each global batch, side by
+    side, are the same global batch on 1, 2, 3 or 6 workers, and a resume on 3 at batch 4 of an
+    epoch begun on 2 goes on at the same rows."""
+    from distributed_cl.samplers import DistributedRandomBatchSampler
+
+    labels = [i % 9 for i in range(200)]
+
+    def global_batches(replicas, start_batch=0):
+        samplers = [DistributedMPerClassSampler(labels, 4, 24, replicas, r, seed=3) if kind == "m_per_class"
+                    else DistributedRandomBatchSampler(len(labels), 24, replicas, r, seed=3) for r in range(replicas)]
+        for s in samplers:
+            s.set_epoch(2, start_batch=start_batch)
+        return [sum(map(list, step), []) for step in zip(*samplers)]
+
+    one = global_batches(1)
+    assert len(one) >= 8 and all(len(batch) == 24 for batch in one)
+    for replicas in (2, 3, 6):
+        assert global_batches(replicas) == one, replicas
+    assert global_batches(3, start_batch=4) == one[4:]
