@@ -69,8 +69,9 @@ class TrainOptions(TrackerSections):
     knn_k: PositiveInt = 20
     seed: int = 0
     verbose: bool = False  # also Ray's start-up notices and Ray Train's own log lines (worker group, reports)
-    # gradient caching (grad_cache.py): embed the local batch this many samples at a time, so a
-    # batch whose activations do not fit still takes one exact step; null: one pass (faster)
+    # gradient caching (grad_cache.py): embed the local batch this many samples at a time (each
+    # chunk's texts cut to its longest), so a batch whose activations do not fit still takes one
+    # exact step; null: one pass (faster)
     grad_cache_chunk: PositiveInt | None = None
     # gradient caching by a token budget: the local batch's rows sorted by length and cut into
     # chunks of at most this many padded tokens (rows x each side's longest text; and at most

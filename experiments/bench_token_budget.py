@@ -109,7 +109,7 @@ def st_run(train: list[dict], test: list[dict], storage: str, chunking: dict, st
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
