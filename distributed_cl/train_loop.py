@@ -123,6 +123,8 @@ class MetricsWindow:
         self.stats: LossStats | None = None
 
     def add(self, loss: torch.Tensor, stats: LossStats, samples: int) -> None:
+        """A step's loss and statistics, and `samples`: the global batch's rows (the workers' shares
+        may differ: a stream's parts split unevenly over an elastic run's workers)."""
         self.loss += loss
         self.steps += 1
         self.samples += samples
@@ -135,7 +137,7 @@ class MetricsWindow:
             "loss": mean_loss / self.steps,
             "lr": scheduler.get_last_lr()[0] / scheduler.optimizer.param_groups[0].get("lr_mult", 1.0),  # optim.lr's
             **loss_fn.logged(),  # the temperature in use (CLIP and SigLIP learn theirs): the loss's log_keys
-            "samples_per_s": self.samples * world / (time.perf_counter() - self.start),
+            "samples_per_s": self.samples / (time.perf_counter() - self.start),
             **self.stats.logged(),  # LossStats.log_keys
         }
         self._reset()
@@ -661,7 +663,7 @@ class ContrastiveRecipe:
         p.step, p.batch_in_epoch = p.step + 1, p.batch_in_epoch + 1
         p.anchors_without_positive_total += stats.anchors_without_positive
         p.empty_batches += stats.empty
-        self.window.add(loss, stats, len(batch["labels"]))
+        self.window.add(loss, stats, t.global_batch_size)
         save = p.step % t.checkpoint_every == 0 and p.step < self.total_steps
         if save or p.step % t.log_every == 0 or p.step == self.total_steps:
             self.accounts.check(whole_epoch=False)
