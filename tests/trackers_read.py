@@ -71,6 +71,23 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """A run file's records once they end with the run's exit record: `run.finish()` can return
+    before W&B's service has flushed the file to disk (seen on a loaded machine)."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except (DecodeError, struct.error):  # a record half written
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.time() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.2)
+
+
 def item_key(item) -> str:
     """A history or summary item's key: `key`, or its `nested_key` path joined by dots."""
     return item.key or ".".join(item.nested_key)
@@ -82,7 +99,7 @@ def wandb_offline_runs(directory: Path) -> list[dict]:
     runs = []
     for run_file in sorted(Path(directory, "wandb").glob("offline-run-*/run-*.wandb")):
         run = {"id": None, "config": {}, "history": defaultdict(dict), "summary": {}, "artifacts": []}
-        for record in wandb_records(run_file):
+        for record in finished_wandb_records(run_file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run |= {"id": record.run.run_id, "name": record.run.display_name, "group": record.run.run_group}
