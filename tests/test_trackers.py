@@ -97,6 +97,20 @@ def test_params_metrics_and_trial_names():
     assert TrackedRun("a/b", "b", None).id == TrackedRun("a/b", "other name", None).id != TrackedRun("a/c", "b", None).id
 
 
+@pytest.fixture
+def wandb_service_of_its_own(monkeypatch):
+    """W&B's service that wandb.init starts in this process is shut down after the test, and its
+    address (WANDB_SERVICE, which wandb puts in os.environ) taken out again: train.py processes
+    that later tests start would inherit it and share the service, where a killed run's stream
+    stays open and takes the records of the run that resumes it."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    yield
+    wandb.teardown()
+
+
+@pytest.mark.usefixtures("wandb_service_of_its_own")
 def test_the_callback_feeds_wandb_and_tensorboard_one_run_each(tmp_path):
     """TrackerCallback as the controller drives it, on reports as the workers send them: a trial
     of a sweep in W&B (offline: its files read back) and TensorBoard; then the sweep's results

@@ -54,6 +54,8 @@ def wandb_records(path: Path):
     from wandb.proto import wandb_internal_pb2
 
     data = Path(path).read_bytes()
+    if len(data) < 7:  # its header not yet written
+        return
     assert data[:4] == b":W&B", path
     pos, block, pieces = 7, 32768, b""
     while pos + 7 <= len(data):
@@ -62,6 +64,8 @@ def wandb_records(path: Path):
         if kind == 0:  # the rest of the block is padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         pieces += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
@@ -74,18 +78,11 @@ def wandb_records(path: Path):
 def finished_wandb_records(path: Path, timeout: float = 60.0) -> list:
     """A run file's records once they end with the run's exit record: `run.finish()` can return
     before W&B's service has flushed the file to disk (seen on a loaded machine)."""
-    from google.protobuf.message import DecodeError
-
     deadline = time.time() + timeout
-    while True:
-        try:
-            records = list(wandb_records(path))
-        except (DecodeError, struct.error):  # a record half written
-            records = []
-        if records and records[-1].WhichOneof("record_type") == "exit":
-            return records
+    while not ((records := list(wandb_records(path))) and records[-1].WhichOneof("record_type") == "exit"):
         assert time.time() < deadline, f"{path}: no exit record after {timeout} s"
         time.sleep(0.2)
+    return records
 
 
 def item_key(item) -> str:
@@ -95,11 +92,14 @@ def item_key(item) -> str:
 
 def wandb_offline_runs(directory: Path) -> list[dict]:
     """Each offline run under `directory`/wandb, in the order they ran: its id, name, group,
-    config, history ({key: {step: value}}), summary and logged artifacts."""
+    config, history ({key: {step: value}}), summary and logged artifacts. The last one must have
+    finished (its file is awaited until it has); earlier ones are read as they are."""
     runs = []
-    for run_file in sorted(Path(directory, "wandb").glob("offline-run-*/run-*.wandb")):
+    files = sorted(Path(directory, "wandb").glob("offline-run-*/run-*.wandb"))
+    for run_file in files:
         run = {"id": None, "config": {}, "history": defaultdict(dict), "summary": {}, "artifacts": []}
-        for record in finished_wandb_records(run_file):
+        # the last run has just finished; earlier ones may have been killed (no exit record)
+        for record in finished_wandb_records(run_file) if run_file == files[-1] else wandb_records(run_file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run |= {"id": record.run.run_id, "name": record.run.display_name, "group": record.run.run_group}
