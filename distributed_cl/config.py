@@ -53,6 +53,9 @@ class TrainOptions(TrackerSections):
     # Ray Train workers; [min, max]: elastic, the run goes on with as many as the cluster has in the
     # range (a lost node, or one that joins), the global batch the same at every count
     num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = 2
+    # an elastic run looks this often for nodes that joined; on finding room for more workers it
+    # restarts from the latest checkpoint with them (Ray Train's elastic_resize_monitor_interval_s)
+    elastic_resize_interval_s: float = Field(60.0, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: PositiveInt = 1

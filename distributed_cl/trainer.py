@@ -193,7 +193,8 @@ def run(config: Config, output_json: str | None = None, callbacks: list = (), co
         dataset_config=StreamParts(t.stream_parts, datasets_to_split=list(datasets),
                                    execution_options=ExecutionOptions(preserve_order=preserve_order)),
         scaling_config=ScalingConfig(num_workers=t.num_workers if not t.elastic else t.worker_range, use_gpu=t.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=t.elastic_resize_interval_s),
         run_config=RunConfig(
             name=t.name,
             storage_path=t.storage_path,

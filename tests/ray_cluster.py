@@ -37,20 +37,27 @@ def token_auth_cluster(tmp_dir: Path, node_cpus: tuple[float, ...] = (2,)):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     port, dashboard_port = free_port(), free_port()
-    small = ["--num-gpus=0", "--object-store-memory=200000000", "--disable-usage-stats"]
     try:
         ray_cli(env, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                f"--dashboard-port={dashboard_port}", f"--num-cpus={node_cpus[0]}", *small)
-        for i, cpus in enumerate(node_cpus[1:], 1):  # a node of its own: its own raylet, object store and resources
-            # its processes (raylet, workers) carry DCL_TEST_NODE=i: `node_pids` finds them, to remove the node
-            ray_cli(env | {NODE_MARK: str(i)}, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                    f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}", *small)
-        yield env | {"RAY_ADDRESS": f"127.0.0.1:{port}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard_port}"}
+                f"--dashboard-port={dashboard_port}", f"--num-cpus={node_cpus[0]}", *SMALL_NODE)
+        joined = env | {"RAY_ADDRESS": f"127.0.0.1:{port}", "DASHBOARD_URL": f"http://127.0.0.1:{dashboard_port}"}
+        for i, cpus in enumerate(node_cpus[1:], 1):
+            add_node(joined, i, cpus)
+        yield joined
     finally:
         stop_cluster(env)
 
 
 NODE_MARK = "DCL_TEST_NODE"
+SMALL_NODE = ["--num-gpus=0", "--object-store-memory=200000000", "--disable-usage-stats"]
+
+
+def add_node(cluster_env: dict, i: int, cpus: float) -> None:
+    """Node i of token_auth_cluster's cluster: its own raylet, object store and resources. Its
+    processes (raylet, workers) carry DCL_TEST_NODE=i: `node_pids` finds them, to remove the node."""
+    ray_cli({k: v for k, v in cluster_env.items() if k != "RAY_ADDRESS"} | {NODE_MARK: str(i)}, "start",
+            f"--address={cluster_env['RAY_ADDRESS']}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+            f"--dashboard-agent-listen-port={free_port()}", *SMALL_NODE)
 
 
 def node_pids(i: int) -> list[int]:

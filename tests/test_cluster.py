@@ -1,6 +1,7 @@
 """Clusters: the launcher YAMLs pass Ray's own validator, and a real two-node Ray cluster on this
 machine runs train.py submitted with `ray job submit`, one worker per node, token auth on."""
 
+import contextlib
 import copy
 import csv
 import json
@@ -18,8 +19,8 @@ import pytest
 import torch
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
-from ray_cluster import RAY_CLI, node_pids, ray_cli, token_auth_cluster
-from test_train_cli import DIGITS, ROOT
+from ray_cluster import RAY_CLI, add_node, node_pids, ray_cli, token_auth_cluster, zombie
+from test_train_cli import DIGITS, ROOT, train_worker_pids
 
 from distributed_cl.models import load_encoder
 from distributed_cl.train_loop import STATE_FILE, WORKERS_FILE
@@ -158,15 +159,37 @@ def batches_logged(directory: Path) -> dict[str, list[dict]]:
     return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(directory.glob("*.jsonl"))}
 
 
-def test_an_elastic_streamed_job_across_two_nodes_loses_one_and_finishes_on_the_other_at_the_same_rows(
-        tmp_path, two_nodes):
+def phases(lines: list[dict]) -> list[list[dict]]:
+    """A rank's batch-log lines cut where its worker group restarted: a group's batches follow one
+    another (the next in the epoch, or a new epoch's first), and its rows a batch do not change."""
+    out = []
+    for line in lines:
+        last = out[-1][-1] if out else None
+        if last is None or len(line["rows"]) != len(last["rows"]) or (line["epoch"], line["batch"]) not in (
+                (last["epoch"], last["batch"] + 1), (last["epoch"] + 1, 0)):
+            out.append([])
+        out[-1].append(line)
+    return out
+
+
+def global_batches(*rank_lines: list[dict]) -> dict[tuple[int, int], list[str]]:
+    """{(epoch, batch): the global batch's rows, rank 0's share first} of one worker group."""
+    batches = {}
+    for lines in rank_lines:
+        for line in lines:
+            batches.setdefault((line["epoch"], line["batch"]), []).extend(line["rows"])
+    return batches
+
+
+def test_an_elastic_streamed_job_loses_a_node_then_grows_when_one_joins_at_the_same_rows(tmp_path, two_nodes):
     """`ray job submit` of train.py with train.num_workers: [1, 2] on a head and one more node, a
     worker on each, images streamed through Ray Data, into shared storage. Two steps after the
     step-10 checkpoint the second node goes (every process of it killed): Ray Train goes on from
     that checkpoint with the one worker the head holds, each step still the global batch of 64,
-    the stream's two parts now both read by it. The steps run again after the change take the
-    same rows as before it, the epoch in progress takes no row twice, and the run exports into
-    the shared run directory. (The last test of the module: the cluster has one node after it.)"""
+    the stream's two parts now both read by it. Then a new node joins: at its next resize check
+    Ray Train restarts from the latest checkpoint on two workers again. The steps run again after
+    each change take the same rows as before it, the epoch in progress takes no row twice, and
+    the run exports into the shared run directory. (The last test of the module.)"""
     from own_data import write_imagefolder
 
     shared = tmp_path / "shared"  # stands in for NFS or s3://: every node of this cluster sees it
@@ -178,21 +201,33 @@ def test_an_elastic_streamed_job_across_two_nodes_loses_one_and_finishes_on_the_
             [RAY_CLI, "job", "submit", "--address", two_nodes["DASHBOARD_URL"], "--working-dir", str(ROOT), "--",
              "python", "train.py", "--config", str(DIGITS.relative_to(ROOT)), "--storage-path", str(shared),
              "--name", "two-nodes", "--output-json", str(summary), "--set", "train.num_workers=[1, 2]",
-             "--set", f"dataset.path={images}", "--set", f"train.batch_log={log}", *STREAMED],
+             "--set", "train.elastic_resize_interval_s=1", "--set", "train.verbose=true", "--set", f"dataset.path={images}",
+             "--set", f"train.batch_log={log}", *STREAMED],
             env=two_nodes, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and submit.poll() is None and not (
-                (run / "checkpoint_manager_snapshot.json").exists()
-                and len(batches_logged(log).get("rank0", [])) >= 12):  # step 12 begun
-            time.sleep(0.2)
-        if submit.poll() is None:
+        if wait_for(lambda: (run / "checkpoint_manager_snapshot.json").exists()
+                    and len(batches_logged(log).get("rank0", [])) >= 12, submit):  # step 12 begun
             break
+        assert submit.poll() is not None, "the job did not reach step 12 in 300 s"
         logs = submit.communicate()[0]
         assert "No available agent to submit job" in logs, logs[-6000:]
         time.sleep(10)
     for pid in removed:
         os.kill(pid, signal.SIGKILL)
     first = json.loads((min(p for p in run.glob("checkpoint_*") if p.is_dir()) / WORKERS_FILE).read_text())
+    # the one worker's group has begun (a batch of 64 rows): a node joins. The worker is paused
+    # meanwhile (SIGSTOP; a paused worker counts as running), so that the few steps left cannot
+    # end the run before Ray Train sees the node: its resize check runs every second here, but
+    # the cluster's nodes are looked up every 20 s (Ray's autoscaling coordinator). The resize
+    # stops the paused group.
+    assert wait_for(lambda: any(len(line["rows"]) == 64 for line in batches_logged(log)["rank0"]), submit)
+    (alone,) = train_worker_pids(f"RAY_AUTH_TOKEN_PATH={two_nodes['RAY_AUTH_TOKEN_PATH']}")
+    os.kill(alone, signal.SIGSTOP)
+    try:
+        add_node(two_nodes, 2, 3)
+        assert wait_for(lambda: not os.path.exists(f"/proc/{alone}") or zombie(alone), submit, timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(alone, signal.SIGCONT)
     logs = submit.communicate(timeout=480)[0]
     assert removed and submit.returncode == 0 and "succeeded" in logs, logs[-6000:]
     assert [w["rank"] for w in first] == [0, 1]
@@ -202,29 +237,30 @@ def test_an_elastic_streamed_job_across_two_nodes_loses_one_and_finishes_on_the_
     # one machine's /tmp is shared by its two nodes here; on a real cluster it would not be
     assert f"warning: train.storage_path {shared} is on a" in logs
 
-    # each global batch: before the change the two workers' halves, part 0's then part 1's; after
-    # it the one worker's 64 rows (both parts). The steps after the checkpoint the job resumed
-    # from (11 and 12 at least: epoch 0's last batch, epoch 1's first) ran on both sides.
-    logged = batches_logged(log)
-    before, after = {}, {}
-    for rank in ("rank0", "rank1"):
-        for line in logged[rank]:
-            if len(line["rows"]) == 32:
-                before.setdefault((line["epoch"], line["batch"]), []).extend(line["rows"])
-    after = {(line["epoch"], line["batch"]): line["rows"] for line in logged["rank0"] if len(line["rows"]) == 64}
-    again = sorted(set(before) & set(after))
-    assert again and all(before[k] == after[k] for k in again), again
-    epoch_0 = [row for (epoch, batch), rows in sorted((before | after).items()) if epoch == 0 for row in rows]
-    assert len(epoch_0) == 11 * 64 == len(set(epoch_0))  # the epoch's rows once each, across the change
+    # the three worker groups' global batches: two workers (32 rows each, part 0's then part
+    # 1's), one (64 rows, both parts), two again. Steps after the checkpoint a group resumed
+    # from ran in both groups around the change, on the same rows.
+    logged = {rank: phases(lines) for rank, lines in batches_logged(log).items()}
+    assert [len(p[0]["rows"]) for p in logged["rank0"]] == [32, 64, 32], logs[-15000:]
+    assert len(logged["rank1"]) == 2
+    groups = [global_batches(logged["rank0"][0], logged["rank1"][0]), global_batches(logged["rank0"][1]),
+              global_batches(logged["rank0"][2], logged["rank1"][1])]
+    for before, after in zip(groups, groups[1:]):
+        again = sorted(set(before) & set(after))
+        assert again and all(before[k] == after[k] for k in again), again
+    epoch_0 = [row for (epoch, _), rows in sorted((groups[0] | groups[1] | groups[2]).items()) if epoch == 0
+               for row in rows]
+    assert len(epoch_0) == 11 * 64 == len(set(epoch_0))  # the epoch's rows once each, across the changes
 
     result = json.loads(summary.read_text())  # the driver ran on the head, in the uploaded working dir
     checkpoint = Path(result["checkpoint"])
     assert checkpoint.is_relative_to(shared)
-    assert len(json.loads((checkpoint / WORKERS_FILE).read_text())) == 1  # finished on the head alone
+    finished = json.loads((checkpoint / WORKERS_FILE).read_text())
+    assert len(finished) == 2 and cluster_node_ids(two_nodes) == {w["node_id"] for w in finished}  # head + the new node
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
     assert state["progress"]["step"] == yaml.safe_load(DIGITS.read_text())["train"]["max_steps"] == 30
-    start = result["metrics"]["start_step"]
-    assert start in (10, 20) and min(again) == divmod(start, 11), (start, again)  # where the resume began
+    start = result["metrics"]["start_step"]  # where the last group began: the step after its checkpoint
+    assert start in (10, 20) and min(set(groups[1]) & set(groups[2])) == divmod(start, 11), start
 
     encoder = load_encoder(result["encoder"])  # exported beside metrics.csv in the shared run dir
     assert Path(result["encoder"]).parent == run
@@ -234,3 +270,13 @@ def test_an_elastic_streamed_job_across_two_nodes_loses_one_and_finishes_on_the_
         losses = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f) if row["loss"]}
     assert set(losses) == {5, 10, 15, 20, 25, 30}
     assert losses[10] == pytest.approx(FIXED_STEP_10_LOSS, abs=1e-4), losses  # before the loss: the fixed run's
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> bool:
+    """Poll `condition` until it holds (True), or `process` ends or the time is up (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
