@@ -81,8 +81,10 @@ def compile_blocks(model: nn.Module) -> None:
 
 def fully_shard_model(model: nn.Module, replicated: list[nn.Parameter], device: torch.device) -> nn.Module:
     """`model` sharded in place over the default process group: each block, each embedding table
-    outside them (a large vocabulary's), then the rest as the root; `replicated` stay whole. On a
-    GPU the weights are gathered in bf16 and the gradients reduced in fp32."""
+    outside them (a large vocabulary's), then the rest as the root; `replicated` stay whole (and
+    where they are). Built on the CPU, each unit goes to the process group's device as it is
+    sharded, so the GPU never holds the whole model. On a GPU the weights are gathered in bf16
+    and the gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     check_shardable(model)

@@ -600,7 +600,8 @@ class ContrastiveRecipe:
         if t.compile:
             compile_blocks(net.towers)
         if t.strategy == "fsdp":
-            self.model = fully_shard_model(net.to(self.device), list(net.loss_fn.parameters()), self.device)
+            # FSDP moves each block to the device as it shards it: the whole model is never there
+            self.model = fully_shard_model(net, list(net.loss_fn.to(self.device).parameters()), self.device)
         else:
             self.model = prepare_model(net)
         self.net: ContrastiveModel = net
