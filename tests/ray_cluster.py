@@ -81,7 +81,7 @@ def stop_cluster(env: dict, grace_s: float = 2) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.time() + wait
-        while (pids := [pid for pid in pids if os.path.exists(f"/proc/{pid}") and not zombie(pid)]) and time.time() < deadline:
+        while (pids := [pid for pid in pids if not ended(pid)]) and time.time() < deadline:
             time.sleep(0.2)
     from ray._common.utils import reset_ray_address  # the head `ray start` recorded: gone now
 
@@ -95,7 +95,8 @@ def environ(pid: int) -> bytes:
         return b""
 
 
-def zombie(pid: int) -> bool:
+def ended(pid: int) -> bool:
+    """Whether process `pid` has exited (gone, or a zombie its parent has not reaped)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except (OSError, IndexError):

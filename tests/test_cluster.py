@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
-from ray_cluster import RAY_CLI, add_node, node_pids, ray_cli, token_auth_cluster, zombie
+from ray_cluster import RAY_CLI, add_node, ended, node_pids, ray_cli, token_auth_cluster
 from test_train_cli import DIGITS, ROOT, train_worker_pids
 
 from distributed_cl.models import load_encoder
@@ -224,7 +224,7 @@ def test_an_elastic_streamed_job_loses_a_node_then_grows_when_one_joins_at_the_s
     os.kill(alone, signal.SIGSTOP)
     try:
         add_node(two_nodes, 2, 3)
-        assert wait_for(lambda: not os.path.exists(f"/proc/{alone}") or zombie(alone), submit, timeout=60)
+        assert wait_for(lambda: ended(alone), submit, timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(alone, signal.SIGCONT)
